@@ -1,0 +1,237 @@
+"""Generates VitalDB-format sample cases with the `vitaldb` library.
+
+    master-poc-generate --output data/sample --cases 20 [--hours 4 --waveforms]
+
+Realistic, not noise: device intervals as in VitalDB (Solar 8000 every 2 s,
+Primus every 7 s, BIS and Orchestra every 1 s, NIBP every 5 min), an
+anaesthesia period with induction, infusions (propofol, remifentanil 20 or
+50 ug/mL, noradrenaline with pauses), ventilation and sevoflurane; some cases
+with NIBP only, missing devices (no BIS, no pumps), artifacts, a too-short
+case, and a clinical table with VitalDB's columns (a missing ASA, a missing
+weight). Same case id and options -> same file, on every host.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import vitaldb
+
+from pipeline import storage
+from transforms import spec
+
+DT0 = 4102444800.0  # 2100-01-01, like VitalDB's anonymised start times
+CLINICAL_FILE = "clinical_data.csv"
+
+
+def _walk(rng, n, scale, smooth=120):
+    """A slow, smooth random walk of length n (vectorised)."""
+    steps = rng.normal(0, scale, size=n // smooth + 2)
+    coarse = np.cumsum(steps)
+    return np.interp(np.arange(n) / smooth, np.arange(coarse.size), coarse)
+
+
+def _sampled(t_all, values, interval, rng, start=0, end=None, drop=0.02):
+    """Times and values recorded every `interval` s in [start, end), with dropouts."""
+    end = len(t_all) if end is None else end
+    t = np.arange(start, end, interval)
+    t = t[rng.random(t.size) >= drop]
+    return t, values[t]
+
+
+def case_profile(case_id: int) -> dict:
+    rng = np.random.default_rng(1000 + case_id)
+    return {
+        "arterial": rng.random() < 0.7,
+        "bis": rng.random() < 0.87,
+        "pumps": rng.random() < 0.77,
+        "tiva": rng.random() < 0.5,
+        "rftn50": rng.random() < 0.3,
+        "nepi": rng.random() < 0.35,
+        "ev1000": rng.random() < 0.1,
+        "solar_vent": rng.random() < 0.2,
+        "sex": "M" if rng.random() < 0.5 else "F",
+    }
+
+
+def generate_case(case_id: int, duration_s: int, waveforms: bool = False) -> tuple[vitaldb.VitalFile, dict]:
+    """One synthetic case as a VitalFile plus its clinical-table row."""
+    rng = np.random.default_rng(case_id)
+    p = case_profile(case_id)
+    T = int(duration_s)
+    male = p["sex"] == "M"
+    height = float(np.round(rng.normal(174 if male else 161, 7), 1))
+    weight = float(np.clip(np.round(rng.normal(75 if male else 60, 11), 1), 40, 140))
+    age = float(rng.integers(18, 90))
+    t = np.arange(T)
+    a0 = int(min(T * 0.08, 900))  # anaesthesia start
+    a1 = int(T - min(T * 0.08, 900))  # anaesthesia end
+    v0, v1 = a0 + 120, a1 - 120  # ventilation
+    anaes = (t >= a0) & (t < a1)
+
+    hr = 78 + _walk(rng, T, 1.2) - 12 * anaes + rng.normal(0, 1.5, T)
+    sbp = 135 + _walk(rng, T, 2.0) - 25 * anaes + rng.normal(0, 3, T)
+    dbp = 0.56 * sbp + rng.normal(0, 2, T)
+    mbp = (sbp + 2 * dbp) / 3
+    spo2 = np.clip(98.5 + rng.normal(0, 0.7, T), 88, 100)
+    etco2 = 36 + _walk(rng, T, 0.5) + rng.normal(0, 1, T)
+    bis = np.where(anaes, 45 + _walk(rng, T, 1.5), 94) + rng.normal(0, 2, T)
+
+    # Artifacts: a cable pulled, a flushed arterial line.
+    for arr, bad in ((hr, 0.0), (hr, 350.0), (sbp, 400.0), (spo2, 0.0)):
+        idx = rng.integers(0, T, size=max(1, T // 1500))
+        arr[idx] = bad
+
+    vf = vitaldb.VitalFile()
+    vf.dtstart, vf.dtend = DT0 + case_id * 86400.0, DT0 + case_id * 86400.0 + T
+
+    def add(name, unit, times, vals):
+        if len(times):
+            vf.add_track(name, [{"dt": vf.dtstart + float(a), "val": float(b)} for a, b in zip(times, vals)],
+                         unit=unit)
+
+    add("Solar8000/HR", "/min", *_sampled(t, np.round(hr), 2, rng))
+    if p["arterial"]:
+        ta, _ = _sampled(t, sbp, 2, rng, start=min(a0 + 300, T))
+        for name, arr in (("ART_SBP", sbp), ("ART_DBP", dbp), ("ART_MBP", mbp)):
+            add(f"Solar8000/{name}", "mmHg", ta, np.round(arr[ta]))
+    tn = np.arange(0, T, 300)
+    for name, arr in (("NIBP_SBP", sbp), ("NIBP_DBP", dbp), ("NIBP_MBP", mbp)):
+        add(f"Solar8000/{name}", "mmHg", tn, np.round(arr[tn]))
+    if p["ev1000"]:
+        add("EV1000/ART_MBP", "mmHg", *_sampled(t, np.round(mbp), 2, rng, start=a0))
+    add("Solar8000/PLETH_SPO2", "%", *_sampled(t, np.round(spo2), 2, rng))
+    add("Solar8000/ETCO2", "mmHg", *_sampled(t, np.round(etco2), 2, rng, start=v0, end=max(v0, v1)))
+    if p["bis"]:
+        add("BIS/BIS", "", *_sampled(t, np.round(bis, 1), 1, rng, start=max(0, a0 - 300)))
+
+    if p["pumps"]:
+        ppf_maint = (6.0 if p["tiva"] else 0.0) * weight / 20.0  # mg/kg/h -> mL/h of 20 mg/mL
+        ppf = np.where(t < a0 + 40, 500.0, ppf_maint) * anaes
+        ppf = np.round(ppf * (1 + 0.1 * np.sin(t / 900.0)), 1)
+        add("Orchestra/PPF20_RATE", "mL/h", *_sampled(t, ppf, 1, rng, start=a0, end=max(a0, a1 - 300), drop=0.0))
+        conc = 50.0 if p["rftn50"] else 20.0
+        rftn = np.round(0.12 * weight * 60 / conc * anaes * (1 + 0.3 * np.sin(t / 600.0)), 2)
+        add(f"Orchestra/RFTN{int(conc)}_RATE", "mL/h", *_sampled(t, rftn, 1, rng, start=a0, end=max(a0, a1 - 200), drop=0.0))
+        if p["nepi"]:
+            ne = np.round(0.05 * weight * 60 / 20.0 * (1 + 0.5 * np.sin(t / 400.0)), 2)
+            tt = np.arange(a0 + 600, max(a0 + 600, a1 - 600))
+            # The pump is paused now and then: gaps of 5 s (carried) and 120 s (stopped).
+            keep = ((tt // 700) % 3 != 2) | ((tt % 700) >= 120)
+            keep &= ~(((tt % 500) >= 250) & ((tt % 500) < 255))
+            add("Orchestra/NEPI_RATE", "mL/h", tt[keep], ne[tt[keep]])
+
+    ibw = (50.0 if male else 45.5) + 0.9055 * (height - 152.4)
+    tv = np.round(7.0 * ibw + rng.normal(0, 15, T))
+    sevo = 0.0 if p["tiva"] else 2.0
+    vent = dict(TV=("mL", tv), PEEP_MBAR=("mbar", np.full(T, 5.0)), FIO2=("%", np.full(T, 50.0)),
+                RR_CO2=("/min", np.full(T, 12.0)), ETCO2=("mmHg", np.round(etco2)),
+                EXP_SEVO=("kPa", np.round(np.full(T, sevo) + rng.normal(0, 0.05, T) * (sevo > 0), 2)),
+                INSP_SEVO=("kPa", np.round(np.full(T, sevo * 1.2) + rng.normal(0, 0.05, T) * (sevo > 0), 2)))
+    tp, _ = _sampled(t, t, 7, rng, start=v0, end=max(v0, v1))
+    for name, (unit, arr) in vent.items():
+        add(f"Primus/{name}", unit, tp, arr[tp])
+    if p["solar_vent"]:
+        ts_, _ = _sampled(t, t, 2, rng, start=v0, end=max(v0, v1))
+        add("Solar8000/VENT_TV", "mL", ts_, tv[ts_])
+        add("Solar8000/VENT_MEAS_PEEP", "hPa", ts_, np.full(ts_.size, 5.0))
+        add("Solar8000/FIO2", "%", ts_, np.full(ts_.size, 50.0))
+        add("Solar8000/RR_CO2", "/min", ts_, np.full(ts_.size, 12.0))
+
+    if waveforms:
+        _add_waveforms(vf, rng, T, hr)
+
+    row = {
+        "caseid": case_id, "subjectid": 10000 + case_id, "casestart": 0, "caseend": T,
+        "anestart": a0 - 60, "aneend": a1 + 60, "opstart": a0 + 600, "opend": a1 - 600,
+        "age": age, "sex": p["sex"], "height": height, "weight": weight,
+        "bmi": round(weight / (height / 100) ** 2, 1), "asa": float(rng.choice([1, 2, 2, 3, 3, 4])),
+        "emop": 0, "department": "General surgery", "optype": "Colorectal", "ane_type": "General",
+    }
+    return vf, row
+
+
+def _add_waveforms(vf, rng, T, hr):
+    """500 Hz ECG and PLETH, 62.5 Hz CO2, quantised like 16-bit ADC samples,
+    in 1 s records: real files' bulk, so sizes and parse times resemble them."""
+    for name, srate, unit, gain in (("SNUADC/ECG_II", 500, "mV", 0.005), ("SNUADC/PLETH", 500, "", 0.05),
+                                    ("Primus/CO2", 62.5, "mmHg", 0.1)):
+        n = int(T * srate)
+        ts = np.arange(n) / srate
+        beat = np.repeat(np.maximum(hr, 40) / 60.0, int(np.ceil(srate)))[: n] if srate >= 1 else None
+        phase = np.cumsum(beat) / srate if beat is not None else ts
+        if name.endswith("CO2"):
+            sig = 38 * (np.sin(2 * np.pi * ts * 12 / 60) > 0)
+        else:
+            sig = np.sin(2 * np.pi * phase) ** 15 + 0.2 * np.sin(2 * np.pi * phase * 2)
+        sig = np.round((sig + rng.normal(0, 0.02, n)) / gain) * gain  # quantised samples
+        sig = sig.astype(np.float32)
+        step = int(srate)
+        recs = [{"dt": vf.dtstart + float(s), "val": sig[int(s * srate): int(s * srate) + step]}
+                for s in range(T)]
+        vf.add_track(name, recs, srate=srate, unit=unit)
+
+
+def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = None, waveforms: bool = False,
+                 short_case: Optional[int] = None, missing_weight: Optional[int] = None,
+                 missing_asa: Optional[int] = None, no_clinical_row: Optional[int] = None) -> str:
+    """Writes <id:04d>.vital files and clinical_data.csv to `output` (any Beam
+    filesystem); returns the clinical table's path. Durations vary 40-90 min
+    unless `duration_s` is given; `short_case` is shorter than one window."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cid in case_ids:
+            rng = np.random.default_rng(cid)
+            dur = duration_s or int(rng.integers(40, 91) * 60)
+            if cid == short_case:
+                dur = 240
+            vf, row = generate_case(cid, dur, waveforms)
+            local = os.path.join(tmp, f"{cid:04d}.vital")
+            vf.to_vital(local)
+            with open(local, "rb") as fh:
+                storage.write_atomic(storage.join(output, f"{cid:04d}.vital"), fh.read())
+            os.remove(local)
+            if cid == missing_weight:
+                row["weight"], row["bmi"] = None, None
+            if cid == missing_asa:
+                row["asa"] = None
+            if cid != no_clinical_row:
+                rows.append(row)
+    buf = io.StringIO()
+    pd.DataFrame(rows).to_csv(buf, index=False)
+    path = storage.join(output, CLINICAL_FILE)
+    storage.write_atomic(path, buf.getvalue().encode())
+    return path
+
+
+def write_default_sample(output: str, n: int = 20) -> str:
+    """The embedded sample: n cases with every situation a user meets."""
+    ids = list(range(1, n + 1))
+    return write_sample(output, ids, short_case=ids[-1] if n >= 3 else None,
+                        missing_weight=ids[1] if n >= 2 else None, missing_asa=ids[2] if n >= 3 else None)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="master-poc-generate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--output", required=True, help="folder or s3:// prefix for the .vital files and clinical table")
+    ap.add_argument("--cases", type=int, default=20, help="number of cases (ids 1..N)")
+    ap.add_argument("--hours", type=float, default=None, help="fixed duration of every case (default 40-90 min)")
+    ap.add_argument("--waveforms", action="store_true", help="add 500 Hz ECG/PLETH and 62.5 Hz CO2 waveforms")
+    args = ap.parse_args(argv)
+    if args.hours is None and not args.waveforms:
+        path = write_default_sample(args.output, args.cases)
+    else:
+        dur = int(args.hours * 3600) if args.hours else None
+        path = write_sample(args.output, list(range(1, args.cases + 1)), dur, args.waveforms)
+    print(f"wrote {args.cases} cases and {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""Stage 2 (finalize): committed cases -> final split files, then verify.
+
+    PlanShards (driver, from the markers) -> Create -> Reshuffle -> WriteShards
+
+Why not `beam.io.WriteToTFRecord` after a record-level Reshuffle: on the
+DirectRunner every GroupByKey (Reshuffle, and WriteToTFRecord's fixed
+sharding) holds all its elements in memory, i.e. every window of every case,
+tens of GB for VitalDB. Here only the shard plans (case lists) are shuffled;
+each shard streams its cases' records, interleaved across patients in a
+seeded random order, into `<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz` (the
+same GZIP TFRecord format and names as WriteToTFRecord), written to a
+temporary name and renamed. The result is deterministic: finalize can be
+rerun at any time and gives byte-identical files.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from pipeline import storage
+from transforms import encode
+from transforms.beam import NAMESPACE
+
+_LOG = logging.getLogger(__name__)
+FINAL_GZIP_LEVEL = 6
+WINDOWS_PER_SHARD = 20000  # ~30-60 MB compressed per shard with the defaults
+_WRITE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    split: str
+    index: int
+    count: int
+    cases: tuple[tuple[int, int, str], ...]  # (case_id, windows, object path)
+
+    @property
+    def windows(self) -> int:
+        return sum(c[1] for c in self.cases)
+
+
+def _order_key(seed: int, case_id: int) -> str:
+    return hashlib.sha256(f"shard:{seed}:{case_id}".encode()).hexdigest()
+
+
+def plan_shards(done: dict[int, dict], splits: tuple[str, ...], num_shards: int = 0,
+                seed: int = 42) -> list[ShardPlan]:
+    """Assigns every committed case with windows to one shard of its split.
+
+    num_shards 0 = automatic (about WINDOWS_PER_SHARD windows per shard).
+    Cases are placed in a seeded hash order onto the least-filled shard, so
+    shards are balanced and the plan depends only on the markers.
+    """
+    plans = []
+    for split in splits:
+        cases = sorted(((cid, m["windows"], m["object"]) for cid, m in done.items()
+                        if m.get("split") == split and m.get("windows", 0) > 0),
+                       key=lambda c: _order_key(seed, c[0]))
+        total = sum(c[1] for c in cases)
+        if not cases:
+            continue
+        n = num_shards or max(1, math.ceil(total / WINDOWS_PER_SHARD))
+        n = min(n, len(cases))
+        bins: list[list] = [[] for _ in range(n)]
+        fill = [0] * n
+        for c in cases:
+            k = int(np.argmin(fill))
+            bins[k].append(c)
+            fill[k] += c[1]
+        plans += [ShardPlan(split, i, n, tuple(sorted(b))) for i, b in enumerate(bins)]
+    return plans
+
+
+def interleave_order(plan: ShardPlan, seed: int) -> np.ndarray:
+    """Which case supplies each next record: a seeded uniform interleave."""
+    owners = np.repeat(np.arange(len(plan.cases)), [c[1] for c in plan.cases])
+    digest = hashlib.sha256(f"{seed}:{plan.split}:{plan.index}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+    return rng.permutation(owners)
+
+
+def write_shard(output: str, plan: ShardPlan, seed: int) -> dict:
+    final = storage.shard_path(output, plan.split, plan.index, plan.count)
+    readers = [encode.iter_records(FileSystems.open(c[2], compression_type=CompressionTypes.UNCOMPRESSED))
+               for c in plan.cases]
+    tmp = storage.join(output, "cases", "_tmp", final.rsplit("/", 1)[-1])
+    if storage.is_local(tmp):
+        import os
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    fh = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+    writer = encode.GzipWriter(fh, FINAL_GZIP_LEVEL)
+    batch = []
+    for owner in interleave_order(plan, seed):
+        batch.append(next(readers[owner]))
+        if len(batch) >= _WRITE_BATCH:
+            writer.write(batch)
+            batch = []
+    writer.write(batch)
+    for r, c in zip(readers, plan.cases):
+        if next(r, None) is not None:
+            raise IOError(f"case object {c[2]} holds more records than its marker says ({c[1]})")
+    writer.close()
+    fh.close()
+    if storage.is_local(final):
+        import os
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+    FileSystems.rename([tmp], [final])
+    return {"split": plan.split, "path": final, "records": writer.count}
+
+
+class WriteShard(beam.DoFn):
+    def __init__(self, output: str, seed: int):
+        self._out, self._seed = output, seed
+        self._shards = Metrics.counter(NAMESPACE, "shards_written")
+        self._records = Metrics.counter(NAMESPACE, "records_finalized")
+
+    def process(self, plan: ShardPlan):
+        res = write_shard(self._out, plan, self._seed)
+        self._shards.inc()
+        self._records.inc(res["records"])
+        yield res
+
+
+def build_stage2(pipeline: beam.Pipeline, output: str, plans: list[ShardPlan], seed: int) -> beam.Pipeline:
+    _ = (pipeline
+         | "PlanShards" >> beam.Create(plans, reshuffle=False)
+         | "SpreadShards" >> beam.Reshuffle()
+         | "WriteShards" >> beam.ParDo(WriteShard(output, seed)))
+    return pipeline
+
+
+def remove_stale_shards(output: str, plans: list[ShardPlan], splits: tuple[str, ...]) -> list[str]:
+    """Deletes split files that the current plan did not write (an earlier
+    finalize with another shard count)."""
+    keep = {storage.shard_path(output, p.split, p.index, p.count) for p in plans}
+    stale = [f for s in splits for f in storage.list_files(storage.join(output, s, "*.tfrecord.gz"))
+             if f not in keep]
+    storage.delete(stale)
+    return stale
+
+
+# ---- verification -----------------------------------------------------------
+
+_ID_SCHEMA = None
+
+
+def _id_decoder():
+    """Decodes only case_id and window_start (fast, C++)."""
+    global _ID_SCHEMA
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.coders import example_coder
+    if _ID_SCHEMA is None:
+        s = schema_pb2.Schema()
+        for name in ("case_id", "window_start"):
+            f = s.feature.add(name=name, type=schema_pb2.INT)
+        _ID_SCHEMA = s.SerializeToString()
+    return example_coder.ExamplesToRecordBatchDecoder(_ID_SCHEMA)
+
+
+def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(case_id, window_start) of every record of a file, CRCs checked."""
+    dec = _id_decoder()
+    cids, starts = [], []
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        batch = []
+        for rec in encode.iter_records(fh):
+            batch.append(rec)
+            if len(batch) >= 2048:
+                rb = dec.DecodeBatch(batch)
+                cids.append(rb.column("case_id").flatten().to_numpy())
+                starts.append(rb.column("window_start").flatten().to_numpy())
+                batch = []
+        if batch:
+            rb = dec.DecodeBatch(batch)
+            cids.append(rb.column("case_id").flatten().to_numpy())
+            starts.append(rb.column("window_start").flatten().to_numpy())
+    if not cids:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return np.concatenate(cids), np.concatenate(starts)
+
+
+def verify_output(output: str, done: dict[int, dict], splits: tuple[str, ...], workers: int = 4) -> dict:
+    """Reads every split file back and compares with the markers: examples per
+    split and per case, no duplicate (case, window_start), no case in two
+    splits. Returns {"ok", "problems", "splits": {name: {...}}}."""
+    problems: list[str] = []
+    files = {s: storage.list_files(storage.join(output, s, "*.tfrecord.gz")) for s in splits}
+    jobs = [(s, f) for s in splits for f in files[s]]
+
+    def read(job):
+        try:
+            return job, read_shard_ids(job[1]), None
+        except (encode.CorruptRecordError, OSError, ValueError) as e:
+            return job, None, f"{job[1]}: unreadable ({e})"
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = list(pool.map(read, jobs))
+    per_split: dict[str, dict] = {}
+    seen_split: dict[int, str] = {}
+    for s in splits:
+        expected = {cid: m["windows"] for cid, m in done.items() if m.get("split") == s and m.get("windows", 0) > 0}
+        parts = [r for r in results if r[0][0] == s]
+        for _, _, err in parts:
+            if err:
+                problems.append(err)
+        ids = [r[1] for r in parts if r[1] is not None]
+        cid = np.concatenate([i[0] for i in ids]) if ids else np.empty(0, np.int64)
+        ws = np.concatenate([i[1] for i in ids]) if ids else np.empty(0, np.int64)
+        got_cases, got_counts = np.unique(cid, return_counts=True)
+        got = dict(zip(got_cases.tolist(), got_counts.tolist()))
+        if got != expected:
+            missing = sorted(set(expected) - set(got))
+            extra = sorted(set(got) - set(expected))
+            wrong = sorted(c for c in set(got) & set(expected) if got[c] != expected[c])
+            problems.append(f"{s}: examples do not match the markers (cases missing {missing[:10]}, "
+                            f"unexpected {extra[:10]}, wrong counts {wrong[:10]})")
+        pairs = cid * (1 << 32) + ws
+        if np.unique(pairs).size != pairs.size:
+            problems.append(f"{s}: duplicate (case_id, window_start) examples")
+        for c in got:
+            if c in seen_split and seen_split[c] != s:
+                problems.append(f"case {c} is in both {seen_split[c]} and {s}")
+            seen_split[c] = s
+        per_split[s] = {"files": len(files[s]), "examples": int(cid.size), "cases": len(got),
+                        "expected_examples": int(sum(expected.values())), "expected_cases": len(expected)}
+    return {"ok": not problems, "problems": problems, "splits": per_split}

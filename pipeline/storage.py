@@ -1,0 +1,155 @@
+"""The output layout and the commit protocol (the durable checkpoint).
+
+    <out>/cases/_settings.json              settings fingerprint of this output
+    <out>/cases/<split>/<case>.tfrecord.gz  one case's examples (GZIP TFRecord)
+    <out>/cases/_done/<case>.json           marker: the case is committed (or too short)
+    <out>/cases/_failed/<case>.json         marker: the case failed, with the reason
+    <out>/cases/_tmp/...                    objects being written (never counted)
+    <out>/<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz   stage 2 output
+    <out>/preprocessing_metadata.json, <out>/schema.pbtxt
+
+An object appears under its final name only complete (written to `_tmp/`,
+closed, then renamed); its marker is written after it. Stage 2 reads only
+cases that have a done marker, so an object without one is never counted and
+is overwritten when its case is processed again (names are deterministic).
+All I/O goes through Beam's FileSystems: local paths, s3:// and gs:// alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterable, Optional
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
+
+DONE, FAILED = "_done", "_failed"
+METADATA_NAME = "preprocessing_metadata.json"
+SCHEMA_NAME = "schema.pbtxt"
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def is_local(path: str) -> bool:
+    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+def cases_dir(out: str) -> str:
+    return join(out, "cases")
+
+
+def case_object(out: str, split: str, case_id: int) -> str:
+    return join(out, "cases", split, f"{case_id}.tfrecord.gz")
+
+
+def marker_path(out: str, kind: str, case_id: int) -> str:
+    return join(out, "cases", kind, f"{case_id}.json")
+
+
+def settings_path(out: str) -> str:
+    return join(out, "cases", "_settings.json")
+
+
+def split_dir(out: str, split: str) -> str:
+    return join(out, split)
+
+
+def shard_path(out: str, split: str, index: int, count: int) -> str:
+    return join(out, split, f"{split}-{index:05d}-of-{count:05d}.tfrecord.gz")
+
+
+def _ensure_parent(path: str) -> None:
+    if is_local(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+
+def write_atomic(path: str, data: bytes, tmp_root: Optional[str] = None) -> None:
+    """Makes `data` visible under `path` only complete: write a temporary
+    object, close it, then rename. A crash leaves at most a temporary object."""
+    parent, name = path.rsplit("/", 1)
+    if tmp_root:
+        tmp = join(tmp_root, f"{uuid.uuid4().hex}-{name}")
+    elif is_local(path):  # same folder: os.rename is atomic there; hidden, never matched
+        tmp = join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+    else:
+        tmp = join(parent, "_tmp", f"{uuid.uuid4().hex}-{name}")
+    _ensure_parent(tmp)
+    _ensure_parent(path)
+    fh = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+    fh.write(data)
+    fh.close()  # only a successful close makes an S3 upload visible
+    FileSystems.rename([tmp], [path])
+
+
+def write_json(path: str, obj, tmp_root: Optional[str] = None) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode(), tmp_root)
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON: {type(o)}")
+
+
+def read_bytes(path: str) -> bytes:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+        return fh.read()
+
+
+def read_json(path: str):
+    return json.loads(read_bytes(path))
+
+
+def exists(path: str) -> bool:
+    return FileSystems.exists(path)
+
+
+def list_files(pattern: str) -> list[str]:
+    """Paths matching a glob; [] when nothing (or no folder) matches."""
+    try:
+        res = FileSystems.match([pattern])[0]
+    except Exception as e:  # BeamIOError when the folder does not exist yet
+        if "No files found" in str(e) or "not found" in str(e).lower() or isinstance(e, FileNotFoundError):
+            return []
+        raise
+    return sorted(m.path for m in res.metadata_list)
+
+
+def marker_ids(out: str, kind: str) -> set[int]:
+    ids = set()
+    for p in list_files(join(out, "cases", kind, "*.json")):
+        stem = p.rsplit("/", 1)[-1][:-5]
+        if stem.isdigit():
+            ids.add(int(stem))
+    return ids
+
+
+def read_markers(out: str, kind: str, ids: Optional[Iterable[int]] = None) -> dict[int, dict]:
+    """Reads markers in parallel (S3 GETs are latency-bound)."""
+    ids = sorted(marker_ids(out, kind) if ids is None else ids)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        docs = list(pool.map(lambda i: read_json(marker_path(out, kind, i)), ids))
+    return dict(zip(ids, docs))
+
+
+def delete(paths: list[str]) -> None:
+    paths = [p for p in paths if FileSystems.exists(p)]
+    if paths:
+        FileSystems.delete(paths)
+
+
+def delete_tree(path: str) -> None:
+    """Removes a folder/prefix and everything under it (for --overwrite)."""
+    files = list_files(join(path, "**")) if not is_local(path) else []
+    if is_local(path):
+        import shutil
+        shutil.rmtree(path, ignore_errors=True)
+    elif files:
+        FileSystems.delete(files)

@@ -1,0 +1,74 @@
+"""Thin Beam wrappers around the pure per-case functions.
+
+Each DoFn yields its result on the main output and a failed case on the
+tagged output FAILED as {"case_id", "reason", "detail"} (a dead letter), so
+one broken case never stops the run.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+
+import apache_beam as beam
+from apache_beam import pvalue
+from apache_beam.metrics import Metrics
+
+from transforms import encode
+from transforms.case import Settings, process_case
+from transforms.load import CaseError, load_case
+
+NAMESPACE = "master_poc"
+FAILED = "failed"
+_LOG = logging.getLogger(__name__)
+
+
+def failure(case_id: int, reason: str, detail: str) -> dict:
+    return {"case_id": int(case_id), "reason": reason, "detail": detail}
+
+
+def _internal(case_id: int, stage: str, e: Exception) -> pvalue.TaggedOutput:
+    # A bug or an unexpected library error in one case: recorded with its
+    # traceback in the log, the case fails, the run goes on.
+    _LOG.error("case %s: unexpected error in %s:\n%s", case_id, stage, traceback.format_exc())
+    return pvalue.TaggedOutput(FAILED, failure(case_id, "internal_error", f"{stage}: {type(e).__name__}: {e}"))
+
+
+class LoadCase(beam.DoFn):
+    """case id -> RawCase: the `.vital` file via FileSystems, parsed by vitaldb."""
+
+    def __init__(self, input_dir: str):
+        self._input = input_dir
+
+    def process(self, case_id: int):
+        try:
+            yield load_case(self._input, case_id)
+        except CaseError as e:
+            yield pvalue.TaggedOutput(FAILED, failure(case_id, e.code, e.detail))
+        except Exception as e:  # dead letter, see _internal
+            yield _internal(case_id, "LoadCase", e)
+
+
+class TransformCase(beam.DoFn):
+    """RawCase + clinical side input -> CaseWindows (features, imputation,
+    normalisation, windows, targets, split)."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+
+    def process(self, raw_case, clinical: dict):
+        try:
+            yield process_case(raw_case.case_id, raw_case.raw, clinical.get(raw_case.case_id), self._settings)
+        except Exception as e:  # dead letter, see _internal
+            yield _internal(raw_case.case_id, "TransformCase", e)
+
+
+class EncodeCase(beam.DoFn):
+    """CaseWindows -> (info, serialized tf.train.Examples)."""
+
+    def process(self, cw):
+        try:
+            examples = encode.encode_examples(cw.case_id, cw.starts, cw.timeseries, cw.static, cw.targets,
+                                              cw.observed)
+            yield cw.info, examples
+        except Exception as e:  # dead letter, see _internal
+            yield _internal(cw.case_id, "EncodeCase", e)

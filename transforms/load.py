@@ -1,0 +1,161 @@
+"""Loading a case: the `.vital` file through Beam's FileSystems (local, s3://,
+gs://) parsed by the `vitaldb` library, and the clinical table.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import shutil
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import vitaldb
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
+
+from transforms import spec
+from transforms.cases import case_file_candidates
+
+_LOG = logging.getLogger(__name__)
+_CHUNK = 8 << 20
+
+
+class CaseError(Exception):
+    """A data problem with one case: recorded as its failure reason."""
+
+    def __init__(self, code: str, detail: str):
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+@dataclass
+class RawCase:
+    case_id: int
+    path: str
+    raw: np.ndarray  # (T, len(SOURCE_TRACKS)) float, NaN = no record in that second
+    tracks_found: list[str]
+    file_bytes: int
+
+
+def find_case_file(input_dir: str, case_id: int) -> str:
+    for path in case_file_candidates(input_dir, case_id):
+        if FileSystems.exists(path):
+            return path
+    raise CaseError("missing_file", "no " + " or ".join(p.rsplit("/", 1)[-1] for p in case_file_candidates(input_dir, case_id))
+                    + f" in {input_dir}")
+
+
+def _local_copy_checked(path: str, tmpdir: str) -> tuple[str, int]:
+    """Checks the whole gzip stream (vitaldb silently accepts a truncated file)
+    and, for a remote path, copies it to a worker-local temp file.
+    Returns the local path to parse and the file size."""
+    local = isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+    dst_path = path if local else os.path.join(tmpdir, "case.vital")
+    z = zlib.decompressobj(31)
+    size = 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
+            (open(os.devnull, "wb") if local else open(dst_path, "wb")) as dst:
+        try:
+            while True:
+                chunk = src.read(_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                dst.write(chunk)
+                # Inflate in bounded pieces and drop the output: only the
+                # stream's integrity (CRC, length, end marker) is checked here.
+                if not z.eof:
+                    z.decompress(chunk, _CHUNK)
+                    while z.unconsumed_tail and not z.eof:
+                        z.decompress(z.unconsumed_tail, _CHUNK)
+        except zlib.error as e:
+            raise CaseError("corrupt_file", f"not a valid gzip/.vital stream ({e})") from None
+    if size == 0:
+        raise CaseError("corrupt_file", "empty file")
+    if not z.eof:
+        raise CaseError("corrupt_file", "truncated file (gzip stream ends early)")
+    return dst_path, size
+
+
+def load_case(input_dir: str, case_id: int) -> RawCase:
+    """Reads one case's numeric source tracks on the 1 s grid.
+
+    Raises CaseError for a missing, corrupt or empty file, or one with none of
+    the wanted tracks.
+    """
+    path = find_case_file(input_dir, case_id)
+    tmpdir = tempfile.mkdtemp(prefix=f"case{case_id}-")
+    try:
+        local, size = _local_copy_checked(path, tmpdir)
+        try:
+            with open(local, "rb") as fh:
+                if fh.read(2) != b"\x1f\x8b":
+                    raise CaseError("corrupt_file", "not a gzip file")
+            vf = vitaldb.VitalFile(local, track_names=list(spec.SOURCE_TRACKS))
+        except (OSError, EOFError, ValueError, IndexError, KeyError) as e:
+            raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(e).__name__}: {e})") from None
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    if not (vf.dtend > vf.dtstart):
+        raise CaseError("corrupt_file", "no valid .vital header (dtstart/dtend)")
+    # Only exact names: vitaldb matches by suffix and could hand us another track.
+    found = [t for t in spec.SOURCE_TRACKS if t in vf.trks]
+    if not found:
+        raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file")
+    T = int(math.ceil(vf.dtend - vf.dtstart))
+    raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan, dtype=np.float64)
+    cols = vf.to_numpy(found, 1)
+    if cols.ndim == 1:
+        cols = cols[:, None]
+    idx = [spec.SOURCE_TRACKS.index(t) for t in found]
+    raw[:, idx] = cols[:T]
+    return RawCase(case_id, path, raw, found, size)
+
+
+# ---- clinical table -----------------------------------------------------------
+
+CLINICAL_COLUMNS = ("caseid", "age", "sex", "height", "weight", "bmi", "asa", "anestart", "aneend", "caseend")
+
+
+class ClinicalTableError(ValueError):
+    pass
+
+
+def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> dict[int, dict]:
+    """Reads VitalDB's clinical table once: {caseid: {column: value}}.
+
+    Values are plain Python (NaN -> None). Raises ClinicalTableError with a
+    clear message for an unreadable or malformed table.
+    """
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as fh:
+            data = fh.read()
+    except Exception as e:  # any filesystem's "cannot open" (IOError, BeamIOError, botocore...)
+        raise ClinicalTableError(f"cannot read clinical table {path}: {e}") from None
+    try:
+        df = pd.read_csv(io.BytesIO(data))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ClinicalTableError(f"clinical table {path} is not a readable CSV: {e}") from None
+    if "caseid" not in df.columns:
+        raise ClinicalTableError(f"clinical table {path} has no 'caseid' column (columns: {list(df.columns)[:10]})")
+    ids = pd.to_numeric(df["caseid"], errors="coerce")
+    if ids.isna().any():
+        bad = df.loc[ids.isna(), "caseid"].head(3).tolist()
+        raise ClinicalTableError(f"clinical table {path}: non-numeric caseid values {bad}")
+    df = df.assign(caseid=ids.astype(np.int64))
+    if case_ids is not None:
+        df = df[df["caseid"].isin(set(case_ids))]
+    cols = [c for c in CLINICAL_COLUMNS if c in df.columns]
+    out: dict[int, dict] = {}
+    for rec in df[cols].to_dict("records"):
+        out[int(rec["caseid"])] = {k: (None if isinstance(v, float) and math.isnan(v) else
+                                       (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()}
+    return out
