@@ -177,7 +177,8 @@ def finalize(beam_args, output: str, settings: Settings, *, requested: Optional[
     return meta
 
 
-def print_summary(meta: dict, counts: dict[str, int], elapsed: float, out=sys.stdout) -> None:
+def print_summary(meta: dict, counts: dict[str, int], elapsed: float, out=None) -> None:
+    out = out or sys.stdout
     c = meta["cases"]
     w = lambda s: f"{s}: {meta['splits'][s]['windows']} windows from {meta['splits'][s]['cases']} cases"
     print(f"\nmaster-poc-preprocess: {meta['status']} in {elapsed:.1f} s", file=out)

@@ -1,0 +1,85 @@
+"""Shared fixtures: VitalDB-format cases generated with the `vitaldb` library,
+including every kind of broken input, and helpers to read outputs back with
+TensorFlow."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import vitaldb
+
+from pipeline import sample
+
+GOOD = [1, 2, 3, 4, 5, 6, 7, 8]
+TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, SHORT, NO_ROW, MISSING = 101, 102, 103, 104, 105, 106, 107
+ALL_CASES = GOOD + [TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, SHORT, NO_ROW, MISSING]
+
+
+def write_dataset(folder: str, good=GOOD, duration_s: int = 1500) -> str:
+    """Good cases (with a missing weight and a missing ASA), plus broken ones."""
+    sample.write_sample(folder, list(good) + [SHORT, NO_ROW], duration_s, short_case=SHORT,
+                        missing_weight=good[1], missing_asa=good[2], no_clinical_row=NO_ROW)
+    # Truncated: the first third of a real file.
+    src = open(os.path.join(folder, f"{good[0]:04d}.vital"), "rb").read()
+    open(os.path.join(folder, f"{TRUNCATED:04d}.vital"), "wb").write(src[: len(src) // 3])
+    open(os.path.join(folder, f"{BAD_MAGIC:04d}.vital"), "wb").write(b"PK\x03\x04 this is a zip, not a vital file")
+    open(os.path.join(folder, f"{EMPTY:04d}.vital"), "wb").write(b"")
+    vf = vitaldb.VitalFile()
+    vf.dtstart, vf.dtend = 4102444800.0, 4102444800.0 + 1200
+    vf.add_track("Demo/UNRELATED", [{"dt": vf.dtstart + t, "val": 1.0} for t in range(0, 1200, 2)])
+    vf.to_vital(os.path.join(folder, f"{NO_TRACKS:04d}.vital"))
+    # Rows for the broken cases too, so only the file is at fault.
+    df = pd.read_csv(os.path.join(folder, "clinical_data.csv"))
+    extra = df.iloc[[0] * 4].copy()
+    extra["caseid"] = [TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS]
+    pd.concat([df, extra]).to_csv(os.path.join(folder, "clinical_data.csv"), index=False)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory) -> str:
+    return write_dataset(str(tmp_path_factory.mktemp("vital")))
+
+
+@pytest.fixture(scope="session")
+def run_output(dataset, tmp_path_factory):
+    """One in-process run over every case kind; returns (exit code, output dir)."""
+    from pipeline.cli import main
+    out = str(tmp_path_factory.mktemp("out"))
+    cases = ",".join(map(str, ALL_CASES))
+    rc = main(["--input", dataset, "--output", out, "--cases", cases, "--min-success-rate", "0",
+               "--direct_running_mode=in_memory"])
+    return rc, out
+
+
+SPEC_FEATURES = None
+
+
+def parse_spec():
+    import tensorflow as tf
+    return {
+        "timeseries": tf.io.FixedLenFeature([4800], tf.float32),
+        "static": tf.io.FixedLenFeature([6], tf.float32),
+        "targets": tf.io.FixedLenFeature([8], tf.float32),
+        "case_id": tf.io.FixedLenFeature([1], tf.int64),
+        "window_start": tf.io.FixedLenFeature([1], tf.int64),
+    }
+
+
+def read_examples(files, features=None) -> list[dict]:
+    """Every example of GZIP TFRecord files, parsed by TensorFlow."""
+    import tensorflow as tf
+    features = features or parse_spec()
+    out = []
+    for rec in tf.data.TFRecordDataset(list(files), compression_type="GZIP"):
+        ex = tf.io.parse_single_example(rec, features)
+        out.append({k: v.numpy() for k, v in ex.items()})
+    return out
+
+
+def examples_by_key(examples) -> dict:
+    return {(int(e["case_id"][0]), int(e["window_start"][0])): e for e in examples}

@@ -1,0 +1,89 @@
+"""TestPipeline tests of the Beam transforms, counters, and portability."""
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from conftest import BAD_MAGIC, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
+from pipeline import stage1, stage2, storage
+from transforms.beam import FAILED, LoadCase, TransformCase
+from transforms.case import Settings
+from transforms.load import read_clinical
+
+OPTS = ["--direct_running_mode=in_memory"]
+
+
+def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
+    with TestPipeline(options=PipelineOptions(OPTS)) as p:
+        res = (p | beam.Create([1, TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, MISSING])
+               | beam.ParDo(LoadCase(dataset)).with_outputs(FAILED, main="ok"))
+        assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0)), equal_to([(1, True)]),
+                    label="Loaded")
+        assert_that(res[FAILED] | beam.Map(lambda f: (f["case_id"], f["reason"])),
+                    equal_to([(TRUNCATED, "corrupt_file"), (BAD_MAGIC, "corrupt_file"), (EMPTY, "corrupt_file"),
+                              (NO_TRACKS, "no_tracks"), (MISSING, "missing_file")]), label="Failed")
+
+
+def test_transform_case_uses_the_clinical_side_input(dataset):
+    clinical = read_clinical(f"{dataset}/clinical_data.csv")
+    with TestPipeline(options=PipelineOptions(OPTS)) as p:
+        side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
+        res = (p | beam.Create([2, SHORT, NO_ROW])
+               | beam.ParDo(LoadCase(dataset))
+               | beam.ParDo(TransformCase(Settings()), side))
+        assert_that(res | beam.Map(lambda cw: (cw.case_id, cw.info["windows"], cw.info["dose_weight_default"],
+                                               cw.info["no_clinical_row"])),
+                    equal_to([(2, (1500 - 301) // 30 + 1, True, False), (SHORT, 0, False, False),
+                              (NO_ROW, 40, True, True)]))
+
+
+def test_process_cases_commits_and_counts(dataset, tmp_path):
+    out = str(tmp_path)
+    clinical = read_clinical(f"{dataset}/clinical_data.csv")
+    p = TestPipeline(options=PipelineOptions(OPTS))
+    ids = p | beam.Create([1, 2, SHORT, EMPTY])
+    side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
+    committed, failed = ids | stage1.ProcessCases(dataset, out, Settings(), side)
+    assert_that(committed | beam.Map(lambda d: (d["case_id"], d["status"])),
+                equal_to([(1, "ok"), (2, "ok"), (SHORT, "too_short")]), label="Committed")
+    assert_that(failed | beam.Map(lambda f: f["case_id"]), equal_to([EMPTY]), label="Failed")
+    result = p.run()
+    result.wait_until_finish()
+    c = {m.key.metric.name: m.committed for m in result.metrics().query(MetricsFilter())["counters"]}
+    assert c["cases_ok"] == 2 and c["cases_too_short"] == 1 and c["cases_failed"] == 1
+    assert c["windows_written"] == 2 * 40
+    assert storage.marker_ids(out, storage.DONE) == {1, 2, SHORT}
+    assert storage.marker_ids(out, storage.FAILED) == {EMPTY}
+    assert storage.read_json(storage.marker_path(out, storage.FAILED, EMPTY))["reason"] == "corrupt_file"
+
+
+def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path):
+    """Runner-neutral: pickled DoFns, side inputs, no driver-only objects."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
+    p = beam.Pipeline(options=PipelineOptions(OPTS))
+    stage1.build_stage1(p, [1, 2], dataset, str(tmp_path), Settings(), {1: {"weight": 70}})
+    proto = p.to_runner_api()
+    names = {t.unique_name for t in proto.components.transforms.values()}
+    for label in ("ReadCases", "ProcessCases/LoadCase", "ProcessCases/TransformCase", "ProcessCases/CommitCases",
+                  "ProcessCases/RecordFailures"):
+        assert label in names
+    roundtrip = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
+    assert roundtrip is not None
+    p2 = beam.Pipeline(options=PipelineOptions(OPTS))
+    plans = stage2.plan_shards({1: {"split": "train", "windows": 3, "object": "x"}}, ("train",), 0)
+    stage2.build_stage2(p2, str(tmp_path), plans, 42)
+    assert "WriteShards" in {t.unique_name for t in p2.to_runner_api().components.transforms.values()}
+
+
+def test_plan_shards_balances_and_is_deterministic():
+    done = {c: {"split": "train" if c % 3 else "test", "windows": 10 + c, "object": f"o{c}"} for c in range(1, 31)}
+    a = stage2.plan_shards(done, ("train", "validation", "test"), num_shards=4)
+    b = stage2.plan_shards(dict(reversed(list(done.items()))), ("train", "validation", "test"), num_shards=4)
+    assert a == b
+    train = [p for p in a if p.split == "train"]
+    assert len(train) == 4 and sum(p.windows for p in train) == sum(10 + c for c in range(1, 31) if c % 3)
+    assert max(p.windows for p in train) - min(p.windows for p in train) <= 40
+    assert sorted(c[0] for p in a for c in p.cases) == list(range(1, 31))
+    # Never more shards than cases.
+    assert len([p for p in stage2.plan_shards(done, ("test",), num_shards=50)]) == 10

@@ -1,0 +1,192 @@
+"""End to end: the real CLI on generated cases, outputs read back with TensorFlow."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import (ALL_CASES, BAD_MAGIC, EMPTY, GOOD, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED,
+                      examples_by_key, read_examples)
+from pipeline import storage
+from pipeline.cli import main
+from transforms import features, load, spec
+from transforms.case import Settings, process_case
+from transforms.windows import assign_split
+
+INMEM = "--direct_running_mode=in_memory"
+
+
+def split_files(out, split):
+    return storage.list_files(f"{out}/{split}/*.tfrecord.gz")
+
+
+def all_examples(out):
+    return {s: read_examples(split_files(out, s)) for s in spec.SPLIT_NAMES}
+
+
+def test_run_writes_correct_splits_metadata_and_schema(run_output):
+    rc, out = run_output
+    assert rc == 0
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert meta["status"] == "complete" and meta["verification"]["ok"]
+    exs = all_examples(out)
+    seen = {}
+    for s, items in exs.items():
+        assert len(items) == meta["splits"][s]["windows"]
+        for e in items:
+            assert e["timeseries"].shape == (4800,) and e["static"].shape == (6,) and e["targets"].shape == (8,)
+            for k in ("timeseries", "static", "targets"):
+                assert np.all(np.abs(e[k]) <= 1.0)
+            cid = int(e["case_id"][0])
+            assert seen.setdefault(cid, s) == s, f"case {cid} in two splits"
+            assert assign_split(cid) == s
+    assert sorted(seen) == sorted(GOOD + [NO_ROW])
+    for cid in seen:
+        assert sum(1 for e in exs[seen[cid]] if e["case_id"][0] == cid) == (1500 - 301) // 30 + 1
+    failed = {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]}
+    assert failed == {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file",
+                      NO_TRACKS: "no_tracks", MISSING: "missing_file"}
+    assert meta["cases"]["too_short"] == [SHORT]
+    assert meta["cases"]["no_clinical_row"] == [NO_ROW]
+    assert meta["cases"]["dose_weight_default"] == sorted([GOOD[1], NO_ROW])
+    assert meta["cases"]["static_defaults"][str(GOOD[2])] == ["asa"]
+    assert [f["name"] for f in meta["spec"]["timeseries"]] == list(spec.FEATURE_NAMES)
+    assert meta["settings"]["window"] == 300 and meta["settings"]["split_seed"] == 42
+    schema = open(f"{out}/schema.pbtxt").read()
+    assert 'name: "timeseries"' in schema and "size: 4800" in schema
+
+
+def test_examples_hold_the_case_values_in_order(run_output, dataset):
+    """One example compared with the pure per-case computation: the right
+    window, the right target second, the static row."""
+    _, out = run_output
+    cid = GOOD[0]
+    split = assign_split(cid)
+    ex = examples_by_key(read_examples(split_files(out, split)))
+    rc = load.load_case(dataset, cid)
+    cw = process_case(cid, rc.raw, load.read_clinical(f"{dataset}/clinical_data.csv")[cid], Settings())
+    e = ex[(cid, 60)]
+    np.testing.assert_allclose(e["timeseries"], cw.timeseries[2], atol=0)
+    np.testing.assert_allclose(e["targets"], cw.targets[2], atol=0)
+    np.testing.assert_allclose(e["static"], cw.static, atol=0)
+    # De-normalised values are clinical: HR near the generator's 60-90/min.
+    hr = features.denormalise_feature(e["timeseries"].reshape(300, 16)[:, 0], "HR")
+    assert 40 < np.median(hr) < 110
+
+
+def test_rerun_does_no_new_work_and_gives_the_same_examples(run_output, dataset, capsys):
+    rc, out = run_output
+    before = {s: examples_by_key(v) for s, v in all_examples(out).items()}
+    done_mtimes = {p: os.path.getmtime(p) for p in storage.list_files(f"{out}/cases/_done/*.json")}
+    rc2 = main(["--input", dataset, "--output", out, "--cases", ",".join(map(str, ALL_CASES)),
+                "--min-success-rate", "0", INMEM])
+    assert rc2 == 0
+    # 8 good + NO_ROW + SHORT have done markers; the 5 failed cases are tried again.
+    assert "10 skipped (already committed)" in capsys.readouterr().out
+    assert {p: os.path.getmtime(p) for p in storage.list_files(f"{out}/cases/_done/*.json")} == done_mtimes
+    after = {s: examples_by_key(v) for s, v in all_examples(out).items()}
+    for s in spec.SPLIT_NAMES:
+        assert after[s].keys() == before[s].keys()
+        for k in before[s]:
+            for f in ("timeseries", "targets", "static"):
+                np.testing.assert_array_equal(after[s][k][f], before[s][k][f])
+
+
+def test_min_success_rate_exit_code(dataset, tmp_path):
+    cases = f"{GOOD[0]},{EMPTY}"
+    assert main(["--input", dataset, "--output", str(tmp_path / "a"), "--cases", cases, INMEM]) == 1
+    assert main(["--input", dataset, "--output", str(tmp_path / "b"), "--cases", cases,
+                 "--min-success-rate", "0.5", INMEM]) == 0
+    # What succeeded is written even when the rate is too low.
+    assert os.path.exists(tmp_path / "a" / "preprocessing_metadata.json")
+
+
+def test_bad_cases_string_is_refused_before_any_work(dataset, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--input", dataset, "--output", str(out), "--cases", "1-5,x,9-3", INMEM]) == 2
+    err = capsys.readouterr().err
+    assert "'x'" in err and "'9-3'" in err
+    assert not out.exists()
+
+
+def test_unreadable_input_and_clinical_are_refused_at_start(dataset, tmp_path, capsys):
+    assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), INMEM]) == 2
+    assert "no <id>.vital files" in capsys.readouterr().err
+    assert main(["--input", dataset, "--clinical", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o"),
+                 "--cases", "1", INMEM]) == 2
+    assert "cannot read clinical table" in capsys.readouterr().err
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id;age\n1;3\n")
+    assert main(["--input", dataset, "--clinical", str(bad), "--output", str(tmp_path / "o"), "--cases", "1",
+                 INMEM]) == 2
+    assert "no 'caseid' column" in capsys.readouterr().err
+
+
+def test_other_settings_into_the_same_output_are_refused(dataset, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["--input", dataset, "--output", out, "--cases", "1", INMEM]) == 0
+    assert main(["--input", dataset, "--output", out, "--cases", "1", "--horizon", "5", INMEM]) == 2
+    assert "other settings" in capsys.readouterr().err
+    assert main(["--input", dataset, "--output", out, "--cases", "1", "--horizon", "5", "--overwrite", INMEM]) == 0
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert meta["settings"]["horizon"] == 5
+
+
+def test_finalize_is_idempotent_and_verify_detects_damage(dataset, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["--input", dataset, "--output", out, "--cases", "1-6", "--num-shards", "2", INMEM]) == 0
+    files = sorted(storage.list_files(f"{out}/*/*.tfrecord.gz"))
+    blobs = {f: open(f, "rb").read() for f in files}
+    assert main(["finalize", "--output", out, "--num-shards", "2", INMEM]) == 0
+    assert {f: open(f, "rb").read() for f in files} == blobs  # byte-identical
+    assert main(["verify", "--output", out]) == 0
+    victim = files[0]
+    data = blobs[victim]
+    open(victim, "wb").write(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["verify", "--output", out]) == 1
+    assert "VERIFY FAILED" in capsys.readouterr().out
+    # finalize repairs it from the committed cases; another shard count replaces the old files.
+    assert main(["finalize", "--output", out, "--num-shards", "1", INMEM]) == 0
+    assert all(f.endswith("-00000-of-00001.tfrecord.gz") for f in storage.list_files(f"{out}/*/*.tfrecord.gz"))
+    assert main(["verify", "--output", out]) == 0
+
+
+def test_orphan_case_object_without_marker_is_never_counted(dataset, tmp_path):
+    out = str(tmp_path / "o")
+    assert main(["--input", dataset, "--output", out, "--cases", "1,2", INMEM]) == 0
+    split = assign_split(3)
+    orphan = storage.case_object(out, split, 3)
+    storage.write_atomic(orphan, open(storage.case_object(out, assign_split(1), 1), "rb").read())
+    assert main(["finalize", "--output", out, INMEM]) == 0
+    ids = {int(e["case_id"][0]) for s in spec.SPLIT_NAMES for e in read_examples(split_files(out, s))}
+    assert ids == {1, 2}
+
+
+def test_emit_mask_round_trips(dataset, tmp_path):
+    import tensorflow as tf
+    out = str(tmp_path / "o")
+    assert main(["--input", dataset, "--output", out, "--cases", "1", "--emit-mask", INMEM]) == 0
+    feats = {"observed": tf.io.FixedLenFeature([4800], tf.float32),
+             "timeseries": tf.io.FixedLenFeature([4800], tf.float32)}
+    ex = read_examples(split_files(out, assign_split(1)), feats)
+    obs = np.stack([e["observed"] for e in ex]).reshape(-1, 300, 16)
+    assert set(np.unique(obs)) <= {0.0, 1.0}
+    # HR is recorded every 2 s (with drop-outs): about half the seconds are measured.
+    assert 0.3 < obs[:, :, 0].mean() < 0.55
+    assert 'name: "observed"' in open(f"{out}/schema.pbtxt").read()
+
+
+def test_multi_process_run_via_the_console_script(tmp_path):
+    """The real command line, real worker processes, embedded sample."""
+    out = tmp_path / "o"
+    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess"),
+                          "--sample-cases", "4", "--sample-dir", str(tmp_path / "in"), "--output", str(out),
+                          "--direct_num_workers=2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "complete" in res.stdout and "3 ok, 1 too short" in res.stdout
+    meta = json.load(open(out / "preprocessing_metadata.json"))
+    assert sum(meta["splits"][s]["windows"] for s in spec.SPLIT_NAMES) == sum(
+        json.load(open(p))["windows"] for p in storage.list_files(f"{out}/cases/_done/*.json"))

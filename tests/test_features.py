@@ -1,0 +1,150 @@
+"""Pure per-case functions against hand-computed values (SPEC.md)."""
+import numpy as np
+import pytest
+
+from transforms import features, spec
+from transforms.features import (AFTER_CARRIED, AFTER_DEFAULT, ABSENT, BEFORE, CARRIED, CLINICAL_ZERO, MEASURED)
+
+NAN = np.nan
+
+
+def raw_with(track: str, values, T=None) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    T = T or len(values)
+    raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan)
+    raw[: len(values), spec.SOURCE_TRACKS.index(track)] = values
+    return raw
+
+
+def feature_col(values, name):
+    return values[:, spec.FEATURE_NAMES.index(name)]
+
+
+def test_propofol_10_ml_h_at_50_kg_is_4_mg_kg_h():
+    v, _ = features.select_sources(raw_with("Orchestra/PPF20_RATE", [10.0]), weight_kg=50, ibw_kg=60)
+    assert feature_col(v, "Propofol_INF")[0] == pytest.approx(4.0)
+
+
+def test_remifentanil_6_ml_h_rftn20_at_60_kg():
+    v, _ = features.select_sources(raw_with("Orchestra/RFTN20_RATE", [6.0]), weight_kg=60, ibw_kg=60)
+    assert feature_col(v, "Remifentanil_INF")[0] == pytest.approx(0.03333, abs=1e-5)
+
+
+def test_remifentanil_rftn50_uses_its_own_concentration():
+    v, _ = features.select_sources(raw_with("Orchestra/RFTN50_RATE", [6.0]), weight_kg=60, ibw_kg=60)
+    assert feature_col(v, "Remifentanil_INF")[0] == pytest.approx(6 * 50 / 60 / 60)
+
+
+def test_noradrenaline_is_a_volume_rate_converted_to_ug_kg_min():
+    v, _ = features.select_sources(raw_with("Orchestra/NEPI_RATE", [3.0]), weight_kg=50, ibw_kg=60)
+    assert feature_col(v, "Noradrenalin_INF")[0] == pytest.approx(3 * 20 / 60 / 50)  # 0.02
+
+
+def test_etco2_38_mmhg_is_5_066_kpa():
+    v, _ = features.select_sources(raw_with("Solar8000/ETCO2", [38.0]), 70, 70)
+    assert feature_col(v, "ETCO2")[0] == pytest.approx(5.066, abs=1e-3)
+
+
+def test_peep_hpa_to_cmh2o_and_tv_per_ibw():
+    raw = raw_with("Primus/PEEP_MBAR", [5.0])
+    raw[0, spec.SOURCE_TRACKS.index("Primus/TV")] = 450.0
+    v, _ = features.select_sources(raw, 70, ibw_kg=75.0)
+    assert feature_col(v, "PEEP")[0] == pytest.approx(5.0986)
+    assert feature_col(v, "TV")[0] == pytest.approx(6.0)
+
+
+def test_devine_ibw():
+    assert features.ideal_body_weight(180, "M") == pytest.approx(74.99, abs=0.01)
+    assert features.ideal_body_weight(160, "F") == pytest.approx(45.5 + 0.9055 * 7.6)
+    # Missing height 170 cm, missing sex F; clamped to [30, 150].
+    assert features.ideal_body_weight(None, None) == pytest.approx(45.5 + 0.9055 * (170 - 152.4))
+    assert features.ideal_body_weight(100, "F") == 30.0
+
+
+def test_dose_weight_default_is_recorded():
+    assert features.dose_weight({"weight": 82.5}) == (82.5, False)
+    assert features.dose_weight({"weight": None}) == (70.0, True)
+    assert features.dose_weight({"weight": 0}) == (70.0, True)
+
+
+def test_first_plausible_source_wins_and_implausible_is_missing():
+    raw = raw_with("Solar8000/ART_SBP", [120.0, 400.0, NAN, 5.0])
+    raw[:, spec.SOURCE_TRACKS.index("Solar8000/NIBP_SBP")] = [110.0, 111.0, 112.0, 113.0]
+    v, src = features.select_sources(raw, 70, 70)
+    np.testing.assert_allclose(feature_col(v, "BP_SYS"), [120.0, 111.0, 112.0, 113.0])
+    np.testing.assert_array_equal(feature_col(src, "BP_SYS"), [0, 1, 1, 1])
+    # HR 0 and 350 are artifacts: missing, then imputed.
+    v, _ = features.select_sources(raw_with("Solar8000/HR", [0.0, 80.0, 350.0]), 70, 70)
+    np.testing.assert_array_equal(np.isnan(feature_col(v, "HR")), [True, False, True])
+
+
+def feat(name):
+    return spec.TIMESERIES[spec.FEATURE_NAMES.index(name)]
+
+
+def test_impute_before_between_after_for_a_vital_sign():
+    x = np.full(1000, NAN)
+    x[10] = 80.0
+    x[12] = 90.0  # a lone missing second at 11 is carried, not averaged
+    out, rule = features.impute(x, feat("HR"))
+    assert (out[:10] == 70).all() and (rule[:10] == BEFORE).all()
+    assert out[11] == 80.0 and rule[11] == CARRIED
+    assert out[12] == 90.0 and rule[12] == MEASURED
+    # Carried 10 min after the last sample, then the default.
+    assert out[12 + 600] == 90.0 and rule[12 + 600] == AFTER_CARRIED
+    assert out[12 + 601] == 70.0 and rule[12 + 601] == AFTER_DEFAULT
+
+
+def test_spo2_carries_5_minutes():
+    x = np.full(700, NAN)
+    x[0] = 99.0
+    out, _ = features.impute(x, feat("SPO2"))
+    assert out[300] == 99.0 and out[301] == 96.0
+
+
+def test_drugs_are_zero_before_and_at_once_after():
+    x = np.full(50, NAN)
+    x[5:10] = 4.0
+    out, rule = features.impute(x, feat("Propofol_INF"))
+    np.testing.assert_array_equal(out, [0] * 5 + [4.0] * 5 + [0] * 40)
+    assert rule[10] == AFTER_DEFAULT
+
+
+def test_noradrenaline_pump_gap_over_10_s_is_clinical_zero():
+    x = np.full(60, NAN)
+    x[0] = 0.05
+    x[11] = 0.06  # gap of 10 missing seconds: carried
+    x[23] = 0.07  # gap of 11 missing seconds: clinical zero
+    x[30] = 0.08
+    out, rule = features.impute(x, feat("Noradrenalin_INF"))
+    assert (out[1:11] == 0.05).all() and (rule[1:11] == CARRIED).all()
+    assert (out[12:23] == 0.0).all() and (rule[12:23] == CLINICAL_ZERO).all()
+    assert (out[24:30] == 0.07).all()
+    # Other features carry any gap.
+    out2, _ = features.impute(x, feat("Propofol_INF"))
+    assert (out2[12:23] == 0.06).all()
+
+
+def test_feature_without_data_is_before_value_throughout():
+    out, rule = features.impute(np.full(20, NAN), feat("BP_MAP"))
+    assert (out == 100.0).all() and (rule == ABSENT).all()
+
+
+def test_normalise_and_inverse():
+    v = np.array([20.0, 110.0, 200.0, 250.0, 0.0])
+    n = features.normalise(v, 20, 200)
+    np.testing.assert_allclose(n, [-1, 0, 1, 1, -1])
+    np.testing.assert_allclose(features.denormalise(n[:3], 20, 200), v[:3])
+    assert features.denormalise_feature(np.array([0.0]), "Remifentanil_INF")[0] == pytest.approx(0.4)
+
+
+def test_static_features_and_defaults():
+    row = {"age": 60, "sex": "M", "height": 180, "weight": 80, "bmi": None, "asa": None}
+    st, defaulted = features.static_features(row)
+    assert st[0] == pytest.approx(0.0)  # 60 of 0..120
+    assert st[1] == 1.0  # M
+    assert st[4] == pytest.approx((80 / 1.8 ** 2 - 10) / 40 * 2 - 1)  # bmi from weight/height
+    assert st[5] == pytest.approx((2 - 1) / 5 * 2 - 1)  # asa default 2
+    assert defaulted == ["asa"]
+    st, defaulted = features.static_features(None)
+    assert st[1] == -1.0 and len(defaulted) == 6

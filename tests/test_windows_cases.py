@@ -1,0 +1,84 @@
+"""Case selection, windows and targets, splits."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from transforms import spec
+from transforms.cases import CaseSpecError, case_file_candidates, parse_cases
+from transforms.windows import assign_split, make_windows, parse_split, split_bucket, window_count
+
+
+def test_parse_cases_mixed_padding_duplicates_order():
+    assert parse_cases("1-3,17,0022,2,  5") == [1, 2, 3, 17, 22, 5]
+
+
+@pytest.mark.parametrize("text,named", [
+    ("1-5,x,9-3", ["'x'", "'9-3'"]),
+    ("1,,2", ["''"]),
+    ("-4", ["'-4'"]),
+    ("0", ["'0'"]),
+    ("1-2-3", ["'1-2-3'"]),
+])
+def test_parse_cases_names_every_bad_part(text, named):
+    with pytest.raises(CaseSpecError) as err:
+        parse_cases(text)
+    for part in named:
+        assert part in str(err.value)
+
+
+def test_case_file_candidates():
+    assert case_file_candidates("s3://b/in/", 22) == ["s3://b/in/0022.vital", "s3://b/in/22.vital"]
+    assert case_file_candidates("d", 12345) == ["d/12345.vital"]
+
+
+def test_window_count_formula():
+    assert window_count(300 + 1) == 1
+    assert window_count(300) == 0
+    assert window_count(3600) == (3600 - 301) // 30 + 1 == 110
+    assert window_count(1000, 300, 30, horizon=5) == (1000 - 305) // 30 + 1
+
+
+def test_windows_and_target_position():
+    T, F = 400, spec.N_FEATURES
+    norm = (np.arange(T * F, dtype=np.float32) / (T * F)).reshape(T, F)
+    starts, ts, tg = make_windows(norm, 300, 30, 1)
+    assert list(starts) == [0, 30, 60, 90]
+    assert ts.shape == (4, 300 * F)
+    np.testing.assert_array_equal(ts[1].reshape(300, F), norm[30:330])  # row-major (time, feature)
+    np.testing.assert_array_equal(tg[1], norm[30 + 299 + 1, spec.TARGET_INDEX])
+    starts, _, tg = make_windows(norm, 300, 30, horizon=10)
+    assert len(starts) == 4  # (400 - 300 - 10) // 30 + 1; the last target is second 399
+    np.testing.assert_array_equal(tg[3], norm[90 + 299 + 10, spec.TARGET_INDEX])
+    assert len(make_windows(norm[:309], 300, 30, horizon=10)[0]) == 0
+
+
+def test_split_rule_and_defaults():
+    import hashlib
+    b = int(hashlib.sha256(b"42:22").hexdigest(), 16) % 100
+    assert split_bucket(22) == b
+    expected = "train" if b < 70 else "validation" if b < 85 else "test"
+    assert assign_split(22) == expected
+    counts = {s: 0 for s in spec.SPLIT_NAMES}
+    for cid in range(1, 3001):
+        counts[assign_split(cid)] += 1
+    assert 0.66 < counts["train"] / 3000 < 0.74 and 0.12 < counts["test"] / 3000 < 0.18
+    assert assign_split(5, (0, 0, 100)) == "test"
+
+
+def test_split_is_stable_across_processes():
+    ids = list(range(1, 200))
+    here = [assign_split(i) for i in ids]
+    code = "from transforms.windows import assign_split; print(','.join(assign_split(i) for i in range(1, 200)))"
+    for seed in ("0", "123"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={"PYTHONHASHSEED": seed, "PATH": ""})
+        assert out.stdout.strip().split(",") == here
+
+
+def test_parse_split():
+    assert parse_split("80,10,10") == (80, 10, 10)
+    for bad in ("70,15", "70,20,20", "a,b,c"):
+        with pytest.raises(ValueError):
+            parse_split(bad)
