@@ -27,7 +27,11 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline import metadata, stage1, stage2, storage
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import metadata, s3, stage2, storage
+from pipeline.progress import Progress
+from pipeline.supervisor import KILLED, Supervisor
 from transforms import spec
 from transforms.beam import NAMESPACE
 from transforms.case import Settings
@@ -37,6 +41,7 @@ from transforms.windows import parse_split
 
 _LOG = logging.getLogger("master_poc")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
 COMMANDS = ("run", "finalize", "verify")
 
 
@@ -76,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sample-dir", help="where to generate the sample (default: a new temp folder)")
     ap.add_argument("--overwrite", action="store_true",
                     help="discard an existing output made with other settings and start over")
+    ap.add_argument("--shutdown-grace", type=float, default=30.0,
+                    help="seconds to drain after SIGTERM/SIGINT before the pipeline is killed (default %(default)s)")
+    ap.add_argument("--progress-interval", type=float, default=30.0,
+                    help="seconds between progress lines (default %(default)s)")
+    ap.add_argument("--s3-max-attempts", type=int, default=10,
+                    help="attempts per S3 call, Beam's and ours (botocore retries; default %(default)s)")
+    ap.add_argument("--s3-retry-mode", default="standard", choices=("standard", "adaptive"),
+                    help="botocore retry mode (default %(default)s)")
     ap.add_argument("-v", "--verbose", action="store_true", help="log Beam's INFO messages too")
     _settings_args(ap)
     return ap
@@ -143,38 +156,61 @@ def check_output_settings(output: str, settings: Settings, overwrite: bool) -> N
     storage.write_json(path, settings.as_dict())
 
 
-def run_stage1(beam_args, case_ids, input_dir, output, settings, clinical) -> dict[str, int]:
-    p = make_pipeline(beam_args)
-    stage1.build_stage1(p, case_ids, input_dir, output, settings, clinical)
-    result = p.run()
-    result.wait_until_finish()
-    return counters(result)
+def job_payload(stage: int, args, beam_args, output: str, settings: Settings, **kw) -> dict:
+    return dict(stage=stage, beam_args=beam_args, output=output, settings=settings.as_dict(),
+                verbose=args.verbose, s3_max_attempts=args.s3_max_attempts, s3_retry_mode=args.s3_retry_mode, **kw)
 
 
-def finalize(beam_args, output: str, settings: Settings, *, requested: Optional[list[int]] = None,
-             num_shards: int = 0, started: Optional[str] = None, input_dir=None, clinical_path=None) -> dict:
-    """Stage 2 + verification + metadata, from the markers alone."""
-    started = started or metadata.utcnow()
+class Interrupted(Exception):
+    """A shutdown was asked for (SIGTERM/SIGINT); committed work is kept."""
+
+
+def _run_supervised(sup: Supervisor, payload: dict) -> dict:
+    if sup.stopping:
+        raise Interrupted()
+    rc, res = sup.run_job(payload)
+    if sup.stopping:
+        raise Interrupted()
+    if rc != 0:
+        raise RuntimeError(f"stage {payload['stage']} pipeline failed (exit code {rc}); committed cases are kept, "
+                           "rerun the same command to continue")
+    return res.get("counters", {})
+
+
+def write_metadata(output: str, settings: Settings, status: str, *, requested=None, verification=None,
+                   started=None, input_dir=None, clinical_path=None) -> dict:
     done = storage.read_markers(output, storage.DONE)
     failed = {c: f for c, f in storage.read_markers(output, storage.FAILED).items() if c not in done}
     requested = requested if requested is not None else sorted(set(done) | set(failed))
     not_done = [c for c in requested if c not in done and c not in failed]
-    plans = stage2.plan_shards(done, spec.SPLIT_NAMES, num_shards, settings.split_seed)
-    if plans:
-        p = make_pipeline(beam_args)
-        stage2.build_stage2(p, output, plans, settings.split_seed)
-        p.run().wait_until_finish()
-    stage2.remove_stale_shards(output, plans, spec.SPLIT_NAMES)
-    storage.delete(storage.list_files(storage.join(output, "cases", "_tmp", "*")))
-    verification = stage2.verify_output(output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
-    status = "complete" if verification["ok"] and not not_done else (
-        "verification_failed" if not verification["ok"] else "incomplete")
+    if status == "complete" and not_done:
+        status = "incomplete"
     meta = metadata.build_metadata(settings=settings, status=status, requested=requested, done=done, failed=failed,
-                                   verification=verification, started=started, input_dir=input_dir,
-                                   clinical=clinical_path, output=output, not_done=not_done)
+                                   verification=verification, started=started or metadata.utcnow(),
+                                   input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done)
     storage.write_json(storage.join(output, storage.METADATA_NAME), meta)
     storage.write_atomic(storage.join(output, storage.SCHEMA_NAME), metadata.schema_text(settings).encode())
     return meta
+
+
+def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, *,
+             requested: Optional[list[int]] = None, started: Optional[str] = None, input_dir=None,
+             clinical_path=None) -> dict:
+    """Stage 2 + verification + metadata, from the markers alone."""
+    done = storage.read_markers(output, storage.DONE)
+    plans = stage2.plan_shards(done, spec.SPLIT_NAMES, args.num_shards, settings.split_seed)
+    if plans:
+        _run_supervised(sup, job_payload(2, args, beam_args, output, settings,
+                                         plans=[{"split": p.split, "index": p.index, "count": p.count,
+                                                 "cases": [list(c) for c in p.cases]} for p in plans]))
+    stage2.remove_stale_shards(output, plans, spec.SPLIT_NAMES)
+    storage.delete(storage.list_files(storage.join(output, "cases", "_tmp", "*")))
+    if sup.stopping:
+        raise Interrupted()
+    verification = stage2.verify_output(output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
+    return write_metadata(output, settings, "complete" if verification["ok"] else "verification_failed",
+                          requested=requested, verification=verification, started=started, input_dir=input_dir,
+                          clinical_path=clinical_path)
 
 
 def print_summary(meta: dict, counts: dict[str, int], elapsed: float, out=None) -> None:
@@ -205,7 +241,12 @@ def success_rate(meta: dict) -> float:
     return 1.0 if ok + failed == 0 else ok / (ok + failed)
 
 
-def _configure_logging(verbose: bool) -> None:
+def apply_s3_retry_env(max_attempts: int, mode: str) -> None:
+    s3.apply_retry_env(max_attempts, mode)
+    s3.log_retries()
+
+
+def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not verbose:
         for noisy in ("apache_beam", "root", "botocore", "absl"):
@@ -217,35 +258,77 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args, beam_args = build_parser().parse_known_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
+    apply_s3_retry_env(args.s3_max_attempts, args.s3_retry_mode)
+    # Our own FileSystems calls (listing, markers) use the same S3/GCS options as the pipeline.
+    FileSystems.set_options(PipelineOptions(beam_args))
     try:
         return _main(args, beam_args)
-    except (UsageError, CaseSpecError, ClinicalTableError) as e:
+    except (UsageError, CaseSpecError, ClinicalTableError, s3.S3AccessError) as e:
         print(f"master-poc-preprocess: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def load_settings(output: str) -> Settings:
+    from pipeline.job import settings_from_dict
+    sp = storage.settings_path(output)
+    if not storage.exists(sp):
+        raise UsageError(f"{output} is not a master-poc output (no {sp})")
+    return settings_from_dict(storage.read_json(sp))
+
+
+def verify_command(output: str) -> int:
+    load_settings(output)
+    done = storage.read_markers(output, storage.DONE)
+    v = stage2.verify_output(output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
+    for s, d in v["splits"].items():
+        print(f"{s}: {d['examples']} examples in {d['files']} files from {d['cases']} cases "
+              f"(markers: {d['expected_examples']} from {d['expected_cases']})")
+    for prob in v["problems"]:
+        print(f"VERIFY FAILED: {prob}")
+    print("verify: ok" if v["ok"] else "verify: FAILED")
+    return EXIT_OK if v["ok"] else EXIT_FAILED
 
 
 def _main(args, beam_args) -> int:
     t0 = time.time()
     started = metadata.utcnow()
     output = args.output
-    if args.command in ("finalize", "verify"):
-        sp = storage.settings_path(output)
-        if not storage.exists(sp):
-            raise UsageError(f"{output} is not a master-poc output (no {sp})")
-        saved = storage.read_json(sp)
-        settings = Settings(**{k: (tuple(v) if k == "split" else v) for k, v in saved.items() if k != "spec_version"})
-        if args.command == "verify":
-            done = storage.read_markers(output, storage.DONE)
-            v = stage2.verify_output(output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
-            for s, d in v["splits"].items():
-                print(f"{s}: {d['examples']} examples in {d['files']} files from {d['cases']} cases "
-                      f"(markers: {d['expected_examples']} from {d['expected_cases']})")
-            for prob in v["problems"]:
-                print(f"VERIFY FAILED: {prob}")
-            print("verify: ok" if v["ok"] else "verify: FAILED")
-            return EXIT_OK if v["ok"] else EXIT_FAILED
-        meta = finalize(beam_args, output, settings, num_shards=args.num_shards, started=started)
+    s3.preflight({"--input": args.input, "--clinical": args.clinical, "--output": output},
+                 PipelineOptions(beam_args))
+    if args.command == "verify":
+        return verify_command(output)
+    with Supervisor(args.shutdown_grace) as sup:
+        try:
+            return _run(sup, args, beam_args, t0, started)
+        except Interrupted:
+            return _interrupted(sup, args, output, started, t0)
+
+
+def _interrupted(sup: Supervisor, args, output: str, started: str, t0: float) -> int:
+    """Records what was done (committed cases are safe) and what is owed."""
+    if storage.exists(storage.settings_path(output)):
+        meta = write_metadata(output, load_settings(output), "incomplete", requested=getattr(args, "_requested", None),
+                              started=started, input_dir=args.input, clinical_path=args.clinical)
+        c = meta["cases"]
+        print(f"stopped by {signal_name(sup.stop_signal)} after {time.time() - t0:.1f} s"
+              f"{' (pipeline killed after the grace period)' if sup.child_killed else ''}: "
+              f"{len(c['ok']) + len(c['too_short'])} cases committed, {len(c['failed'])} failed, "
+              f"{len(c['not_done'])} not done yet: {c['not_done'][:50]}{' ...' if len(c['not_done']) > 50 else ''}")
+        print("rerun the same command to continue; committed cases are skipped", flush=True)
+    return EXIT_INTERRUPTED
+
+
+def signal_name(sig) -> str:
+    import signal as _signal
+    return _signal.Signals(sig).name if sig else "a signal"
+
+
+def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
+    output = args.output
+    if args.command == "finalize":
+        settings = load_settings(output)
+        meta = finalize(sup, args, beam_args, output, settings, started=started)
         print_summary(meta, {}, time.time() - t0)
         return EXIT_OK if meta["status"] == "complete" else EXIT_FAILED
 
@@ -254,26 +337,31 @@ def _main(args, beam_args) -> int:
     input_dir = args.input
     if input_dir is None:
         from pipeline.sample import write_default_sample
-        input_dir = args.sample_dir or tempfile.mkdtemp(prefix="master-poc-sample-")
+        input_dir = args.input = args.sample_dir or tempfile.mkdtemp(prefix="master-poc-sample-")
         print(f"no --input: generating {args.sample_cases} VitalDB-format sample cases in {input_dir}")
         write_default_sample(input_dir, args.sample_cases)
     try:
         found = find_cases(input_dir)
-    except Exception as e:  # any filesystem's error: a missing bucket, no access, a bad endpoint
+    except Exception as e:  # any filesystem's error: no access, a bad endpoint, ...
         raise UsageError(f"cannot list --input {input_dir}: {e}") from None
     if case_ids is None:
         if not found:
             raise UsageError(f"--input {input_dir} holds no <id>.vital files")
         case_ids = found
-    clinical_path = args.clinical or storage.join(input_dir, "clinical_data.csv")
+    args._requested = case_ids
+    clinical_path = args.clinical = args.clinical or storage.join(input_dir, "clinical_data.csv")
     clinical = read_clinical(clinical_path, case_ids)
     check_output_settings(output, settings, args.overwrite)
 
-    print(f"stage 1: {len(case_ids)} cases from {input_dir} -> {storage.cases_dir(output)}")
-    counts = run_stage1(beam_args, case_ids, input_dir, output, settings, clinical)
-    print(f"stage 2: writing splits to {output}")
-    meta = finalize(beam_args, output, settings, requested=case_ids, num_shards=args.num_shards,
-                    started=started, input_dir=input_dir, clinical_path=clinical_path)
+    print(f"stage 1: {len(case_ids)} cases from {input_dir} -> {storage.cases_dir(output)}", flush=True)
+    progress = Progress(output, case_ids)
+    sup.progress, sup.progress_interval_s = progress, args.progress_interval
+    counts = _run_supervised(sup, job_payload(1, args, beam_args, output, settings, case_ids=case_ids,
+                                              input=input_dir, clinical={str(k): v for k, v in clinical.items()}))
+    progress()
+    print(f"stage 2: writing splits to {output}", flush=True)
+    meta = finalize(sup, args, beam_args, output, settings, requested=case_ids, started=started,
+                    input_dir=input_dir, clinical_path=clinical_path)
     print_summary(meta, counts, time.time() - t0)
     if meta["status"] != "complete":
         return EXIT_FAILED

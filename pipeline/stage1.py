@@ -10,11 +10,13 @@ written when a worker's whole share is done, and never if it is killed.
 from __future__ import annotations
 
 import logging
+import os
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline import storage
+from pipeline import s3, storage
 from transforms import encode
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
 from transforms.case import Settings
@@ -27,13 +29,24 @@ CASE_GZIP_LEVEL = 1
 
 
 class SkipCommitted(beam.DoFn):
-    """Drops cases that already have a done marker (resume)."""
+    """Drops cases that already have a done marker (resume), and every case
+    once the stop file exists (a shutdown was asked for: drain, start nothing
+    new). The stop file is local to the machine that was signalled; on
+    remote workers it never exists and this check is a no-op."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, stop_file: Optional[str] = None):
         self._out = output
+        self._stop_file = stop_file
         self._skipped = Metrics.counter(NAMESPACE, "cases_skipped")
+        self._deferred = Metrics.counter(NAMESPACE, "cases_deferred")
+
+    def setup(self):
+        s3.log_retries()
 
     def process(self, case_id: int):
+        if self._stop_file and os.path.exists(self._stop_file):
+            self._deferred.inc()
+            return
         if storage.exists(storage.marker_path(self._out, storage.DONE, case_id)):
             self._skipped.inc()
             return
@@ -85,11 +98,12 @@ class RecordFailures(beam.DoFn):
 
 
 @beam.ptransform_fn
-def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clinical):
+def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clinical,
+                 stop_file: Optional[str] = None):
     """case ids -> committed cases; returns (committed, failed) PCollections."""
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
-            | "SkipCommitted" >> beam.ParDo(SkipCommitted(output)))
+            | "SkipCommitted" >> beam.ParDo(SkipCommitted(output, stop_file)))
     loaded = todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir)).with_outputs(FAILED, main="ok")
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings), clinical)
                    .with_outputs(FAILED, main="ok"))
@@ -102,9 +116,9 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
 
 
 def build_stage1(pipeline: beam.Pipeline, case_ids: list[int], input_dir: str, output: str,
-                 settings: Settings, clinical: dict) -> beam.Pipeline:
+                 settings: Settings, clinical: dict, stop_file: Optional[str] = None) -> beam.Pipeline:
     """Adds stage 1 to `pipeline` (unrun) and returns it."""
     ids = pipeline | "ReadCases" >> beam.Create(case_ids, reshuffle=False)
     side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([clinical], reshuffle=False))
-    _ = ids | "ProcessCases" >> ProcessCases(input_dir, output, settings, side)
+    _ = ids | "ProcessCases" >> ProcessCases(input_dir, output, settings, side, stop_file)
     return pipeline

@@ -1,0 +1,90 @@
+"""S3 settings shared by Beam's client and ours: retries, preflight checks.
+
+Beam's S3 client is a plain boto3 client with botocore's default retries, and
+botocore reads AWS_RETRY_MODE / AWS_MAX_ATTEMPTS from the environment, so
+setting those (before any client exists; child processes and local Beam
+workers inherit them) gives every S3 call, Beam's and ours, exponential
+backoff with jitter for 5xx, SlowDown/throttling and dropped connections.
+Our own boto3 clients are built from the same S3 pipeline options (endpoint,
+region, credentials) as Beam's.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from urllib.parse import urlparse
+
+_LOG = logging.getLogger("master_poc.s3")
+
+
+class S3AccessError(Exception):
+    """An S3 location that cannot be used: said before any work starts."""
+
+
+def apply_retry_env(max_attempts: int, mode: str) -> None:
+    os.environ["AWS_MAX_ATTEMPTS"] = str(max_attempts)
+    os.environ["AWS_RETRY_MODE"] = mode
+
+
+class _RetryLog(logging.Handler):
+    """Turns botocore's DEBUG retry decisions into visible log lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if msg.startswith("Retry needed"):
+            _LOG.warning("S3 request failed with a transient error; %s", msg.lower())
+        elif msg.startswith("Max attempts"):
+            _LOG.error("S3 request failed: %s", msg)
+
+
+def log_retries() -> None:
+    for name in ("botocore.retries.standard", "botocore.retries.adaptive"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(h, _RetryLog) for h in lg.handlers):
+            lg.setLevel(logging.DEBUG)
+            lg.addHandler(_RetryLog())
+            lg.propagate = False
+
+
+def client(options, max_attempts: int = 3, service: str = "s3", connect_timeout: float = 5.0):
+    """A boto3 client with the endpoint/region/credentials of Beam's S3 options."""
+    import boto3
+    from apache_beam.options.pipeline_options import S3Options
+    from botocore.config import Config
+    s3o = options.view_as(S3Options)
+    cfg = Config(retries={"max_attempts": max_attempts, "mode": os.environ.get("AWS_RETRY_MODE", "standard")},
+                 connect_timeout=connect_timeout, read_timeout=30)
+    kw = dict(region_name=s3o.s3_region_name, aws_access_key_id=s3o.s3_access_key_id,
+              aws_secret_access_key=s3o.s3_secret_access_key, aws_session_token=s3o.s3_session_token, config=cfg)
+    if service == "s3":
+        kw.update(endpoint_url=s3o.s3_endpoint_url, verify=s3o.s3_verify, use_ssl=not s3o.s3_disable_ssl)
+    return boto3.session.Session().client(service, **{k: v for k, v in kw.items() if v is not None})
+
+
+def preflight(paths: dict[str, str], options) -> None:
+    """Checks every s3:// bucket among `paths` ({flag: path}) once, quickly,
+    so a missing bucket or an unreachable endpoint is a clear message at start."""
+    from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
+    buckets = {}
+    for flag, path in paths.items():
+        if path and path.startswith("s3://"):
+            buckets.setdefault(urlparse(path).netloc, flag)
+    if not buckets:
+        return
+    c = client(options, max_attempts=2, connect_timeout=3.0)
+    for bucket, flag in buckets.items():
+        try:
+            c.head_bucket(Bucket=bucket)
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise S3AccessError(f"{flag}: S3 bucket '{bucket}' does not exist") from None
+            if code in ("403", "AccessDenied", "Forbidden"):
+                raise S3AccessError(f"{flag}: access to S3 bucket '{bucket}' is denied") from None
+            raise S3AccessError(f"{flag}: S3 bucket '{bucket}': {e}") from None
+        except EndpointConnectionError as e:
+            raise S3AccessError(f"{flag}: cannot reach the S3 endpoint ({e})") from None
+        except NoCredentialsError:
+            raise S3AccessError(f"{flag}: no AWS credentials found for S3 bucket '{bucket}'") from None
+        except BotoCoreError as e:
+            raise S3AccessError(f"{flag}: S3 bucket '{bucket}': {e}") from None
