@@ -244,6 +244,7 @@ def success_rate(meta: dict) -> float:
 def apply_s3_retry_env(max_attempts: int, mode: str) -> None:
     s3.apply_retry_env(max_attempts, mode)
     s3.log_retries()
+    s3.share_boto3_clients()
 
 
 def configure_logging(verbose: bool) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import types
 from urllib.parse import urlparse
 
 _LOG = logging.getLogger("master_poc.s3")
@@ -88,3 +90,44 @@ def preflight(paths: dict[str, str], options) -> None:
             raise S3AccessError(f"{flag}: no AWS credentials found for S3 bucket '{bucket}'") from None
         except BotoCoreError as e:
             raise S3AccessError(f"{flag}: S3 bucket '{bucket}': {e}") from None
+
+
+class _SharedSession:
+    """Stands in for `boto3.session.Session` inside Beam's S3 client wrapper.
+
+    Beam builds a new boto3 Session and client for every FileSystems call on
+    s3:// (exists, open, create, rename, delete...): 0.23-0.29 s of CPU each,
+    measured here, against 7 ms for a call on a reused client. boto3 clients
+    are thread-safe, so one per distinct configuration is cached per process
+    and handed out again. Beam's own per-call state (download position etc.)
+    stays in its wrapper object, which is still created per call.
+    """
+
+    _lock = threading.Lock()
+    _clients: dict = {}
+    _session = None
+    created = 0
+
+    def client(self, *args, **kwargs):
+        key = (args, tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
+               os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"))
+        with _SharedSession._lock:
+            c = _SharedSession._clients.get(key)
+            if c is None:
+                import boto3
+                if _SharedSession._session is None:
+                    _SharedSession._session = boto3.session.Session()
+                c = _SharedSession._session.client(*args, **kwargs)
+                _SharedSession._clients[key] = c
+                _SharedSession.created += 1
+            return c
+
+
+def share_boto3_clients() -> None:
+    """Makes Beam's S3 filesystem reuse boto3 clients (see _SharedSession)."""
+    try:
+        from apache_beam.io.aws.clients.s3 import boto3_client
+    except ImportError:
+        return
+    if not isinstance(getattr(boto3_client, "boto3", None), types.SimpleNamespace):
+        boto3_client.boto3 = types.SimpleNamespace(session=types.SimpleNamespace(Session=_SharedSession))

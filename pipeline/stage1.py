@@ -42,6 +42,7 @@ class SkipCommitted(beam.DoFn):
 
     def setup(self):
         s3.log_retries()
+        s3.share_boto3_clients()
 
     def process(self, case_id: int):
         if self._stop_file and os.path.exists(self._stop_file):

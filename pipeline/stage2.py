@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import storage
+from pipeline import s3, storage
 from transforms import encode
 from transforms.beam import NAMESPACE
 
@@ -123,6 +123,10 @@ class WriteShard(beam.DoFn):
         self._out, self._seed = output, seed
         self._shards = Metrics.counter(NAMESPACE, "shards_written")
         self._records = Metrics.counter(NAMESPACE, "records_finalized")
+
+    def setup(self):
+        s3.log_retries()
+        s3.share_boto3_clients()
 
     def process(self, plan: ShardPlan):
         res = write_shard(self._out, plan, self._seed)

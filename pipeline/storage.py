@@ -68,10 +68,27 @@ def _ensure_parent(path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
 
+# Below one multipart part (Beam's S3 writer uploads 5 MiB parts), an object
+# store write happens entirely in close(): the object appears whole or not at
+# all, so no temporary object and rename (copy + delete) are needed.
+SINGLE_PART_MAX = 5 * 1024 * 1024
+
+
 def write_atomic(path: str, data: bytes, tmp_root: Optional[str] = None) -> None:
-    """Makes `data` visible under `path` only complete: write a temporary
-    object, close it, then rename. A crash leaves at most a temporary object."""
+    """Makes `data` visible under `path` only complete.
+
+    Local: a temporary file in the same folder, then os.rename. Object stores:
+    small objects are written directly (visible only when close() completes
+    the upload); larger ones go to a temporary object that is renamed after a
+    successful close, because a writer closed after a failed part upload would
+    publish a truncated object. A crash leaves at most a temporary object.
+    """
     parent, name = path.rsplit("/", 1)
+    if not is_local(path) and len(data) < SINGLE_PART_MAX:
+        fh = FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED)
+        fh.write(data)  # buffered: no network until close()
+        fh.close()
+        return
     if tmp_root:
         tmp = join(tmp_root, f"{uuid.uuid4().hex}-{name}")
     elif is_local(path):  # same folder: os.rename is atomic there; hidden, never matched

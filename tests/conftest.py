@@ -83,3 +83,32 @@ def read_examples(files, features=None) -> list[dict]:
 
 def examples_by_key(examples) -> dict:
     return {(int(e["case_id"][0]), int(e["window_start"][0])): e for e in examples}
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """moto's S3/SageMaker/IAM server on a free loopback port, for the session."""
+    from moto.server import ThreadedMotoServer
+
+    from s3util import free_port, s3_env
+    old = {k: os.environ.get(k) for k in s3_env()}
+    os.environ.update(s3_env())
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(moto_endpoint, request):
+    """A fresh bucket (valid S3 name) for one test."""
+    from s3util import boto_client
+    name = "t-" + request.node.name.lower().replace("_", "-")[:50].strip("-")
+    boto_client(moto_endpoint).create_bucket(Bucket=name)
+    return name

@@ -1,0 +1,111 @@
+"""S3 end to end against moto's server over HTTP: input, clinical table and
+output on s3://, transient faults injected by a proxy, bad buckets/endpoints."""
+import json
+import time
+
+import numpy as np
+
+from conftest import ALL_CASES, BAD_MAGIC, EMPTY, MISSING, NO_TRACKS, TRUNCATED, examples_by_key, read_examples
+from pipeline.cli import main
+from s3util import FaultProxy, beam_s3_args, boto_client, download_prefix, upload_dir
+from transforms import spec
+
+INMEM = "--direct_running_mode=in_memory"
+CASES = ",".join(map(str, ALL_CASES))
+
+
+def s3_examples(client, bucket, prefix, tmp_path):
+    out = {}
+    for s in spec.SPLIT_NAMES:
+        d = tmp_path / f"dl-{s}"
+        d.mkdir()
+        out.update(examples_by_key(read_examples(download_prefix(client, bucket, f"{prefix}/{s}/", str(d),
+                                                                 ".tfrecord.gz"))))
+    return out
+
+
+def local_examples(out):
+    from pipeline import storage
+    files = [f for s in spec.SPLIT_NAMES for f in storage.list_files(f"{out}/{s}/*.tfrecord.gz")]
+    return examples_by_key(read_examples(files))
+
+
+def assert_same_examples(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        for f in ("timeseries", "static", "targets"):
+            np.testing.assert_array_equal(a[k][f], b[k][f])
+
+
+def test_s3_input_clinical_and_output_match_a_local_run(moto_endpoint, s3_bucket, dataset, run_output, tmp_path):
+    c = boto_client(moto_endpoint)
+    src = upload_dir(c, dataset, s3_bucket, "raw")
+    out = f"s3://{s3_bucket}/processed"
+    rc = main(["--input", src, "--clinical", f"{src}/clinical_data.csv", "--output", out, "--cases", CASES,
+               "--min-success-rate", "0", INMEM] + beam_s3_args(moto_endpoint))
+    assert rc == 0
+    meta = json.loads(c.get_object(Bucket=s3_bucket, Key="processed/preprocessing_metadata.json")["Body"].read())
+    assert meta["status"] == "complete" and meta["verification"]["ok"]
+    assert {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]} == {
+        TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file", NO_TRACKS: "no_tracks",
+        MISSING: "missing_file"}
+    assert_same_examples(s3_examples(c, s3_bucket, "processed", tmp_path), local_examples(run_output[1]))
+    keys = [o["Key"] for o in c.list_objects_v2(Bucket=s3_bucket, Prefix="processed/")["Contents"]]
+    assert "processed/schema.pbtxt" in keys
+    assert not [k for k in keys if "/_tmp/" in k]
+    # verify works on s3:// too
+    assert main(["verify", "--output", out] + beam_s3_args(moto_endpoint)) == 0
+
+
+def test_transient_s3_faults_are_absorbed(moto_endpoint, s3_bucket, dataset, run_output, tmp_path, capsys):
+    c = boto_client(moto_endpoint)
+    src = upload_dir(c, dataset, s3_bucket, "raw")
+    port = int(moto_endpoint.rsplit(":", 1)[1])
+    with FaultProxy(port, rate=0.1, seed=11) as proxy:
+        rc = main(["--input", src, "--output", f"s3://{s3_bucket}/out", "--cases", CASES,
+                   "--min-success-rate", "0", INMEM] + beam_s3_args(proxy.endpoint))
+    print(f"fault proxy: {proxy.counts}")
+    assert rc == 0
+    assert proxy.faults >= 20, proxy.counts  # the run really went through faults
+    assert_same_examples(s3_examples(c, s3_bucket, "out", tmp_path), local_examples(run_output[1]))
+
+
+def test_missing_bucket_and_unreachable_endpoint_fail_fast(moto_endpoint, s3_bucket, tmp_path, capsys):
+    t = time.monotonic()
+    rc = main(["--input", f"s3://{s3_bucket}/raw", "--output", "s3://no-such-bucket-here/out", "--cases", "1",
+               INMEM] + beam_s3_args(moto_endpoint))
+    assert rc == 2
+    assert "S3 bucket 'no-such-bucket-here' does not exist" in capsys.readouterr().err
+    from s3util import free_port
+    dead = f"http://127.0.0.1:{free_port()}"
+    rc = main(["--input", f"s3://{s3_bucket}/raw", "--output", f"s3://{s3_bucket}/out", "--cases", "1", INMEM]
+              + beam_s3_args(dead))
+    assert rc == 2
+    assert "cannot reach the S3 endpoint" in capsys.readouterr().err
+    assert time.monotonic() - t < 30
+
+
+def test_empty_s3_input_is_refused(moto_endpoint, s3_bucket, capsys):
+    rc = main(["--input", f"s3://{s3_bucket}/nothing", "--output", f"s3://{s3_bucket}/out", INMEM]
+              + beam_s3_args(moto_endpoint))
+    assert rc == 2
+    assert "holds no <id>.vital files" in capsys.readouterr().err
+
+
+def test_beam_s3_calls_reuse_one_boto3_client(moto_endpoint, s3_bucket):
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import s3, storage
+    s3.share_boto3_clients()
+    FileSystems.set_options(PipelineOptions(beam_s3_args(moto_endpoint)))
+    storage.write_atomic(f"s3://{s3_bucket}/a.json", b"{}")
+    before = s3._SharedSession.created
+    for i in range(5):
+        assert FileSystems.exists(f"s3://{s3_bucket}/a.json")
+        assert not FileSystems.exists(f"s3://{s3_bucket}/missing-{i}.json")
+    storage.write_atomic(f"s3://{s3_bucket}/big.bin", b"x" * (storage.SINGLE_PART_MAX + 10))
+    assert storage.read_bytes(f"s3://{s3_bucket}/big.bin") == b"x" * (storage.SINGLE_PART_MAX + 10)
+    assert s3._SharedSession.created == before  # no new client per call
+    keys = [o["Key"] for o in boto_client(moto_endpoint).list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert sorted(keys) == ["a.json", "big.bin"]  # the temporary object of the big write is gone
