@@ -27,7 +27,7 @@ setup(
         "tf": ["tensorflow==2.21.0"],
         "launch": ["sagemaker>=3", "pyyaml"],
         "report": ["matplotlib"],
-        "test": ["pytest", "moto[server]", "tensorflow==2.21.0"],
+        "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0"],
     },
     entry_points={
         "console_scripts": [

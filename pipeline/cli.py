@@ -263,6 +263,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     apply_s3_retry_env(args.s3_max_attempts, args.s3_retry_mode)
     # Our own FileSystems calls (listing, markers) use the same S3/GCS options as the pipeline.
     FileSystems.set_options(PipelineOptions(beam_args))
+    s3.export_options_to_env(PipelineOptions(beam_args))
     try:
         return _main(args, beam_args)
     except (UsageError, CaseSpecError, ClinicalTableError, s3.S3AccessError) as e:
@@ -356,6 +357,7 @@ def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
 
     print(f"stage 1: {len(case_ids)} cases from {input_dir} -> {storage.cases_dir(output)}", flush=True)
     progress = Progress(output, case_ids)
+    progress.snapshot()  # the baseline: cases/min counts only this run's work
     sup.progress, sup.progress_interval_s = progress, args.progress_interval
     counts = _run_supervised(sup, job_payload(1, args, beam_args, output, settings, case_ids=case_ids,
                                               input=input_dir, clinical={str(k): v for k, v in clinical.items()}))

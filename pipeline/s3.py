@@ -131,3 +131,22 @@ def share_boto3_clients() -> None:
         return
     if not isinstance(getattr(boto3_client, "boto3", None), types.SimpleNamespace):
         boto3_client.boto3 = types.SimpleNamespace(session=types.SimpleNamespace(Session=_SharedSession))
+
+
+_ENV_FOR_OPTION = {"s3_endpoint_url": "AWS_ENDPOINT_URL_S3", "s3_region_name": "AWS_DEFAULT_REGION",
+                   "s3_access_key_id": "AWS_ACCESS_KEY_ID", "s3_secret_access_key": "AWS_SECRET_ACCESS_KEY",
+                   "s3_session_token": "AWS_SESSION_TOKEN"}
+
+
+def export_options_to_env(options) -> None:
+    """Beam's FnApiRunner does not hand every pipeline option to its worker
+    processes: measured here, multi_processing workers built S3 clients for
+    the default AWS endpoint although --s3_endpoint_url was given. boto3 reads
+    the same settings from the environment, which the stage job and its local
+    workers inherit; remote runners get the flags as pipeline options."""
+    from apache_beam.options.pipeline_options import S3Options
+    s3o = options.view_as(S3Options)
+    for opt, env in _ENV_FOR_OPTION.items():
+        value = getattr(s3o, opt, None)
+        if value:
+            os.environ[env] = str(value)

@@ -130,6 +130,8 @@ class WriteShard(beam.DoFn):
 
     def process(self, plan: ShardPlan):
         res = write_shard(self._out, plan, self._seed)
+        # Progress on stdout (local workers share it; remote runners log it).
+        print(f"stage 2: wrote {res['path']} ({res['records']} examples)", flush=True)
         self._shards.inc()
         self._records.inc(res["records"])
         yield res

@@ -93,6 +93,8 @@ def moto_endpoint():
     from s3util import free_port, s3_env
     old = {k: os.environ.get(k) for k in s3_env()}
     os.environ.update(s3_env())
+    import logging
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -1,0 +1,174 @@
+"""Nothing lost, nothing counted twice: kill -9 at many moments, SIGTERM with
+drain and with the grace period running out, all on S3 (moto's server),
+with real worker processes (multi_processing)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from conftest import examples_by_key, read_examples
+from pipeline import sample
+from pipeline.cli import EXIT_INTERRUPTED, main
+from s3util import beam_s3_args, boto_client, download_prefix, s3_env, upload_dir
+from transforms import spec
+
+N_CASES = 30
+CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
+
+
+@pytest.fixture(scope="module")
+def s3_thirty(moto_endpoint, tmp_path_factory):
+    """30 generated 40-minute cases on S3 and the examples of one uninterrupted run."""
+    local = str(tmp_path_factory.mktemp("thirty"))
+    sample.write_sample(local, list(range(1, N_CASES + 1)), duration_s=2400)
+    c = boto_client(moto_endpoint)
+    c.create_bucket(Bucket="durability")
+    src = upload_dir(c, local, "durability", "raw")
+    ref_out = str(tmp_path_factory.mktemp("ref"))
+    assert main(["--input", local, "--output", ref_out, "--direct_running_mode=in_memory"]) == 0
+    from pipeline import storage
+    ref = examples_by_key(read_examples(
+        [f for s in spec.SPLIT_NAMES for f in storage.list_files(f"{ref_out}/{s}/*.tfrecord.gz")]))
+    return src, ref
+
+
+def start(src, out, endpoint, *extra):
+    return subprocess.Popen(
+        [CLI, "--input", src, "--output", out, "--direct_num_workers=2", "--progress-interval", "0.2", *extra]
+        + beam_s3_args(endpoint),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **s3_env()),
+        start_new_session=True)
+
+
+def wait_for_line(proc, pred, log):
+    """Reads the job's own output until a line satisfies pred (no sleeps)."""
+    for line in proc.stdout:
+        log.append(line)
+        if pred(line):
+            return line
+    raise AssertionError("job ended before the expected line:\n" + "".join(log[-30:]))
+
+
+def done_at_least(k):
+    return lambda line: line.startswith("progress:") and int(line.split()[1].split("/")[0]) >= k
+
+
+def family(proc):
+    p = psutil.Process(proc.pid)
+    return [p] + p.children(recursive=True)
+
+
+def kill9_all(proc):
+    procs = family(proc)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.stdout.read()
+    proc.wait()
+    return len(procs)
+
+
+def read_output(client, bucket, prefix, tmp):
+    out = {}
+    for s in spec.SPLIT_NAMES:
+        d = tmp / f"{prefix.replace('/', '_')}-{s}"
+        d.mkdir(exist_ok=True)
+        out.update(examples_by_key(read_examples(download_prefix(client, bucket, f"{prefix}/{s}/", str(d),
+                                                                 ".tfrecord.gz"))))
+    return out
+
+
+def assert_same(got, ref):
+    import numpy as np
+    assert got.keys() == ref.keys()
+    for k in ref:
+        for f in ("timeseries", "static", "targets"):
+            np.testing.assert_array_equal(got[k][f], ref[k][f])
+
+
+def test_kill_9_at_many_moments_then_rerun_equals_one_clean_run(moto_endpoint, s3_thirty, tmp_path):
+    src, ref = s3_thirty
+    out = "s3://durability/killed"
+    kill_points = [("stage 1 running, no case done", lambda l: l.startswith("progress: 0/")),
+                   ("after >= 3 cases", done_at_least(3)),
+                   ("after >= 9 cases", done_at_least(9)),
+                   ("after >= 16 cases", done_at_least(16)),
+                   ("after >= 24 cases", done_at_least(24)),
+                   ("during stage 2, one shard written", lambda l: l.startswith("stage 2: wrote"))]
+    survived = []
+    for name, pred in kill_points:
+        log = []
+        proc = start(src, out, moto_endpoint, "--num-shards", "3")
+        line = wait_for_line(proc, pred, log)
+        n = kill9_all(proc)
+        survived.append((name, line.strip(), n))
+    print("kill points:", *survived, sep="\n  ")
+    proc = start(src, out, moto_endpoint, "--num-shards", "3")
+    tail = proc.communicate()[0]
+    assert proc.returncode == 0, tail[-3000:]
+    assert "complete" in tail
+    c = boto_client(moto_endpoint)
+    meta = json.loads(c.get_object(Bucket="durability", Key="killed/preprocessing_metadata.json")["Body"].read())
+    assert meta["status"] == "complete" and meta["verification"]["ok"]  # no duplicates, counts = markers
+    assert_same(read_output(c, "durability", "killed", tmp_path), ref)
+    assert all(n >= 2 for _, _, n in survived)  # main + the stage job (+ workers) were killed each time
+
+
+def test_sigterm_drains_and_a_rerun_completes(moto_endpoint, s3_thirty, tmp_path):
+    src, ref = s3_thirty
+    out = "s3://durability/sigterm"
+    log = []
+    proc = start(src, out, moto_endpoint, "--shutdown-grace", "30")
+    wait_for_line(proc, done_at_least(4), log)
+    procs = family(proc)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[0]
+    elapsed = time.monotonic() - t
+    print(f"SIGTERM: exit {proc.returncode} after {elapsed:.1f} s")
+    assert proc.returncode == EXIT_INTERRUPTED, rest[-3000:]
+    assert elapsed < 30
+    assert "received SIGTERM" in rest and "rerun the same command" in rest
+    psutil.wait_procs(procs, timeout=15)
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # no orphans
+    c = boto_client(moto_endpoint)
+    meta = json.loads(c.get_object(Bucket="durability", Key="sigterm/preprocessing_metadata.json")["Body"].read())
+    assert meta["status"] == "incomplete"
+    committed = meta["cases"]["ok"]
+    assert len(committed) >= 4 and meta["cases"]["not_done"]
+    assert sorted(committed + meta["cases"]["not_done"]) == list(range(1, N_CASES + 1))
+    for cid in committed:  # every committed case has its complete object
+        m = json.loads(c.get_object(Bucket="durability", Key=f"sigterm/cases/_done/{cid}.json")["Body"].read())
+        c.head_object(Bucket="durability", Key=m["object"].split("/", 3)[3])
+    proc = start(src, out, moto_endpoint)
+    tail = proc.communicate()[0]
+    assert proc.returncode == 0, tail[-3000:]
+    assert f"{len(committed)} skipped" in tail
+    assert_same(read_output(c, "durability", "sigterm", tmp_path), ref)
+
+
+def test_sigterm_kills_the_pipeline_when_the_grace_period_runs_out(moto_endpoint, s3_thirty):
+    src, _ = s3_thirty
+    log = []
+    proc = start(src, "s3://durability/grace0", moto_endpoint, "--shutdown-grace", "0")
+    wait_for_line(proc, done_at_least(1), log)
+    procs = family(proc)
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == EXIT_INTERRUPTED, rest[-3000:]
+    assert time.monotonic() - t < 15
+    assert "grace period over: killing the pipeline" in rest
+    psutil.wait_procs(procs, timeout=15)
+    assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    meta = json.loads(boto_client(moto_endpoint).get_object(
+        Bucket="durability", Key="grace0/preprocessing_metadata.json")["Body"].read())
+    assert meta["status"] == "incomplete" and meta["cases"]["not_done"]
