@@ -33,6 +33,8 @@ setup(
         "console_scripts": [
             "master-poc-preprocess=pipeline.cli:main",
             "master-poc-generate=pipeline.sample:main",
+            "master-poc-launch=launch.launcher:main",
+            "master-poc-sagemaker=launch.entrypoint:main",
         ],
     },
 )

@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="exit 1 if ok/(ok+failed) is below this; too-short cases count neither way (default %(default)s)")
     ap.add_argument("--sample-cases", type=int, default=20, help="cases to generate when --input is not given")
     ap.add_argument("--sample-dir", help="where to generate the sample (default: a new temp folder)")
+    ap.add_argument("--no-finalize", action="store_true",
+                    help="run stage 1 only (one host's share of a multi-host job); finalize later")
     ap.add_argument("--overwrite", action="store_true",
                     help="discard an existing output made with other settings and start over")
     ap.add_argument("--shutdown-grace", type=float, default=30.0,
@@ -321,6 +323,17 @@ def _interrupted(sup: Supervisor, args, output: str, started: str, t0: float) ->
     return EXIT_INTERRUPTED
 
 
+def _stage1_summary(args, output: str, case_ids: list[int], counts: dict, t0: float) -> int:
+    done = storage.marker_ids(output, storage.DONE) & set(case_ids)
+    failed = storage.read_markers(output, storage.FAILED, sorted((storage.marker_ids(output, storage.FAILED)
+                                                                   & set(case_ids)) - done))
+    print(f"\nstage 1 done in {time.time() - t0:.1f} s: {len(done)} of {len(case_ids)} cases committed "
+          f"({counts.get('cases_skipped', 0)} were already), {len(failed)} failed; finalize is still owed")
+    for c, f in sorted(failed.items()):
+        print(f"  failed case {c}: {f['reason']}: {f['detail']}")
+    return EXIT_OK if len(done) + len(failed) == len(case_ids) else EXIT_FAILED
+
+
 def signal_name(sig) -> str:
     import signal as _signal
     return _signal.Signals(sig).name if sig else "a signal"
@@ -330,7 +343,8 @@ def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
     output = args.output
     if args.command == "finalize":
         settings = load_settings(output)
-        meta = finalize(sup, args, beam_args, output, settings, started=started)
+        requested = parse_cases(args.cases) if args.cases is not None else None
+        meta = finalize(sup, args, beam_args, output, settings, requested=requested, started=started)
         print_summary(meta, {}, time.time() - t0)
         return EXIT_OK if meta["status"] == "complete" else EXIT_FAILED
 
@@ -362,6 +376,8 @@ def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
     counts = _run_supervised(sup, job_payload(1, args, beam_args, output, settings, case_ids=case_ids,
                                               input=input_dir, clinical={str(k): v for k, v in clinical.items()}))
     progress()
+    if args.no_finalize:
+        return _stage1_summary(args, output, case_ids, counts, t0)
     print(f"stage 2: writing splits to {output}", flush=True)
     meta = finalize(sup, args, beam_args, output, settings, requested=case_ids, started=started,
                     input_dir=input_dir, clinical_path=clinical_path)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import time
 from typing import Optional
 
 import apache_beam as beam
@@ -57,7 +59,8 @@ class SkipCommitted(beam.DoFn):
 def commit_case(output: str, info: dict, examples: list[bytes]) -> dict:
     """Writes the case object (complete or not at all), then its marker."""
     case_id, split = info["case_id"], info["split"]
-    info = dict(info, status="ok" if examples else "too_short")
+    info = dict(info, status="ok" if examples else "too_short", committed=time.time(),
+                host=os.environ.get("MASTER_POC_HOST") or socket.gethostname())
     if examples:
         data = encode.gzip_records(examples, CASE_GZIP_LEVEL)
         path = storage.case_object(output, split, case_id)
