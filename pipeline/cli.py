@@ -5,6 +5,7 @@
         --output out/ --cases "1-10,17,0022"
     master-poc-preprocess finalize --output out/            # stage 2 alone (idempotent)
     master-poc-preprocess verify --output out/              # read every file back, compare with markers
+    master-poc-preprocess inspect out/ [--examples 3]       # counts, shapes, example windows in clinical units
 
 Flags not listed by --help pass through to Beam untouched (--runner,
 --direct_num_workers, --s3_endpoint_url, --setup_file, ...). Without
@@ -29,7 +30,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import metadata, s3, stage2, storage
+from pipeline import metadata, report, s3, stage2, storage
 from pipeline.progress import Progress
 from pipeline.supervisor import KILLED, Supervisor
 from transforms import spec
@@ -42,7 +43,7 @@ from transforms.windows import parse_split
 _LOG = logging.getLogger("master_poc")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
-COMMANDS = ("run", "finalize", "verify")
+COMMANDS = ("run", "finalize", "verify", "inspect")
 
 
 class UsageError(Exception):
@@ -68,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="master-poc-preprocess", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("command", nargs="?", default="run", choices=COMMANDS,
-                    help="run (default): stage 1 + stage 2; finalize: stage 2 alone; verify: check an output")
+                    help="run (default): stage 1 + stage 2; finalize: stage 2 alone; verify: check an output; "
+                         "inspect PATH: show examples")
+    ap.add_argument("path", nargs="?", help="inspect: a .tfrecord.gz file, a split folder or an output folder")
+    ap.add_argument("--examples", type=int, default=2, help="inspect: example windows to print (default 2)")
     ap.add_argument("--input", help="folder or s3:// prefix with <id>.vital files (default: generate a sample)")
     ap.add_argument("--clinical", help="clinical_data.csv (default: <input>/clinical_data.csv)")
     ap.add_argument("--output", default="output", help="output folder or s3:// prefix (default ./output)")
@@ -192,6 +196,7 @@ def write_metadata(output: str, settings: Settings, status: str, *, requested=No
                                    input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done)
     storage.write_json(storage.join(output, storage.METADATA_NAME), meta)
     storage.write_atomic(storage.join(output, storage.SCHEMA_NAME), metadata.schema_text(settings).encode())
+    report.write_report(output, done, failed, meta["status"])
     return meta
 
 
@@ -236,6 +241,7 @@ def print_summary(meta: dict, counts: dict[str, int], elapsed: float, out=None) 
         for prob in meta["verification"]["problems"]:
             print(f"  VERIFY FAILED: {prob}", file=out)
     print(f"  metadata: {storage.join(meta['output'], storage.METADATA_NAME)}", file=out)
+    print(f"  quality report: {storage.join(meta['output'], 'report', 'index.html')}", file=out)
 
 
 def success_rate(meta: dict) -> float:
@@ -302,6 +308,14 @@ def _main(args, beam_args) -> int:
                  PipelineOptions(beam_args))
     if args.command == "verify":
         return verify_command(output)
+    if args.command == "inspect":
+        from pipeline.inspect_cmd import inspect
+        if not args.path:
+            raise UsageError("inspect needs a PATH: a .tfrecord.gz file, a split folder or an output folder")
+        try:
+            return inspect(args.path, args.examples)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
     with Supervisor(args.shutdown_grace) as sup:
         try:
             return _run(sup, args, beam_args, t0, started)

@@ -187,6 +187,8 @@ def test_multi_process_run_via_the_console_script(tmp_path):
                           "--direct_num_workers=2"], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "complete" in res.stdout and "3 ok, 1 too short" in res.stdout
+    assert "progress: 4/4 cases done, 0 failed" in res.stdout
+    assert os.path.exists(out / "report" / "index.html")
     meta = json.load(open(out / "preprocessing_metadata.json"))
     assert sum(meta["splits"][s]["windows"] for s in spec.SPLIT_NAMES) == sum(
         json.load(open(p))["windows"] for p in storage.list_files(f"{out}/cases/_done/*.json"))

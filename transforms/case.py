@@ -61,7 +61,7 @@ def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
     return (lo, hi) if hi > lo else (0, 0)
 
 
-def case_stats(norm: np.ndarray, rules: np.ndarray, source: np.ndarray) -> dict:
+def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: np.ndarray) -> dict:
     """Per-feature counts for the quality report (summed over cases later)."""
     F = spec.N_FEATURES
     rule_counts = np.zeros((F, len(features.RULE_NAMES)), dtype=np.int64)
@@ -70,7 +70,9 @@ def case_stats(norm: np.ndarray, rules: np.ndarray, source: np.ndarray) -> dict:
     src_counts = np.stack([(source == k).sum(axis=0) for k in range(3)], axis=1)
     bins = np.clip(((norm.astype(np.float64) + 1.0) / 2.0 * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
     hist = np.bincount((bins + np.arange(F) * HIST_BINS).ravel(), minlength=F * HIST_BINS).reshape(F, HIST_BINS)
-    clipped = ((norm <= -1.0) | (norm >= 1.0)).sum(axis=0)
+    # Clipped: the clinical value lay outside (lo, hi) and was cut to -1 or +1
+    # (a drug at 0 with lo = 0 is exactly -1, not clipped).
+    clipped = ((filled < spec.NORM_LO) | (filled > spec.NORM_HI)).sum(axis=0)
     return {"seconds": int(norm.shape[0]), "rules": rule_counts.tolist(), "sources": src_counts.tolist(),
             "hist": hist.tolist(), "clipped": clipped.tolist()}
 
@@ -105,6 +107,6 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
         "dose_weight_kg": weight,
         "dose_weight_default": weight_default,
         "ibw_kg": ibw,
-        "stats": case_stats(norm, rules, source),
+        "stats": case_stats(filled, norm, rules, source),
     }
     return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, info)

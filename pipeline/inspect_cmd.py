@@ -1,0 +1,83 @@
+"""master-poc-preprocess inspect PATH: counts, shapes and example windows in
+clinical units, for a TFRecord file, a split folder or an output folder
+(local or s3://). De-normalises with the ranges in preprocessing_metadata.json."""
+from __future__ import annotations
+
+import numpy as np
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline import storage
+from transforms import encode
+
+
+def _decoder(features: dict):
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.coders import example_coder
+    s = schema_pb2.Schema()
+    for name, f in features.items():
+        s.feature.add(name=name, type=schema_pb2.FLOAT if f["type"] == "float" else schema_pb2.INT)
+    return example_coder.ExamplesToRecordBatchDecoder(s.SerializeToString())
+
+
+def locate(path: str) -> tuple[list[str], str]:
+    """(files, output folder) for a file, a split folder or an output folder."""
+    path = path.rstrip("/")
+    if path.endswith(".tfrecord.gz"):
+        return [path], path.rsplit("/", 2)[0]
+    if storage.exists(storage.join(path, storage.METADATA_NAME)):
+        return storage.list_files(storage.join(path, "*", "*.tfrecord.gz")), path
+    files = storage.list_files(storage.join(path, "*.tfrecord.gz"))
+    if not files:
+        raise FileNotFoundError(f"no .tfrecord.gz files at {path}")
+    return files, path.rsplit("/", 1)[0]
+
+
+def denorm(values: np.ndarray, norm: dict) -> np.ndarray:
+    return norm["lo"] + (values + 1.0) * (norm["hi"] - norm["lo"]) / 2.0
+
+
+def inspect(path: str, n_examples: int = 2, seconds=(0, 149, 299), out=None) -> int:
+    import sys
+    out = out or sys.stdout
+    files, root = locate(path)
+    meta = storage.read_json(storage.join(root, storage.METADATA_NAME))
+    fmt, sp = meta["format"], meta["spec"]
+    window, n_feat = fmt["shapes"]["timeseries"]
+    dec = _decoder(fmt["features"])
+    print(f"output {root}: status {meta['status']}, settings {meta['settings']}", file=out)
+    print("(values are de-normalised; a value exactly at a range edge may have been clipped there)", file=out)
+    total, shown = 0, 0
+    for f in files:
+        with FileSystems.open(f, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            records = list(encode.iter_records(fh))
+        total += len(records)
+        print(f"{f}: {len(records)} examples", file=out)
+        if shown >= n_examples or not records:
+            continue
+        rb = dec.DecodeBatch(records[: n_examples - shown])
+        for i in range(rb.num_rows):
+            row = {name: np.asarray(rb.column(name)[i].as_py()) for name in fmt["features"]}
+            shown += 1
+            ts = row["timeseries"].reshape(window, n_feat)
+            print(f"\n  example: case {int(row['case_id'][0])}, window_start {int(row['window_start'][0])} s, "
+                  f"shapes timeseries {ts.shape}, static {row['static'].shape}, targets {row['targets'].shape}",
+                  file=out)
+            static = []
+            for st, v in zip(sp["static"], row["static"]):
+                if st["norm"] is None:
+                    static.append(f"{st['name']}={'M' if v > 0 else 'F'}")
+                else:
+                    static.append(f"{st['name']}={denorm(v, st['norm']):.1f}")
+            print("  static: " + ", ".join(static), file=out)
+            secs = [s for s in seconds if s < window]
+            print("  " + "feature".ljust(18) + "unit".ljust(11) + "".join(f"t+{s}s".rjust(10) for s in secs), file=out)
+            for j, feat in enumerate(sp["timeseries"]):
+                vals = denorm(ts[secs, j], feat["norm"])
+                print("  " + feat["name"].ljust(18) + feat["unit"].ljust(11) + "".join(f"{v:10.3f}" for v in vals),
+                      file=out)
+            tg = ", ".join(f"{t['name']}={denorm(v, t['norm']):.3f} {t['unit']}"
+                           for t, v in zip(sp["targets"], row["targets"]))
+            print(f"  targets (second {fmt['target_second']}): {tg}", file=out)
+    print(f"\n{total} examples in {len(files)} files", file=out)
+    return 0

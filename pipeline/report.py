@@ -1,0 +1,210 @@
+"""The data-quality report: <output>/report/index.html and quality.json.
+
+Built from the per-case statistics each case computed inside the pipeline
+(stored in its marker: imputation rule counts, source track counts, a
+histogram of normalised values, clipped counts), combined here; the output
+files are not read again. Charts are rendered by matplotlib to PNG and
+embedded in the page as data URIs, so the page is one file, readable offline.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import numpy as np
+
+from pipeline import storage
+from transforms import features, spec
+from transforms.case import HIST_BINS
+
+
+def combine(done: dict[int, dict], failed: dict[int, dict], splits=spec.SPLIT_NAMES) -> dict:
+    """The report's numbers (quality.json) from the done and failed markers."""
+    F, R = spec.N_FEATURES, len(features.RULE_NAMES)
+    rules = np.zeros((F, R), np.int64)
+    sources = np.zeros((F, 3), np.int64)
+    hist = {s: np.zeros((F, HIST_BINS), np.int64) for s in splits}
+    clipped = {s: np.zeros(F, np.int64) for s in splits}
+    seconds = {s: 0 for s in splits}
+    case_split: dict[int, str] = {}
+    for cid, m in done.items():
+        st = m.get("stats")
+        if not st:
+            continue
+        s = m["split"]
+        case_split[cid] = s
+        rules += np.asarray(st["rules"], np.int64)
+        sources += np.asarray(st["sources"], np.int64)
+        hist[s] += np.asarray(st["hist"], np.int64)
+        clipped[s] += np.asarray(st["clipped"], np.int64)
+        seconds[s] += int(st["seconds"])
+    total = max(1, int(rules[0].sum()))
+    feats = []
+    for j, f in enumerate(spec.TIMESERIES):
+        src_total = max(1, int(sources[j].sum()))
+        feats.append({
+            "name": f.name, "unit": f.unit, "seconds": int(rules[j].sum()),
+            "rules": {n: round(float(rules[j, r]) / total, 6) for r, n in enumerate(features.RULE_NAMES)},
+            "measured_share": round(float(rules[j, features.MEASURED]) / total, 6),
+            "sources": {src.track: round(float(sources[j, k]) / src_total, 6) for k, src in enumerate(f.sources)},
+            "splits": {s: {"hist": hist[s][j].tolist(),
+                           "clipped_share": round(float(clipped[s][j]) / max(1, seconds[s]), 6)} for s in splits},
+        })
+    by_split = {s: sorted(c for c, x in case_split.items() if x == s) for s in splits}
+    overlap = sorted(set.intersection(*[set(v) for v in by_split.values()])) if len(splits) > 1 else []
+    return {
+        "features": feats,
+        "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
+        "cases": [{"case_id": c, "split": m.get("split"), "status": m.get("status"), "windows": m.get("windows", 0),
+                   "duration_s": m.get("duration_s"), "static_defaults": m.get("static_defaults", []),
+                   "no_clinical_row": m.get("no_clinical_row", False)} for c, m in sorted(done.items())],
+        "failed": [{"case_id": c, "reason": f["reason"], "detail": f["detail"]} for c, f in sorted(failed.items())],
+        "failed_by_reason": {r: sum(1 for f in failed.values() if f["reason"] == r)
+                             for r in sorted({f["reason"] for f in failed.values()})},
+        "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].get("windows", 0) > 0),
+                       "windows": int(sum(done[c].get("windows", 0) for c in by_split[s]))} for s in splits},
+        "cases_in_two_splits": overlap,
+    }
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _charts(q: dict) -> dict[str, str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [f["name"] for f in q["features"]]
+    charts = {}
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    left = np.zeros(len(names))
+    for rule in features.RULE_NAMES:
+        vals = np.array([f["rules"][rule] for f in q["features"]])
+        ax.barh(names, vals, left=left, label=rule.replace("_", " "))
+        left += vals
+    ax.invert_yaxis()
+    ax.set_xlabel("share of seconds")
+    ax.set_title("Measured vs imputed, by rule")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, -0.32), ncol=4, fontsize=8)
+    charts["rules"] = _png(fig)
+
+    edges = np.array(q["hist_bins"])
+    centers = (edges[:-1] + edges[1:]) / 2
+    fig, axes = plt.subplots(4, 4, figsize=(12, 9), sharex=True)
+    for ax, f in zip(axes.ravel(), q["features"]):
+        for s, d in f["splits"].items():
+            h = np.array(d["hist"], float)
+            if h.sum():
+                ax.plot(centers, h / h.sum(), label=f"{s} (clipped {d['clipped_share']:.0%})")
+        ax.set_title(f"{f['name']} [{f['unit']}]", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.suptitle("Distribution of normalised values per split (share of seconds)")
+    charts["hist"] = _png(fig)
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.5))
+    cases = [c for c in q["cases"] if c["status"] == "ok"]
+    a1.scatter([c["duration_s"] / 60 for c in cases], [c["windows"] for c in cases], s=12)
+    a1.set_xlabel("recording length (min)")
+    a1.set_ylabel("windows")
+    a1.set_title("Windows per case")
+    splits = list(q["splits"])
+    a2.bar(splits, [q["splits"][s]["windows"] for s in splits])
+    for i, s in enumerate(splits):
+        a2.text(i, q["splits"][s]["windows"], f"{q['splits'][s]['cases']} cases", ha="center", va="bottom")
+    a2.set_title("Windows per split")
+    charts["cases"] = _png(fig)
+    return charts
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Data quality: {title}</title>
+<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
+th{{background:#f3f3f3}}td.l,th.l{{text-align:left}}.warn{{color:#a00;font-weight:bold}}img{{max-width:100%}}</style>
+</head><body data-images-ok="pending">
+<h1>Data quality report</h1>
+<p>Output <code>{title}</code>, status <b>{status}</b>. Numbers: <a href="quality.json">quality.json</a>;
+metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</a>.</p>
+<p>Sections: <a href="#splits">splits</a> · <a href="#features">features</a> · <a href="#cases">cases</a> ·
+<a href="#failed">failed cases</a></p>
+<h2 id="splits">Splits</h2>
+<table><tr><th class="l">split</th><th>cases</th><th>windows</th></tr>{split_rows}</table>
+<p>{overlap}</p>
+<img alt="windows per case and per split" src="{img_cases}">
+<h2 id="features">Features</h2>
+<img alt="measured vs imputed by rule" src="{img_rules}">
+<table><tr><th class="l">feature</th><th class="l">unit</th>{rule_heads}<th class="l">source tracks</th>
+{clip_heads}</tr>{feature_rows}</table>
+<p>Many values at &plusmn;1 (clipped) point to a normalisation range or unit problem.</p>
+<img alt="distributions of normalised values per split" src="{img_hist}">
+<h2 id="cases">Cases</h2>
+<p>{n_ok} cases with windows, {n_short} too short for one window, {n_failed} failed.
+Static defaults used: {defaults}.</p>
+<table><tr><th>case</th><th class="l">split</th><th class="l">status</th><th>windows</th><th>minutes</th>
+<th class="l">static defaults</th></tr>{case_rows}</table>
+<h2 id="failed">Failed cases</h2>
+<table><tr><th>case</th><th class="l">reason</th><th class="l">detail</th></tr>{failed_rows}</table>
+<p>By reason: {failed_by_reason}</p>
+<script>
+// Self-check, also for a person: a broken image is flagged on the page.
+window.addEventListener("load", function () {{
+  var imgs = Array.prototype.slice.call(document.images);
+  var bad = imgs.filter(function (i) {{ return !(i.complete && i.naturalWidth > 0); }});
+  document.body.setAttribute("data-images-ok", bad.length ? "false" : "true");
+  document.body.setAttribute("data-images", String(imgs.length));
+  if (bad.length) {{ var p = document.createElement("p"); p.className = "warn";
+    p.textContent = bad.length + " image(s) failed to load"; document.body.prepend(p); }}
+}});
+</script>
+</body></html>
+"""
+
+
+def render_html(q: dict, title: str, status: str) -> str:
+    e = html.escape
+    charts = _charts(q)
+    rules = features.RULE_NAMES
+    splits = list(q["splits"])
+    split_rows = "".join(f"<tr><td class='l'>{e(s)}</td><td>{d['cases']}</td><td>{d['windows']}</td></tr>"
+                         for s, d in q["splits"].items())
+    overlap = ("No case is in two splits." if not q["cases_in_two_splits"] else
+               f"<span class='warn'>Cases in two splits: {q['cases_in_two_splits']}</span>")
+    feature_rows = "".join(
+        f"<tr><td class='l'>{e(f['name'])}</td><td class='l'>{e(f['unit'])}</td>"
+        + "".join(f"<td>{f['rules'][r]:.1%}</td>" for r in rules)
+        + f"<td class='l'>{e(', '.join(f'{t} {v:.0%}' for t, v in f['sources'].items()))}</td>"
+        + "".join(f"<td>{f['splits'][s]['clipped_share']:.1%}</td>" for s in splits) + "</tr>"
+        for f in q["features"])
+    case_rows = "".join(
+        f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
+        f"<td>{c['windows']}</td><td>{(c['duration_s'] or 0) / 60:.0f}</td>"
+        f"<td class='l'>{e(', '.join(c['static_defaults']) + (' (no clinical row)' if c['no_clinical_row'] else ''))}</td></tr>"
+        for c in q["cases"])
+    failed_rows = "".join(f"<tr><td>{f['case_id']}</td><td class='l'>{e(f['reason'])}</td>"
+                          f"<td class='l'>{e(f['detail'])}</td></tr>" for f in q["failed"]) or \
+        "<tr><td colspan='3' class='l'>none</td></tr>"
+    defaults = sum(1 for c in q["cases"] if c["static_defaults"])
+    return _PAGE.format(
+        title=e(title), status=e(status), split_rows=split_rows, overlap=overlap, img_cases=charts["cases"],
+        img_rules=charts["rules"], img_hist=charts["hist"],
+        rule_heads="".join(f"<th>{e(r.replace('_', ' '))}</th>" for r in rules),
+        clip_heads="".join(f"<th>clipped ({e(s)})</th>" for s in splits), feature_rows=feature_rows,
+        n_ok=sum(1 for c in q["cases"] if c["status"] == "ok"),
+        n_short=sum(1 for c in q["cases"] if c["status"] == "too_short"), n_failed=len(q["failed"]),
+        defaults=f"{defaults} cases", case_rows=case_rows, failed_rows=failed_rows,
+        failed_by_reason=e(json.dumps(q["failed_by_reason"])) or "none")
+
+
+def write_report(output: str, done: dict[int, dict], failed: dict[int, dict], status: str) -> dict:
+    q = combine(done, failed)
+    storage.write_json(storage.join(output, "report", "quality.json"), q)
+    storage.write_atomic(storage.join(output, "report", "index.html"),
+                         render_html(q, output, status).encode())
+    return q
