@@ -43,6 +43,7 @@ from transforms.windows import parse_split
 _LOG = logging.getLogger("master_poc")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
+TIMINGS: dict[str, float] = {}  # wall seconds of this invocation's steps, written into the metadata
 COMMANDS = ("run", "finalize", "verify", "inspect")
 
 
@@ -191,12 +192,15 @@ def write_metadata(output: str, settings: Settings, status: str, *, requested=No
     not_done = [c for c in requested if c not in done and c not in failed]
     if status == "complete" and not_done:
         status = "incomplete"
+    t = time.time()
     meta = metadata.build_metadata(settings=settings, status=status, requested=requested, done=done, failed=failed,
                                    verification=verification, started=started or metadata.utcnow(),
                                    input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done)
+    report.write_report(output, done, failed, meta["status"])
+    TIMINGS["metadata_report_s"] = round(time.time() - t, 3)
+    meta["timings"] = dict(TIMINGS)
     storage.write_json(storage.join(output, storage.METADATA_NAME), meta)
     storage.write_atomic(storage.join(output, storage.SCHEMA_NAME), metadata.schema_text(settings).encode())
-    report.write_report(output, done, failed, meta["status"])
     return meta
 
 
@@ -204,17 +208,20 @@ def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, 
              requested: Optional[list[int]] = None, started: Optional[str] = None, input_dir=None,
              clinical_path=None) -> dict:
     """Stage 2 + verification + metadata, from the markers alone."""
+    t2 = time.time()
     done = storage.read_markers(output, storage.DONE)
     plans = stage2.plan_shards(done, spec.SPLIT_NAMES, args.num_shards, settings.split_seed)
     if plans:
         _run_supervised(sup, job_payload(2, args, beam_args, output, settings,
-                                         plans=[{"split": p.split, "index": p.index, "count": p.count,
-                                                 "cases": [list(c) for c in p.cases]} for p in plans]))
+                                         plans=[p.to_json() for p in plans]))
     stage2.remove_stale_shards(output, plans, spec.SPLIT_NAMES)
     storage.delete(storage.list_files(storage.join(output, "cases", "_tmp", "*")))
     if sup.stopping:
         raise Interrupted()
+    t3 = time.time()
+    TIMINGS["stage2_s"] = round(t3 - t2, 3)
     verification = stage2.verify_output(output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
+    TIMINGS["verify_s"] = round(time.time() - t3, 3)
     return write_metadata(output, settings, "complete" if verification["ok"] else "verification_failed",
                           requested=requested, verification=verification, started=started, input_dir=input_dir,
                           clinical_path=clinical_path)
@@ -387,8 +394,10 @@ def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
     progress = Progress(output, case_ids)
     progress.snapshot()  # the baseline: cases/min counts only this run's work
     sup.progress, sup.progress_interval_s = progress, args.progress_interval
+    t1 = time.time()
     counts = _run_supervised(sup, job_payload(1, args, beam_args, output, settings, case_ids=case_ids,
                                               input=input_dir, clinical={str(k): v for k, v in clinical.items()}))
+    TIMINGS["stage1_s"] = round(time.time() - t1, 3)
     progress()
     if args.no_finalize:
         return _stage1_summary(args, output, case_ids, counts, t0)

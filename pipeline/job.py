@@ -28,8 +28,7 @@ def main(path: str) -> int:
         stage1.build_stage1(p, job["case_ids"], job["input"], job["output"], settings, clinical,
                             stop_file=job["stop_file"])
     else:
-        plans = [stage2.ShardPlan(pl["split"], pl["index"], pl["count"], tuple(tuple(c) for c in pl["cases"]))
-                 for pl in job["plans"]]
+        plans = [stage2.ShardPlan.from_json(pl) for pl in job["plans"]]
         stage2.build_stage2(p, job["output"], plans, settings.split_seed)
     result = p.run()
     result.wait_until_finish()

@@ -25,9 +25,11 @@ from transforms.case import Settings
 
 _LOG = logging.getLogger(__name__)
 
-# Stage 1 objects are intermediate: level 1 is ~3x faster than 6 (BEAM_NOTES);
-# stage 2 writes the final files at level 6.
-CASE_GZIP_LEVEL = 1
+# Each case is compressed once, at the final level, in gzip members of up to
+# WINDOWS_PER_MEMBER windows: stage 2 interleaves members of different
+# patients by copying bytes (see stage2.py).
+CASE_GZIP_LEVEL = 6
+WINDOWS_PER_MEMBER = 32
 
 
 class SkipCommitted(beam.DoFn):
@@ -62,10 +64,10 @@ def commit_case(output: str, info: dict, examples: list[bytes]) -> dict:
     info = dict(info, status="ok" if examples else "too_short", committed=time.time(),
                 host=os.environ.get("MASTER_POC_HOST") or socket.gethostname())
     if examples:
-        data = encode.gzip_records(examples, CASE_GZIP_LEVEL)
+        data, members = encode.gzip_members(examples, WINDOWS_PER_MEMBER, CASE_GZIP_LEVEL)
         path = storage.case_object(output, split, case_id)
         storage.write_atomic(path, data, storage.join(output, "cases", "_tmp"))
-        info.update(object=path, object_bytes=len(data))
+        info.update(object=path, object_bytes=len(data), members=members)
     storage.write_json(storage.marker_path(output, storage.DONE, case_id), info,
                        storage.join(output, "cases", "_tmp"))
     # A failure marker of an earlier try is stale now.

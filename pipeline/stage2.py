@@ -2,21 +2,27 @@
 
     PlanShards (driver, from the markers) -> Create -> Reshuffle -> WriteShards
 
+Stage 2 only moves bytes. Stage 1 compressed each case once, at the final
+level, as gzip members of up to 32 windows; a shard is a seeded interleave of
+the members of its cases, copied as they are, so windows of different
+patients alternate in blocks of at most 32. Concatenated gzip members are
+one valid GZIP TFRecord file (TensorFlow reads it through), named like
+WriteToTFRecord's output: `<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz`.
+
 Why not `beam.io.WriteToTFRecord` after a record-level Reshuffle: on the
 DirectRunner every GroupByKey (Reshuffle, and WriteToTFRecord's fixed
 sharding) holds all its elements in memory, i.e. every window of every case,
-tens of GB for VitalDB. Here only the shard plans (case lists) are shuffled;
-each shard streams its cases' records, interleaved across patients in a
-seeded random order, into `<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz` (the
-same GZIP TFRecord format and names as WriteToTFRecord), written to a
-temporary name and renamed. The result is deterministic: finalize can be
-rerun at any time and gives byte-identical files.
+tens of GB for VitalDB; and it would decompress and compress everything a
+second time. Here only the shard plans are shuffled, each shard streams, and
+the result is deterministic: finalize can be rerun at any time and gives
+byte-identical files.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -32,9 +38,7 @@ from transforms import encode
 from transforms.beam import NAMESPACE
 
 _LOG = logging.getLogger(__name__)
-FINAL_GZIP_LEVEL = 6
-WINDOWS_PER_SHARD = 20000  # ~30-60 MB compressed per shard with the defaults
-_WRITE_BATCH = 256
+WINDOWS_PER_SHARD = 20000  # ~50 MB compressed per shard with the defaults
 
 
 @dataclass(frozen=True)
@@ -42,11 +46,21 @@ class ShardPlan:
     split: str
     index: int
     count: int
-    cases: tuple[tuple[int, int, str], ...]  # (case_id, windows, object path)
+    # (case_id, windows, object path, ((member bytes, member windows), ...))
+    cases: tuple[tuple[int, int, str, tuple[tuple[int, int], ...]], ...]
 
     @property
     def windows(self) -> int:
         return sum(c[1] for c in self.cases)
+
+    def to_json(self) -> dict:
+        return {"split": self.split, "index": self.index, "count": self.count,
+                "cases": [[c[0], c[1], c[2], [list(m) for m in c[3]]] for c in self.cases]}
+
+    @staticmethod
+    def from_json(d: dict) -> "ShardPlan":
+        return ShardPlan(d["split"], d["index"], d["count"],
+                         tuple((c[0], c[1], c[2], tuple(tuple(m) for m in c[3])) for c in d["cases"]))
 
 
 def _order_key(seed: int, case_id: int) -> str:
@@ -63,8 +77,9 @@ def plan_shards(done: dict[int, dict], splits: tuple[str, ...], num_shards: int 
     """
     plans = []
     for split in splits:
-        cases = sorted(((cid, m["windows"], m["object"]) for cid, m in done.items()
-                        if m.get("split") == split and m.get("windows", 0) > 0),
+        cases = sorted(((cid, m["windows"], m["object"],
+                         tuple(tuple(x) for x in m.get("members") or [[m["object_bytes"], m["windows"]]]))
+                        for cid, m in done.items() if m.get("split") == split and m.get("windows", 0) > 0),
                        key=lambda c: _order_key(seed, c[0]))
         total = sum(c[1] for c in cases)
         if not cases:
@@ -82,40 +97,43 @@ def plan_shards(done: dict[int, dict], splits: tuple[str, ...], num_shards: int 
 
 
 def interleave_order(plan: ShardPlan, seed: int) -> np.ndarray:
-    """Which case supplies each next record: a seeded uniform interleave."""
-    owners = np.repeat(np.arange(len(plan.cases)), [c[1] for c in plan.cases])
+    """Which case supplies each next member: a seeded uniform interleave."""
+    owners = np.repeat(np.arange(len(plan.cases)), [len(c[3]) for c in plan.cases])
     digest = hashlib.sha256(f"{seed}:{plan.split}:{plan.index}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     return rng.permutation(owners)
 
 
 def write_shard(output: str, plan: ShardPlan, seed: int) -> dict:
+    """Copies the members of the plan's cases, interleaved, into the shard
+    (a temporary object, renamed when complete)."""
     final = storage.shard_path(output, plan.split, plan.index, plan.count)
-    readers = [encode.iter_records(FileSystems.open(c[2], compression_type=CompressionTypes.UNCOMPRESSED))
-               for c in plan.cases]
     tmp = storage.join(output, "cases", "_tmp", final.rsplit("/", 1)[-1])
-    if storage.is_local(tmp):
-        import os
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-    fh = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
-    writer = encode.GzipWriter(fh, FINAL_GZIP_LEVEL)
-    batch = []
-    for owner in interleave_order(plan, seed):
-        batch.append(next(readers[owner]))
-        if len(batch) >= _WRITE_BATCH:
-            writer.write(batch)
-            batch = []
-    writer.write(batch)
-    for r, c in zip(readers, plan.cases):
-        if next(r, None) is not None:
-            raise IOError(f"case object {c[2]} holds more records than its marker says ({c[1]})")
-    writer.close()
-    fh.close()
-    if storage.is_local(final):
-        import os
-        os.makedirs(os.path.dirname(final), exist_ok=True)
+    for p in (tmp, final):
+        if storage.is_local(p):
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+    readers = [FileSystems.open(c[2], compression_type=CompressionTypes.UNCOMPRESSED) for c in plan.cases]
+    nxt = [0] * len(plan.cases)
+    records = 0
+    try:
+        fh = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
+        for owner in interleave_order(plan, seed):
+            nbytes, nrec = plan.cases[owner][3][nxt[owner]]
+            nxt[owner] += 1
+            data = readers[owner].read(nbytes)
+            if len(data) != nbytes or data[:2] != b"\x1f\x8b":
+                raise IOError(f"case object {plan.cases[owner][2]} does not match its marker")
+            fh.write(data)
+            records += nrec
+        for r, c in zip(readers, plan.cases):
+            if r.read(1):
+                raise IOError(f"case object {c[2]} is longer than its marker says")
+        fh.close()
+    finally:
+        for r in readers:
+            r.close()
     FileSystems.rename([tmp], [final])
-    return {"split": plan.split, "path": final, "records": writer.count}
+    return {"split": plan.split, "path": final, "records": records}
 
 
 class WriteShard(beam.DoFn):

@@ -71,13 +71,14 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     roundtrip = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
     assert roundtrip is not None
     p2 = beam.Pipeline(options=PipelineOptions(OPTS))
-    plans = stage2.plan_shards({1: {"split": "train", "windows": 3, "object": "x"}}, ("train",), 0)
+    plans = stage2.plan_shards({1: {"split": "train", "windows": 3, "object": "x", "members": [[100, 3]]}}, ("train",), 0)
     stage2.build_stage2(p2, str(tmp_path), plans, 42)
     assert "WriteShards" in {t.unique_name for t in p2.to_runner_api().components.transforms.values()}
 
 
 def test_plan_shards_balances_and_is_deterministic():
-    done = {c: {"split": "train" if c % 3 else "test", "windows": 10 + c, "object": f"o{c}"} for c in range(1, 31)}
+    done = {c: {"split": "train" if c % 3 else "test", "windows": 10 + c, "object": f"o{c}",
+                "members": [[500, 10], [300, c]]} for c in range(1, 31)}
     a = stage2.plan_shards(done, ("train", "validation", "test"), num_shards=4)
     b = stage2.plan_shards(dict(reversed(list(done.items()))), ("train", "validation", "test"), num_shards=4)
     assert a == b

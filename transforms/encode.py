@@ -98,12 +98,29 @@ def gzip_records(records: Iterable[bytes], level: int = 6) -> bytes:
     return out.getvalue()
 
 
+def gzip_members(records: list[bytes], per_member: int, level: int = 6) -> tuple[bytes, list[list[int]]]:
+    """Records as consecutive gzip members of up to `per_member` records each.
+
+    A file of concatenated members is one valid GZIP TFRecord file
+    (TensorFlow, zlib and this module read it through), so stage 2 can
+    interleave members of different cases by copying bytes, without
+    decompressing and compressing again. Returns the bytes and
+    [[member bytes, member records], ...]."""
+    parts, index = [], []
+    for i in range(0, len(records), per_member):
+        chunk = records[i:i + per_member]
+        data = gzip_records(chunk, level)
+        parts.append(data)
+        index.append([len(data), len(chunk)])
+    return b"".join(parts), index
+
+
 class CorruptRecordError(IOError):
     pass
 
 
 def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """Reads TFRecords from a (single-member gzip) stream, checking every CRC.
+    """Reads TFRecords from a gzip stream (one or more members), checking every CRC.
 
     Raises CorruptRecordError on a bad CRC or a truncated file.
     """
@@ -111,6 +128,14 @@ def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) 
     buf = bytearray()
     pos = 0
     eof = False
+
+    def inflate(raw: bytes) -> None:
+        nonlocal z
+        buf.extend(z.decompress(raw))
+        while z.eof and z.unused_data:  # the next gzip member follows
+            rest = z.unused_data
+            z = zlib.decompressobj(31)
+            buf.extend(z.decompress(rest))
 
     def need(k: int) -> bool:
         nonlocal eof
@@ -122,8 +147,10 @@ def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) 
                     buf.extend(z.flush())
                     if not z.eof:
                         raise CorruptRecordError("gzip stream ended early (truncated file)")
+            elif z is not None:
+                inflate(raw)
             else:
-                buf.extend(z.decompress(raw) if z is not None else raw)
+                buf.extend(raw)
         return len(buf) - pos >= k
 
     while True:

@@ -3,12 +3,15 @@ gs://) parsed by the `vitaldb` library, and the clinical table.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import logging
 import math
 import os
 import shutil
 import tempfile
+import threading
+import types
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -53,36 +56,85 @@ def find_case_file(input_dir: str, case_id: int) -> str:
                     + f" in {input_dir}")
 
 
-def _local_copy_checked(path: str, tmpdir: str) -> tuple[str, int]:
-    """Checks the whole gzip stream (vitaldb silently accepts a truncated file)
-    and, for a remote path, copies it to a worker-local temp file.
-    Returns the local path to parse and the file size."""
-    local = isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
-    dst_path = path if local else os.path.join(tmpdir, "case.vital")
-    z = zlib.decompressobj(31)
-    size = 0
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, \
-            (open(os.devnull, "wb") if local else open(dst_path, "wb")) as dst:
+class _TrackedGzipFile(gzip.GzipFile):
+    """GzipFile that remembers a failed read.
+
+    vitaldb swallows EOFError (a truncated file) and any other exception
+    while it reads records, and returns what it had: partial data with no
+    error. It reads through `gzip.GzipFile`, which raises EOFError on a
+    stream that ends early and BadGzipFile on a CRC/length mismatch, so this
+    subclass, installed as vitaldb's `gzip.GzipFile`, records such an error
+    for the caller. vitaldb stops reading a packed file after the last
+    wanted track, so a file damaged only beyond our tracks still yields
+    complete data, and is accepted. Checking the stream here instead of in a
+    separate pass saves inflating every file twice (0.16 s of a 0.5 s parse
+    of a 4-hour case, measured).
+    """
+
+    def read(self, size=-1):
         try:
-            while True:
-                chunk = src.read(_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                dst.write(chunk)
-                # Inflate in bounded pieces and drop the output: only the
-                # stream's integrity (CRC, length, end marker) is checked here.
-                if not z.eof:
-                    z.decompress(chunk, _CHUNK)
-                    while z.unconsumed_tail and not z.eof:
-                        z.decompress(z.unconsumed_tail, _CHUNK)
-        except zlib.error as e:
-            raise CaseError("corrupt_file", f"not a valid gzip/.vital stream ({e})") from None
-    if size == 0:
+            return super().read(size)
+        except (EOFError, OSError, zlib.error) as e:
+            _READ_ERRORS.error = e
+            raise
+
+
+_READ_ERRORS = threading.local()
+_PARSE_LOCK = threading.Lock()
+
+
+def _install_tracked_gzip() -> None:
+    mod = types.ModuleType("gzip")
+    mod.__dict__.update(gzip.__dict__)
+    mod.GzipFile = _TrackedGzipFile
+    vitaldb.utils.gzip = mod
+
+
+_install_tracked_gzip()
+
+
+def _local_copy(path: str, tmpdir: str) -> tuple[str, int]:
+    """A local path to parse: the file itself, or a worker-local copy of a
+    remote one (s3://, gs://), streamed without decompressing."""
+    if storage_is_local(path):
+        return path, os.path.getsize(path)
+    dst = os.path.join(tmpdir, "case.vital")
+    size = 0
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(dst, "wb") as out:
+        while True:
+            chunk = src.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            out.write(chunk)
+    return dst, size
+
+
+def storage_is_local(path: str) -> bool:
+    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+def parse_vital(local: str) -> vitaldb.VitalFile:
+    """vitaldb parse of our source tracks; CaseError if the file is damaged
+    where our tracks are (see _TrackedGzipFile)."""
+    with open(local, "rb") as fh:
+        head = fh.read(2)
+    if not head:
         raise CaseError("corrupt_file", "empty file")
-    if not z.eof:
+    if head != b"\x1f\x8b":
+        raise CaseError("corrupt_file", "not a gzip/.vital file (wrong magic bytes)")
+    with _PARSE_LOCK:
+        _READ_ERRORS.error = None
+        try:
+            vf = vitaldb.VitalFile(local, track_names=list(spec.SOURCE_TRACKS))
+        except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
+            raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(e).__name__}: {e})") from None
+        err = _READ_ERRORS.error
+    if isinstance(err, EOFError):
         raise CaseError("corrupt_file", "truncated file (gzip stream ends early)")
-    return dst_path, size
+    if err is not None:
+        raise CaseError("corrupt_file", f"damaged gzip stream ({type(err).__name__}: {err})")
+    return vf
 
 
 def load_case(input_dir: str, case_id: int) -> RawCase:
@@ -94,14 +146,8 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
     path = find_case_file(input_dir, case_id)
     tmpdir = tempfile.mkdtemp(prefix=f"case{case_id}-")
     try:
-        local, size = _local_copy_checked(path, tmpdir)
-        try:
-            with open(local, "rb") as fh:
-                if fh.read(2) != b"\x1f\x8b":
-                    raise CaseError("corrupt_file", "not a gzip file")
-            vf = vitaldb.VitalFile(local, track_names=list(spec.SOURCE_TRACKS))
-        except (OSError, EOFError, ValueError, IndexError, KeyError) as e:
-            raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(e).__name__}: {e})") from None
+        local, size = _local_copy(path, tmpdir)
+        vf = parse_vital(local)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     if not (vf.dtend > vf.dtstart):
