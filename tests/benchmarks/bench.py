@@ -139,6 +139,26 @@ def run_pipeline(data: str, out: str, n: int, workers: int) -> dict:
             "bytes": sum(os.path.getsize(f) for f in files)}
 
 
+def memory_scaling(workdir: str, data: str, out: str, n: int) -> tuple[dict, dict]:
+    """Peak memory of 20 and 200 cases (hard links to the generated files)."""
+    import pandas as pd
+    big = os.path.join(workdir, "data-scaling")
+    if not os.path.exists(os.path.join(big, ".complete")):
+        shutil.rmtree(big, ignore_errors=True)
+        os.makedirs(big)
+        clinical = pd.read_csv(os.path.join(data, "clinical_data.csv"))
+        rows = []
+        for cid in range(1, 201):
+            src = (cid - 1) % n + 1
+            os.link(os.path.join(data, f"{src:04d}.vital"), os.path.join(big, f"{cid:04d}.vital"))
+            r = clinical[clinical.caseid == src].copy()
+            r["caseid"] = cid
+            rows.append(r)
+        pd.concat(rows).to_csv(os.path.join(big, "clinical_data.csv"), index=False)
+        open(os.path.join(big, ".complete"), "w").close()
+    return run_pipeline(big, out, 20, 2), run_pipeline(big, out, 200, 2)
+
+
 def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -150,6 +170,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="6 one-hour cases, 1 repeat")
     ap.add_argument("--scaling", action="store_true", help="also compare peak memory of 200 and 20 cases")
+    ap.add_argument("--scaling-only", action="store_true", help="only the 200 vs 20 cases memory comparison")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-out"))
     args = ap.parse_args()
     if args.quick:
@@ -158,6 +179,13 @@ def main() -> int:
     data = generate(args.workdir, N, args.hours)
     out = os.path.join(args.workdir, "out")
 
+    if args.scaling_only:
+        m20, m200 = memory_scaling(args.workdir, data, out, N)
+        print(f"peak memory 20 vs 200 cases: PSS {m20['pss'] / 2**20:.0f} vs {m200['pss'] / 2**20:.0f} MiB, "
+              f"RSS sum {m20['rss'] / 2**20:.0f} vs {m200['rss'] / 2**20:.0f} MiB")
+        ratio = m200["pss"] / m20["pss"]
+        print(f"{'PASS' if ratio <= 1.15 else 'FAIL'}  200-case / 20-case peak memory <= 1.15: {ratio:.2f}")
+        return 0 if ratio <= 1.15 else 1
     pf = statistics.median(parse_floor(data, N) for _ in range(args.repeat))
     cf_runs = [compress_floor(data, N) for _ in range(args.repeat)]
     cf = statistics.median(r[0] for r in cf_runs)
@@ -197,23 +225,7 @@ def main() -> int:
         ("peak memory (PSS) <= 1.5 GB", peak_pss / 1e9, 1.5),
     ]
     if args.scaling:
-        big = os.path.join(args.workdir, "data-scaling")
-        if not os.path.exists(os.path.join(big, ".complete")):
-            shutil.rmtree(big, ignore_errors=True)
-            os.makedirs(big)
-            import pandas as pd
-            rows_ = pd.read_csv(os.path.join(data, "clinical_data.csv"))
-            allrows = []
-            for cid in range(1, 201):
-                src = (cid - 1) % N + 1
-                os.link(os.path.join(data, f"{src:04d}.vital"), os.path.join(big, f"{cid:04d}.vital"))
-                r = rows_[rows_.caseid == src].copy()
-                r["caseid"] = cid
-                allrows.append(r)
-            pd.concat(allrows).to_csv(os.path.join(big, "clinical_data.csv"), index=False)
-            open(os.path.join(big, ".complete"), "w").close()
-        m20 = run_pipeline(big, out, 20, 2)
-        m200 = run_pipeline(big, out, 200, 2)
+        m20, m200 = memory_scaling(args.workdir, data, out, N)
         rows.append(("peak memory 20 vs 200 cases", f"PSS {m20['pss'] / 2**20:.0f} vs {m200['pss'] / 2**20:.0f} MiB"))
         targets.append(("200-case / 20-case peak memory <= 1.15", m200["pss"] / m20["pss"], 1.15))
     print()
