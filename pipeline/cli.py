@@ -32,7 +32,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import metadata, report, s3, stage2, storage
 from pipeline.progress import Progress
-from pipeline.supervisor import KILLED, Supervisor
+from pipeline.supervisor import Supervisor
 from transforms import spec
 from transforms.beam import NAMESPACE
 from transforms.case import Settings
@@ -172,6 +172,10 @@ class Interrupted(Exception):
     """A shutdown was asked for (SIGTERM/SIGINT); committed work is kept."""
 
 
+class StageFailed(Exception):
+    """A stage's pipeline failed (its log says why); committed work is kept."""
+
+
 def _run_supervised(sup: Supervisor, payload: dict) -> dict:
     if sup.stopping:
         raise Interrupted()
@@ -179,14 +183,14 @@ def _run_supervised(sup: Supervisor, payload: dict) -> dict:
     if sup.stopping:
         raise Interrupted()
     if rc != 0:
-        raise RuntimeError(f"stage {payload['stage']} pipeline failed (exit code {rc}); committed cases are kept, "
-                           "rerun the same command to continue")
+        raise StageFailed(f"stage {payload['stage']} pipeline failed (exit code {rc}, see the log above); "
+                          "committed cases are kept, rerun the same command to continue")
     return res.get("counters", {})
 
 
 def write_metadata(output: str, settings: Settings, status: str, *, requested=None, verification=None,
-                   started=None, input_dir=None, clinical_path=None) -> dict:
-    done = storage.read_markers(output, storage.DONE)
+                   started=None, input_dir=None, clinical_path=None, done=None) -> dict:
+    done = storage.read_markers(output, storage.DONE) if done is None else done
     failed = {c: f for c, f in storage.read_markers(output, storage.FAILED).items() if c not in done}
     requested = requested if requested is not None else sorted(set(done) | set(failed))
     not_done = [c for c in requested if c not in done and c not in failed]
@@ -224,7 +228,7 @@ def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, 
     TIMINGS["verify_s"] = round(time.time() - t3, 3)
     return write_metadata(output, settings, "complete" if verification["ok"] else "verification_failed",
                           requested=requested, verification=verification, started=started, input_dir=input_dir,
-                          clinical_path=clinical_path)
+                          clinical_path=clinical_path, done=done)
 
 
 def print_summary(meta: dict, counts: dict[str, int], elapsed: float, out=None) -> None:
@@ -284,6 +288,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (UsageError, CaseSpecError, ClinicalTableError, s3.S3AccessError) as e:
         print(f"master-poc-preprocess: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except StageFailed as e:
+        print(f"master-poc-preprocess: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def load_settings(output: str) -> Settings:

@@ -11,15 +11,6 @@ from pipeline import storage
 from transforms import encode
 
 
-def _decoder(features: dict):
-    from tensorflow_metadata.proto.v0 import schema_pb2
-    from tfx_bsl.coders import example_coder
-    s = schema_pb2.Schema()
-    for name, f in features.items():
-        s.feature.add(name=name, type=schema_pb2.FLOAT if f["type"] == "float" else schema_pb2.INT)
-    return example_coder.ExamplesToRecordBatchDecoder(s.SerializeToString())
-
-
 def locate(path: str) -> tuple[list[str], str]:
     """(files, output folder) for a file, a split folder or an output folder."""
     path = path.rstrip("/")
@@ -44,7 +35,7 @@ def inspect(path: str, n_examples: int = 2, seconds=(0, 149, 299), out=None) -> 
     meta = storage.read_json(storage.join(root, storage.METADATA_NAME))
     fmt, sp = meta["format"], meta["spec"]
     window, n_feat = fmt["shapes"]["timeseries"]
-    dec = _decoder(fmt["features"])
+    dec = encode.examples_decoder({name: f["type"] for name, f in fmt["features"].items()})
     print(f"output {root}: status {meta['status']}, settings {meta['settings']}", file=out)
     print("(values are de-normalised; a value exactly at a range edge may have been clipped there)", file=out)
     total, shown = 0, 0

@@ -23,7 +23,6 @@ import pandas as pd
 import vitaldb
 
 from pipeline import storage
-from transforms import spec
 
 DT0 = 4102444800.0  # 2100-01-01, like VitalDB's anonymised start times
 CLINICAL_FILE = "clinical_data.csv"

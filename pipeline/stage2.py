@@ -25,7 +25,6 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 import apache_beam as beam
 import numpy as np
@@ -175,25 +174,9 @@ def remove_stale_shards(output: str, plans: list[ShardPlan], splits: tuple[str, 
 
 # ---- verification -----------------------------------------------------------
 
-_ID_SCHEMA = None
-
-
-def _id_decoder():
-    """Decodes only case_id and window_start (fast, C++)."""
-    global _ID_SCHEMA
-    from tensorflow_metadata.proto.v0 import schema_pb2
-    from tfx_bsl.coders import example_coder
-    if _ID_SCHEMA is None:
-        s = schema_pb2.Schema()
-        for name in ("case_id", "window_start"):
-            f = s.feature.add(name=name, type=schema_pb2.INT)
-        _ID_SCHEMA = s.SerializeToString()
-    return example_coder.ExamplesToRecordBatchDecoder(_ID_SCHEMA)
-
-
 def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(case_id, window_start) of every record of a file, CRCs checked."""
-    dec = _id_decoder()
+    dec = encode.examples_decoder({"case_id": "int", "window_start": "int"})
     cids, starts = [], []
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         batch = []

@@ -3,11 +3,8 @@ including every kind of broken input, and helpers to read outputs back with
 TensorFlow."""
 from __future__ import annotations
 
-import gzip
 import os
-import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import vitaldb
@@ -54,9 +51,6 @@ def run_output(dataset, tmp_path_factory):
     rc = main(["--input", dataset, "--output", out, "--cases", cases, "--min-success-rate", "0",
                "--direct_running_mode=in_memory"])
     return rc, out
-
-
-SPEC_FEATURES = None
 
 
 def parse_spec():

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from conftest import (ALL_CASES, BAD_MAGIC, EMPTY, GOOD, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED,
                       examples_by_key, read_examples)

@@ -1,6 +1,5 @@
 """What users see: the quality report (checked in headless Chromium), inspect, progress."""
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -11,7 +11,6 @@ import traceback
 
 import apache_beam as beam
 from apache_beam import pvalue
-from apache_beam.metrics import Metrics
 
 from transforms import encode
 from transforms.case import Settings, process_case

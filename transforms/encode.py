@@ -54,6 +54,16 @@ def encode_examples(case_id: int, starts: np.ndarray, timeseries: np.ndarray, st
     return _encoder().encode(batch)
 
 
+def examples_decoder(features: dict[str, str]):
+    """A tfx-bsl decoder of serialized Examples into a RecordBatch holding only
+    `features` ({name: "float" | "int"}), in C++."""
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    schema = schema_pb2.Schema()
+    for name, kind in features.items():
+        schema.feature.add(name=name, type=schema_pb2.FLOAT if kind == "float" else schema_pb2.INT)
+    return example_coder.ExamplesToRecordBatchDecoder(schema.SerializeToString())
+
+
 # ---- TFRecord framing ---------------------------------------------------------
 
 def _masked_crc(data: bytes) -> int:

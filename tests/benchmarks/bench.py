@@ -30,7 +30,6 @@ import threading
 import time
 import zlib
 
-import numpy as np
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
