@@ -20,13 +20,13 @@ setup(
         "pyarrow",
         "boto3",
         "google-crc32c",
+        "matplotlib",  # the quality report written with every output
         "vitaldb==1.7.2",
     ],
     extras_require={
         # TensorFlow reads the output back (tests, inspect); the pipeline itself does not import it.
         "tf": ["tensorflow==2.21.0"],
         "launch": ["sagemaker>=3", "pyyaml"],
-        "report": ["matplotlib"],
         "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0"],
     },
     entry_points={

@@ -12,6 +12,6 @@ if [ ! -f .venv/.stamp ] || [ "$(cat .venv/.stamp)" != "$stamp" ]; then
   echo "setting up .venv (first time: several minutes, TensorFlow/Beam/tfx-bsl are large)" >&2
   "$PY" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -c constraints.txt -e ".[tf,test,launch,report]"
+  .venv/bin/pip install -q -c constraints.txt -e ".[tf,test,launch]"
   echo "$stamp" > .venv/.stamp
 fi
