@@ -24,7 +24,7 @@ setup(
         "vitaldb==1.7.2",
     ],
     extras_require={
-        # TensorFlow reads the output back (tests, inspect); the pipeline itself does not import it.
+        # TensorFlow reads the output back (tests, users); the pipeline and inspect do not import it.
         "tf": ["tensorflow==2.21.0"],
         "launch": ["sagemaker>=3", "pyyaml"],
         "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0"],
