@@ -2,7 +2,7 @@
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
-from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BAD_MAGIC, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
@@ -15,7 +15,7 @@ OPTS = ["--direct_running_mode=in_memory"]
 
 
 def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
-    with TestPipeline(options=PipelineOptions(OPTS)) as p:
+    with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         res = (p | beam.Create([1, TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, MISSING])
                | beam.ParDo(LoadCase(dataset)).with_outputs(FAILED, main="ok"))
         assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0)), equal_to([(1, True)]),
@@ -27,7 +27,7 @@ def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
 
 def test_transform_case_uses_the_clinical_side_input(dataset):
     clinical = read_clinical(f"{dataset}/clinical_data.csv")
-    with TestPipeline(options=PipelineOptions(OPTS)) as p:
+    with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
         res = (p | beam.Create([2, SHORT, NO_ROW])
                | beam.ParDo(LoadCase(dataset))
@@ -41,7 +41,7 @@ def test_transform_case_uses_the_clinical_side_input(dataset):
 def test_process_cases_commits_and_counts(dataset, tmp_path):
     out = str(tmp_path)
     clinical = read_clinical(f"{dataset}/clinical_data.csv")
-    p = TestPipeline(options=PipelineOptions(OPTS))
+    p = BeamTestPipeline(options=PipelineOptions(OPTS))
     ids = p | beam.Create([1, 2, SHORT, EMPTY])
     side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
     committed, failed = ids | stage1.ProcessCases(dataset, out, Settings(), side)
