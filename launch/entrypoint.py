@@ -33,8 +33,10 @@ from typing import Optional
 from pipeline import cli, storage
 from transforms.cases import CaseSpecError, parse_cases
 
-SETTING_FLAGS = ("window", "step", "horizon", "split", "split_seed", "num_shards", "shutdown_grace",
-                 "progress_interval")
+# Hyperparameters that become CLI flags. The data settings are fixed by the
+# output once stage 1 wrote it, so finalize takes only the operational ones.
+DATA_FLAGS = ("window", "step", "horizon", "split", "split_seed")
+RUN_FLAGS = ("num_shards", "shutdown_grace", "progress_interval")
 BOOL_FLAGS = ("crop_anaesthesia", "emit_mask")
 
 
@@ -94,13 +96,14 @@ def write_failure(root: str, reason: str) -> None:
     print(f"FAILED: {reason}", flush=True)
 
 
-def _flags(hp: dict) -> list[str]:
+def _flags(hp: dict, keys=DATA_FLAGS + RUN_FLAGS, bools=BOOL_FLAGS) -> list[str]:
+    """CLI flags for the given hyperparameters, plus the extra Beam flags."""
     out = []
-    for k in SETTING_FLAGS:
+    for k in keys:
         if hp.get(k) not in (None, ""):
             v = hp[k]
             out += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    for k in BOOL_FLAGS:
+    for k in bools:
         if str(hp.get(k, "")).lower() in ("1", "true", "yes"):
             out.append(f"--{k.replace('_', '-')}")
     return out + shlex.split(str(hp.get("beam_args") or ""))
@@ -136,10 +139,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if index != 0:
         print(f"host {current}: share done; {hosts[0]} finalizes", flush=True)
         return 0
-    return lead(root, hp, case_ids, output, common)
+    return lead(root, hp, case_ids, output)
 
 
-def lead(root: str, hp: dict, case_ids: list[int], output: str, common: list[str]) -> int:
+def lead(root: str, hp: dict, case_ids: list[int], output: str) -> int:
     """The first host: wait for every case's marker, then finalize and verify."""
     wait_s, poll_s = float(hp.get("leader_wait_s", 3600)), float(hp.get("poll_s", 30))
     stop = threading.Event()
@@ -165,7 +168,8 @@ def lead(root: str, hp: dict, case_ids: list[int], output: str, common: list[str
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    rc = cli.main(["finalize", "--output", output, "--cases", str(hp["cases"])] + _finalize_flags(common))
+    rc = cli.main(["finalize", "--output", output, "--cases", str(hp["cases"])]
+                  + _flags(hp, RUN_FLAGS, bools=()))
     if rc != 0:
         write_failure(root, f"finalize/verification failed (exit {rc}); see the log and "
                             f"{storage.join(output, storage.METADATA_NAME)}")
@@ -178,23 +182,6 @@ def lead(root: str, hp: dict, case_ids: list[int], output: str, common: list[str
                             f"{[f['case_id'] for f in meta['cases']['failed']][:30]}")
         return 1
     return 0
-
-
-def _finalize_flags(common: list[str]) -> list[str]:
-    """finalize takes the shard count, the grace and Beam flags, not the data settings
-    (those are fixed by the output)."""
-    out, skip = [], False
-    data = {"--window", "--step", "--horizon", "--split", "--split-seed", "--crop-anaesthesia", "--emit-mask",
-            "--progress-interval"}
-    for f in common:
-        if skip:
-            skip = False
-            continue
-        if f in data:
-            skip = f not in ("--crop-anaesthesia", "--emit-mask")
-            continue
-        out.append(f)
-    return out
 
 
 if __name__ == "__main__":

@@ -93,7 +93,6 @@ def resolve(args: argparse.Namespace) -> dict:
     if int(v["max_run"]) <= 0:
         problems.append("--max-run must be positive")
     if v["use_spot"]:
-        v.setdefault("max_wait", 2 * int(v["max_run"]))
         if v.get("max_wait") is None:
             v["max_wait"] = 2 * int(v["max_run"])
         if int(v["max_wait"]) <= int(v["max_run"]):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Optional
@@ -164,9 +165,9 @@ def delete(paths: list[str]) -> None:
 
 def delete_tree(path: str) -> None:
     """Removes a folder/prefix and everything under it (for --overwrite)."""
-    files = list_files(join(path, "**")) if not is_local(path) else []
     if is_local(path):
-        import shutil
         shutil.rmtree(path, ignore_errors=True)
-    elif files:
-        FileSystems.delete(files)
+    else:
+        storage_files = list_files(join(path, "**"))
+        if storage_files:
+            FileSystems.delete(storage_files)

@@ -43,6 +43,15 @@ def upload_dir(client, local: str, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}"
 
 
+def sample_on_s3(endpoint: str, local: str, bucket: str, n: int, duration_s: int) -> str:
+    """Generates cases 1..n into `local`, creates `bucket` and uploads them under raw/."""
+    from pipeline import sample
+    sample.write_sample(local, list(range(1, n + 1)), duration_s=duration_s)
+    client = boto_client(endpoint)
+    client.create_bucket(Bucket=bucket)
+    return upload_dir(client, local, bucket, "raw")
+
+
 def download_prefix(client, bucket: str, prefix: str, local: str, suffix: str = "") -> list[str]:
     paths = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

@@ -12,9 +12,8 @@ import psutil
 import pytest
 
 from conftest import examples_by_key, read_examples
-from pipeline import sample
 from pipeline.cli import EXIT_INTERRUPTED, main
-from s3util import beam_s3_args, boto_client, download_prefix, s3_env, upload_dir
+from s3util import beam_s3_args, boto_client, download_prefix, s3_env, sample_on_s3
 from transforms import spec
 
 N_CASES = 30
@@ -25,10 +24,7 @@ CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 def s3_thirty(moto_endpoint, tmp_path_factory):
     """30 generated 40-minute cases on S3 and the examples of one uninterrupted run."""
     local = str(tmp_path_factory.mktemp("thirty"))
-    sample.write_sample(local, list(range(1, N_CASES + 1)), duration_s=2400)
-    c = boto_client(moto_endpoint)
-    c.create_bucket(Bucket="durability")
-    src = upload_dir(c, local, "durability", "raw")
+    src = sample_on_s3(moto_endpoint, local, "durability", N_CASES, 2400)
     ref_out = str(tmp_path_factory.mktemp("ref"))
     assert main(["--input", local, "--output", ref_out, "--direct_running_mode=in_memory"]) == 0
     from pipeline import storage

@@ -10,8 +10,7 @@ import pytest
 
 from conftest import examples_by_key, read_examples
 from launch import entrypoint, launcher
-from pipeline import sample
-from s3util import boto_client, download_prefix, s3_env, upload_dir
+from s3util import boto_client, download_prefix, s3_env, sample_on_s3
 from transforms import spec
 
 ROLE_TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
@@ -99,11 +98,7 @@ N = 20
 
 @pytest.fixture(scope="module")
 def sm_data(moto_endpoint, tmp_path_factory):
-    local = str(tmp_path_factory.mktemp("sm-vital"))
-    sample.write_sample(local, list(range(1, N + 1)), duration_s=1800)
-    c = boto_client(moto_endpoint)
-    c.create_bucket(Bucket="sm-hosts")
-    return upload_dir(c, local, "sm-hosts", "raw")
+    return sample_on_s3(moto_endpoint, str(tmp_path_factory.mktemp("sm-vital")), "sm-hosts", N, 1800)
 
 
 def host_root(tmp_path, host, hp):

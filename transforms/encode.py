@@ -83,29 +83,10 @@ def frame_records(records: Iterable[bytes]) -> bytes:
     return buf.getvalue()
 
 
-class GzipWriter:
-    """Streams framed records as one gzip member into a binary file object."""
-
-    def __init__(self, fileobj: BinaryIO, level: int = 6):
-        self._f = fileobj
-        self._z = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip container
-        self.count = 0
-
-    def write(self, records: Iterable[bytes]) -> None:
-        records = list(records)
-        self._f.write(self._z.compress(frame_records(records)))
-        self.count += len(records)
-
-    def close(self) -> None:
-        self._f.write(self._z.flush())
-
-
 def gzip_records(records: Iterable[bytes], level: int = 6) -> bytes:
-    out = io.BytesIO()
-    w = GzipWriter(out, level)
-    w.write(records)
-    w.close()
-    return out.getvalue()
+    """Framed records as one gzip member (the GZIP TFRecord format)."""
+    z = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: gzip container
+    return z.compress(frame_records(records)) + z.flush()
 
 
 def gzip_members(records: list[bytes], per_member: int, level: int = 6) -> tuple[bytes, list[list[int]]]:
