@@ -188,6 +188,16 @@ def _run_supervised(sup: Supervisor, payload: dict) -> dict:
     return res.get("counters", {})
 
 
+def case_step_seconds(done: dict[int, dict]) -> dict[str, float]:
+    """Stage 1's seconds per step (load, parse within load, transform,
+    encode, compress, write) summed over the committed cases."""
+    total: dict[str, float] = {}
+    for m in done.values():
+        for k, v in m.get("timings", {}).items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: round(v, 3) for k, v in total.items()}
+
+
 def write_metadata(output: str, settings: Settings, status: str, *, requested=None, verification=None,
                    started=None, input_dir=None, clinical_path=None, done=None) -> dict:
     done = storage.read_markers(output, storage.DONE) if done is None else done
@@ -202,7 +212,7 @@ def write_metadata(output: str, settings: Settings, status: str, *, requested=No
                                    input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done)
     report.write_report(output, done, failed, meta["status"])
     TIMINGS["metadata_report_s"] = round(time.time() - t, 3)
-    meta["timings"] = dict(TIMINGS)
+    meta["timings"] = dict(TIMINGS, case_steps_s=case_step_seconds(done))
     storage.write_json(storage.join(output, storage.METADATA_NAME), meta)
     storage.write_atomic(storage.join(output, storage.SCHEMA_NAME), metadata.schema_text(settings).encode())
     return meta
@@ -216,8 +226,9 @@ def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, 
     done = storage.read_markers(output, storage.DONE)
     plans = stage2.plan_shards(done, spec.SPLIT_NAMES, args.num_shards, settings.split_seed)
     if plans:
-        _run_supervised(sup, job_payload(2, args, beam_args, output, settings,
-                                         plans=[p.to_json() for p in plans]))
+        counts = _run_supervised(sup, job_payload(2, args, beam_args, output, settings,
+                                                  plans=[p.to_json() for p in plans]))
+        TIMINGS["stage2_shard_write_s"] = counts.get("shard_write_ms", 0) / 1000
     stage2.remove_stale_shards(output, plans, spec.SPLIT_NAMES)
     storage.delete(storage.list_files(storage.join(output, "cases", "_tmp", "*")))
     if sup.stopping:

@@ -21,7 +21,8 @@ from apache_beam.metrics import Metrics
 from pipeline import s3, storage
 from transforms import encode
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
-from transforms.case import Settings
+from transforms.case import CaseWindows, Settings
+from transforms.load import RawCase
 
 _LOG = logging.getLogger(__name__)
 
@@ -61,13 +62,22 @@ class SkipCommitted(beam.DoFn):
 def commit_case(output: str, info: dict, examples: list[bytes]) -> dict:
     """Writes the case object (complete or not at all), then its marker."""
     case_id, split = info["case_id"], info["split"]
-    info = dict(info, status="ok" if examples else "too_short", committed=time.time(),
-                host=os.environ.get("MASTER_POC_HOST") or socket.gethostname())
+    timings = dict(info.get("timings", {}))
+    info = dict(info, status="ok" if examples else "too_short",
+                host=os.environ.get("MASTER_POC_HOST") or socket.gethostname(), worker=os.getpid())
+    t = time.perf_counter()
     if examples:
         data, members = encode.gzip_members(examples, WINDOWS_PER_MEMBER, CASE_GZIP_LEVEL)
+        t1 = time.perf_counter()
+        timings["compress"] = t1 - t
+        t = t1
         path = storage.case_object(output, split, case_id)
         storage.write_atomic(path, data, storage.join(output, "cases", "_tmp"))
         info.update(object=path, object_bytes=len(data), members=members)
+    # Seconds per step, for the benchmark and for finding slow cases; the
+    # marker's own write is the last step and not in them.
+    timings["write"] = time.perf_counter() - t
+    info.update(timings={k: round(v, 4) for k, v in timings.items()}, committed=time.time())
     storage.write_json(storage.marker_path(output, storage.DONE, case_id), info,
                        storage.join(output, "cases", "_tmp"))
     # A failure marker of an earlier try is stale now.
@@ -110,9 +120,10 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
             | "SkipCommitted" >> beam.ParDo(SkipCommitted(output, stop_file)))
-    loaded = todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir)).with_outputs(FAILED, main="ok")
+    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir)).with_output_types(RawCase)
+              .with_outputs(FAILED, main="ok"))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings), clinical)
-                   .with_outputs(FAILED, main="ok"))
+                   .with_output_types(CaseWindows).with_outputs(FAILED, main="ok"))
     encoded = transformed.ok | "EncodeCase" >> beam.ParDo(EncodeCase()).with_outputs(FAILED, main="ok")
     committed = encoded.ok | "CommitCases" >> beam.ParDo(CommitCases(output))
     failed = ((loaded[FAILED], transformed[FAILED], encoded[FAILED])

@@ -23,6 +23,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -140,15 +141,19 @@ class WriteShard(beam.DoFn):
         self._out, self._seed = output, seed
         self._shards = Metrics.counter(NAMESPACE, "shards_written")
         self._records = Metrics.counter(NAMESPACE, "records_finalized")
+        self._ms = Metrics.counter(NAMESPACE, "shard_write_ms")
 
     def setup(self):
         s3.log_retries()
         s3.share_boto3_clients()
 
     def process(self, plan: ShardPlan):
+        t = time.perf_counter()
         res = write_shard(self._out, plan, self._seed)
+        seconds = time.perf_counter() - t
         # Progress on stdout (local workers share it; remote runners log it).
-        print(f"stage 2: wrote {res['path']} ({res['records']} examples)", flush=True)
+        print(f"stage 2: wrote {res['path']} ({res['records']} examples, {seconds:.2f} s)", flush=True)
+        self._ms.inc(int(round(seconds * 1000)))
         self._shards.inc()
         self._records.inc(res["records"])
         yield res

@@ -63,13 +63,13 @@ def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
 
 def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: np.ndarray) -> dict:
     """Per-feature counts for the quality report (summed over cases later)."""
-    F = spec.N_FEATURES
-    rule_counts = np.zeros((F, len(features.RULE_NAMES)), dtype=np.int64)
-    for r in range(len(features.RULE_NAMES)):
-        rule_counts[:, r] = (rules == r).sum(axis=0)
-    src_counts = np.stack([(source == k).sum(axis=0) for k in range(3)], axis=1)
+    F, R = spec.N_FEATURES, len(features.RULE_NAMES)
+    col = np.arange(F)
+    # One bincount per table over (value + feature * width), not a pass per value.
+    rule_counts = np.bincount((rules + col * R).ravel(), minlength=F * R).reshape(F, R)
+    src_counts = np.bincount((source + 1 + col * 4).ravel(), minlength=F * 4).reshape(F, 4)[:, 1:]  # -1 = none
     bins = np.clip(((norm.astype(np.float64) + 1.0) / 2.0 * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
-    hist = np.bincount((bins + np.arange(F) * HIST_BINS).ravel(), minlength=F * HIST_BINS).reshape(F, HIST_BINS)
+    hist = np.bincount((bins + col * HIST_BINS).ravel(), minlength=F * HIST_BINS).reshape(F, HIST_BINS)
     # Clipped: the clinical value lay outside (lo, hi) and was cut to -1 or +1
     # (a drug at 0 with lo = 0 is exactly -1, not clipped).
     clipped = ((filled < spec.NORM_LO) | (filled > spec.NORM_HI)).sum(axis=0)

@@ -11,9 +11,10 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import types
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -46,6 +47,8 @@ class RawCase:
     raw: np.ndarray  # (T, len(SOURCE_TRACKS)) float, NaN = no record in that second
     tracks_found: list[str]
     file_bytes: int
+    # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
+    timings: dict = field(default_factory=dict)
 
 
 def find_case_file(input_dir: str, case_id: int) -> str:
@@ -155,11 +158,14 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
     Raises CaseError for a missing, corrupt or empty file, or one with none of
     the wanted tracks.
     """
+    t0 = time.perf_counter()
     path = find_case_file(input_dir, case_id)
     tmpdir = tempfile.mkdtemp(prefix=f"case{case_id}-")
     try:
         local, size = _local_copy(path, tmpdir)
+        t1 = time.perf_counter()
         vf = parse_vital(local)
+        parse = time.perf_counter() - t1
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     if not (vf.dtend > vf.dtstart):
@@ -170,12 +176,15 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
         raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file")
     T = int(math.ceil(vf.dtend - vf.dtstart))
     raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan, dtype=np.float64)
+    t1 = time.perf_counter()
     cols = vf.to_numpy(found, 1)
+    parse += time.perf_counter() - t1
     if cols.ndim == 1:
         cols = cols[:, None]
     idx = [spec.SOURCE_TRACKS.index(t) for t in found]
     raw[:, idx] = cols[:T]
-    return RawCase(case_id, path, raw, found, size)
+    return RawCase(case_id, path, raw, found, size,
+                   {"load": time.perf_counter() - t0, "parse": parse})
 
 
 # ---- clinical table -----------------------------------------------------------
