@@ -1,6 +1,6 @@
 """Benchmark: how close the pipeline runs to its floors (not a pytest test).
 
-    .venv/bin/python tests/benchmarks/bench.py              # 40 four-hour cases, 3 repeats (~15 min)
+    .venv/bin/python tests/benchmarks/bench.py              # 40 four-hour cases, 3 repeats (~8 min)
     .venv/bin/python tests/benchmarks/bench.py --quick      # 6 one-hour cases, 1 repeat (~2 min)
     .venv/bin/python tests/benchmarks/bench.py --scaling    # also: peak memory of 200 vs 20 cases
 
@@ -9,11 +9,17 @@ files with the 16 numeric source tracks at their device intervals plus 500 Hz
 ECG and PLETH and 62.5 Hz CO2 waveforms with quantised samples, as real files
 carry them. Printed, from one invocation (medians of --repeat runs):
 
-* parse floor: seconds per case for the same vitaldb calls and nothing else;
+* parse floor: seconds per case for the same vitaldb calls and nothing else,
+  timed inside the run for each case and, as a check, in separate passes in
+  this process just before and after the run (see main() on drift);
 * compress floor: seconds per case to zlib-compress (level 6) its serialized examples once;
-* stage 1 / stage 2 (+ verify) seconds per case, steady state, 1 worker, and
-  throughput with 2 workers; worker start-up separately: per-case cost is the
-  slope between a run of N cases and a run of 2, start-up the intercept;
+* stage 1 / stage 2 seconds per case, steady state, 1 worker, and
+  throughput with 2 workers; start-up separately: stage 1's per-case time is
+  the span between each worker's first and last commit (markers) over the
+  cases in it, start-up the time from launch to the first commit less one
+  case; stage 2's per-case time is its shard writing, start-up the rest;
+* the seconds per step inside stage 1's DoFns (from the markers) and what
+  lies between them (Beam);
 * windows per second, compressed bytes per window, peak memory of the whole
   run (main process + stage job + Beam workers, sampled), and the targets.
 """
@@ -224,24 +230,33 @@ def main() -> int:
         ratio = m200["pss"] / m20["pss"]
         print(f"{'PASS' if ratio <= 1.15 else 'FAIL'}  200-case / 20-case peak memory <= 1.15: {ratio:.2f}")
         return 0 if ratio <= 1.15 else 1
-    # Floors and pipeline runs alternate, repeat by repeat, and the ratios are
-    # taken within a repeat: this machine's speed drifts by tens of percent
-    # over minutes, which would otherwise land on one side of a ratio.
+    # This machine's speed drifts by tens of percent over seconds to minutes
+    # (the same parse of the same file: 0.37-0.73 s back to back), so a floor
+    # measured at another moment than the run lands on one side of a ratio.
+    # Two measures of the parse floor, both printed:
+    # * "in the run": the pipeline times the very same vitaldb calls (nothing
+    #   else inside the timed region) for each case as it goes, so the floor
+    #   and the run see the same machine; the targets are judged on it;
+    # * "separate passes": the calls alone in this process, just before and
+    #   just after the 1-worker run (their mean), ratios taken per repeat.
     reps = []
     for r in range(args.repeat):
-        pf = parse_floor(data, N)
-        cf, nbytes = compress_floor(data, N)
+        pf_before = parse_floor(data, N)
         one = run_pipeline(data, out, N, 1)
+        pf_after = parse_floor(data, N)
+        cf, nbytes = compress_floor(data, N)
         two = run_pipeline(data, out, N, 2)
-        reps.append({"pf": pf, "cf": cf, "nbytes": nbytes, "one": one, "two": two,
+        pf = (pf_before + pf_after) / 2
+        reps.append({"pf": pf, "pf_run": one["steps"]["parse"], "cf": cf, "nbytes": nbytes, "one": one, "two": two,
                      "per_case": one["s1_case"] + one["s2_case"]})
-        print(f"repeat {r + 1}: parse floor {pf:.3f}, compress floor {cf:.3f}, stage 1 {one['s1_case']:.3f} "
-              f"+ stage 2 {one['s2_case']:.3f} s/case; 2 workers {two['s1_rate'] * 60:.1f} cases/min", flush=True)
+        print(f"repeat {r + 1}: parse floor {pf_before:.3f} / {one['steps']['parse']:.3f} in the run / {pf_after:.3f}, "
+              f"compress floor {cf:.3f}, stage 1 {one['s1_case']:.3f} + stage 2 {one['s2_case']:.3f} s/case; "
+              f"2 workers {two['s1_rate'] * 60:.1f} cases/min", flush=True)
 
     def m(f):
         return statistics.median(f(x) for x in reps)
 
-    pf, cf = m(lambda x: x["pf"]), m(lambda x: x["cf"])
+    pf, pf_run, cf = m(lambda x: x["pf"]), m(lambda x: x["pf_run"]), m(lambda x: x["cf"])
     s1, s2, v = m(lambda x: x["one"]["s1_case"]), m(lambda x: x["one"]["s2_case"]), m(lambda x: x["one"]["verify_case"])
     thr1, thr2 = m(lambda x: 1 / x["one"]["s1_case"]), m(lambda x: x["two"]["s1_rate"])
     per_case_1 = s1 + s2
@@ -252,7 +267,7 @@ def main() -> int:
     inside = sum(v_ for k, v_ in steps.items() if k != "parse")  # parse is part of load
     rows = [
         ("cases x length", f"{N} x {args.hours:g} h, {windows_per_case:.0f} windows/case, {args.repeat} repeat(s)"),
-        ("parse floor", f"{pf:.3f} s/case"),
+        ("parse floor", f"{pf_run:.3f} s/case timed in the run; {pf:.3f} in separate passes"),
         ("compress floor (zlib 6)", f"{cf:.3f} s/case ({reps[0]['nbytes'] / N / 1e6:.1f} MB of examples/case)"),
         ("stage 1, 1 worker", f"{s1:.3f} s/case steady state (start-up {m(lambda x: x['one']['s1_startup']):.1f} s)"),
         ("  in the DoFns", "  ".join(f"{k} {v_:.3f}" for k, v_ in steps.items()) + " s/case"),
@@ -266,28 +281,30 @@ def main() -> int:
         ("compressed bytes/window", f"{reps[0]['one']['bytes'] / reps[0]['one']['windows']:.0f}"),
         ("peak memory, whole run", f"RSS sum {peak_rss / 2**20:.0f} MiB, PSS {peak_pss / 2**20:.0f} MiB"),
     ]
+    def ratios(f):  # (in the run, separate passes)
+        return m(lambda x: f(x, x["pf_run"])), m(lambda x: f(x, x["pf"]))
+
     targets = [
-        ("(stage1+stage2) / parse floor <= 1.5", m(lambda x: x["per_case"] / x["pf"]), 1.5),
-        ("non-parse / compress floor <= 2.5", m(lambda x: (x["per_case"] - x["pf"]) / x["cf"]), 2.5),
-        ("2-worker / 1-worker throughput >= 1.7", m(lambda x: x["two"]["s1_rate"] * x["one"]["s1_case"]), None),
-        ("peak memory (PSS) <= 1.5 GB", peak_pss / 1e9, 1.5),
+        ("(stage1+stage2) / parse floor <= 1.5", *ratios(lambda x, p: x["per_case"] / p), 1.5),
+        ("non-parse / compress floor <= 2.5", *ratios(lambda x, p: (x["per_case"] - p) / x["cf"]), 2.5),
+        ("2-worker / 1-worker throughput >= 1.7", m(lambda x: x["two"]["s1_rate"] * x["one"]["s1_case"]), None, None),
+        ("peak memory (PSS) <= 1.5 GB", peak_pss / 1e9, None, 1.5),
     ]
-    rows.append(("same, parse timed in the run", f"(stage1+stage2) / parse {m(lambda x: x['per_case'] / x['one']['steps']['parse']):.2f}, "
-                 f"non-parse / compress floor {m(lambda x: (x['per_case'] - x['one']['steps']['parse']) / x['cf']):.2f}"))
     if args.scaling:
         m20, m200 = memory_scaling(args.workdir, data, out, N)
         rows.append(("peak memory 20 vs 200 cases", f"PSS {m20['pss'] / 2**20:.0f} vs {m200['pss'] / 2**20:.0f} MiB"))
-        targets.append(("200-case / 20-case peak memory <= 1.15", m200["pss"] / m20["pss"], 1.15))
+        targets.append(("200-case / 20-case peak memory <= 1.15", m200["pss"] / m20["pss"], None, 1.15))
     print()
     w = max(len(r[0]) for r in rows)
     for k, val in rows:
         print(f"{k.ljust(w)}  {val}")
     print()
     ok = True
-    for name, value, limit in targets:
+    for name, value, separate, limit in targets:
         good = value >= 1.7 if limit is None else value <= limit
         ok &= good
-        print(f"{'PASS' if good else 'FAIL'}  {name}: {value:.2f}")
+        extra = "" if separate is None else f"  (parse floor of separate passes: {separate:.2f})"
+        print(f"{'PASS' if good else 'FAIL'}  {name}: {value:.2f}{extra}")
     return 0 if ok else 1
 
 
