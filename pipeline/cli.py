@@ -228,7 +228,7 @@ def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, 
     if plans:
         counts = _run_supervised(sup, job_payload(2, args, beam_args, output, settings,
                                                   plans=[p.to_json() for p in plans]))
-        TIMINGS["stage2_shard_write_s"] = counts.get("shard_write_ms", 0) / 1000
+        TIMINGS["stage2_shard_write_s"] = round(counts.get("shard_write_us", 0) / 1e6, 6)
     stage2.remove_stale_shards(output, plans, spec.SPLIT_NAMES)
     storage.delete(storage.list_files(storage.join(output, "cases", "_tmp", "*")))
     if sup.stopping:

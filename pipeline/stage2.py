@@ -141,7 +141,7 @@ class WriteShard(beam.DoFn):
         self._out, self._seed = output, seed
         self._shards = Metrics.counter(NAMESPACE, "shards_written")
         self._records = Metrics.counter(NAMESPACE, "records_finalized")
-        self._ms = Metrics.counter(NAMESPACE, "shard_write_ms")
+        self._us = Metrics.counter(NAMESPACE, "shard_write_us")
 
     def setup(self):
         s3.log_retries()
@@ -153,7 +153,7 @@ class WriteShard(beam.DoFn):
         seconds = time.perf_counter() - t
         # Progress on stdout (local workers share it; remote runners log it).
         print(f"stage 2: wrote {res['path']} ({res['records']} examples, {seconds:.2f} s)", flush=True)
-        self._ms.inc(int(round(seconds * 1000)))
+        self._us.inc(int(round(seconds * 1e6)))
         self._shards.inc()
         self._records.inc(res["records"])
         yield res

@@ -1,5 +1,6 @@
 """TestPipeline tests of the Beam transforms, counters, and portability."""
 import apache_beam as beam
+import numpy as np
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -7,9 +8,9 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BAD_MAGIC, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
 from pipeline import stage1, stage2, storage
-from transforms.beam import FAILED, LoadCase, TransformCase
-from transforms.case import Settings
-from transforms.load import read_clinical
+from transforms.beam import FAILED, ArraysCoder, LoadCase, TransformCase
+from transforms.case import CaseWindows, Settings
+from transforms.load import RawCase, read_clinical
 
 OPTS = ["--direct_running_mode=in_memory"]
 
@@ -88,3 +89,15 @@ def test_plan_shards_balances_and_is_deterministic():
     assert sorted(c[0] for p in a for c in p.cases) == list(range(1, 31))
     # Never more shards than cases.
     assert len([p for p in stage2.plan_shards(done, ("test",), num_shards=50)]) == 10
+
+
+def test_per_case_intermediates_have_a_coder_that_estimates_from_array_bytes():
+    raw = RawCase(5, "in/0005.vital", np.arange(30.0).reshape(10, 3), ["Solar8000/HR"], 123, {"parse": 0.1})
+    coder = beam.coders.registry.get_coder(RawCase)
+    assert isinstance(coder, ArraysCoder) and isinstance(beam.coders.registry.get_coder(CaseWindows), ArraysCoder)
+    assert coder.get_impl().estimate_size(raw) == 1024 + 240  # no pickling to estimate
+    back = coder.decode(coder.encode(raw))
+    assert (back.case_id, back.path, back.tracks_found, back.file_bytes, back.timings) == (5, "in/0005.vital",
+                                                                                           ["Solar8000/HR"], 123,
+                                                                                           {"parse": 0.1})
+    np.testing.assert_array_equal(back.raw, raw.raw)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import (ALL_CASES, BAD_MAGIC, EMPTY, GOOD, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED,
                       examples_by_key, read_examples)
@@ -189,5 +190,18 @@ def test_multi_process_run_via_the_console_script(tmp_path):
     assert "progress: 4/4 cases done, 0 failed" in res.stdout
     assert os.path.exists(out / "report" / "index.html")
     meta = json.load(open(out / "preprocessing_metadata.json"))
-    assert sum(meta["splits"][s]["windows"] for s in spec.SPLIT_NAMES) == sum(
-        json.load(open(p))["windows"] for p in storage.list_files(f"{out}/cases/_done/*.json"))
+    markers = [json.load(open(p)) for p in storage.list_files(f"{out}/cases/_done/*.json")]
+    assert sum(meta["splits"][s]["windows"] for s in spec.SPLIT_NAMES) == sum(m["windows"] for m in markers)
+    # Each case's steps are timed where they ran (a worker process, not this
+    # one) and summed into the metadata; stage 2 reports its shard writing.
+    steps = ("load", "parse", "transform", "encode", "compress", "write")
+    ok = [m for m in markers if m["status"] == "ok"]
+    assert len(ok) == 3 and all(m["worker"] != os.getpid() and isinstance(m["worker"], int) for m in ok)
+    for m in ok:
+        t = m["timings"]
+        assert set(t) == set(steps) and all(v >= 0 for v in t.values())
+        assert 0 < t["parse"] <= t["load"] and t["compress"] > 0
+    total = meta["timings"]["case_steps_s"]
+    for k in steps:
+        assert total[k] == pytest.approx(sum(m["timings"].get(k, 0) for m in markers), abs=0.01)
+    assert 0 < meta["timings"]["stage2_shard_write_s"] <= meta["timings"]["stage2_s"]

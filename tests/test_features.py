@@ -148,3 +148,23 @@ def test_static_features_and_defaults():
     assert defaulted == ["asa"]
     st, defaulted = features.static_features(None)
     assert st[1] == -1.0 and len(defaulted) == 6
+
+
+def test_case_stats_equal_a_direct_count():
+    from transforms.case import HIST_BINS, case_stats
+    rng = np.random.default_rng(7)
+    T, F = 97, spec.N_FEATURES
+    rules = rng.integers(0, len(features.RULE_NAMES), (T, F)).astype(np.int8)
+    source = rng.integers(-1, 3, (T, F)).astype(np.int8)
+    filled = rng.uniform(-50, 400, (T, F))
+    norm = features.normalise_timeseries(filled)
+    st = case_stats(filled, norm, rules, source)
+    assert st["seconds"] == T
+    for f in range(F):
+        assert st["rules"][f] == [int((rules[:, f] == r).sum()) for r in range(len(features.RULE_NAMES))]
+        assert st["sources"][f] == [int((source[:, f] == k).sum()) for k in range(3)]
+        assert sum(st["hist"][f]) == T
+        assert st["hist"][f][0] == int((norm[:, f] < -1 + 2 / HIST_BINS).sum())
+        assert st["hist"][f][-1] == int((norm[:, f] >= 1 - 2 / HIST_BINS).sum())
+        lo, hi = spec.TIMESERIES[f].norm
+        assert st["clipped"][f] == int(((filled[:, f] < lo) | (filled[:, f] > hi)).sum())

@@ -178,6 +178,7 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
     raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan, dtype=np.float64)
     t1 = time.perf_counter()
     cols = vf.to_numpy(found, 1)
+    del vf  # freeing vitaldb's parsed records (many small objects) is part of parsing too
     parse += time.perf_counter() - t1
     if cols.ndim == 1:
         cols = cols[:, None]
