@@ -43,7 +43,7 @@ class ArraysCoder(beam.coders.Coder):
     Beam estimates the size of sampled elements between fused steps by
     encoding them: all of the first 10 per output, then ~10/N. With the
     default coder that pickled megabytes of arrays per sampled case (about
-    7 ms per 4-hour case in a 40-case run, measured with py-spy)."""
+    4 ms per 4-hour case in a 40-case run, measured with py-spy)."""
 
     def encode(self, value) -> bytes:
         return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
