@@ -176,7 +176,7 @@ def lead(root: str, hp: dict, case_ids: list[int], output: str) -> int:
         return rc
     meta = storage.read_json(storage.join(output, storage.METADATA_NAME))
     rate = cli.success_rate(meta)
-    min_rate = float(hp.get("min_success_rate", 0.95))
+    min_rate = float(hp.get("min_success_rate", cli.DEFAULT_MIN_SUCCESS_RATE))
     if rate < min_rate:
         write_failure(root, f"success rate {rate:.1%} is below {min_rate:.0%}: failed cases "
                             f"{[f['case_id'] for f in meta['cases']['failed']][:30]}")

@@ -43,6 +43,7 @@ from transforms.windows import parse_split
 _LOG = logging.getLogger("master_poc")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
+DEFAULT_MIN_SUCCESS_RATE = 0.95
 TIMINGS: dict[str, float] = {}  # wall seconds of this invocation's steps, written into the metadata
 COMMANDS = ("run", "finalize", "verify", "inspect")
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cases", help='case ids, e.g. "1-10,17,0022" (default: every case in --input)')
     ap.add_argument("--num-shards", type=int, default=0,
                     help="files per split (default 0: about %d windows per file)" % stage2.WINDOWS_PER_SHARD)
-    ap.add_argument("--min-success-rate", type=float, default=0.95,
+    ap.add_argument("--min-success-rate", type=float, default=DEFAULT_MIN_SUCCESS_RATE,
                     help="exit 1 if ok/(ok+failed) is below this; too-short cases count neither way (default %(default)s)")
     ap.add_argument("--sample-cases", type=int, default=20, help="cases to generate when --input is not given")
     ap.add_argument("--sample-dir", help="where to generate the sample (default: a new temp folder)")
@@ -362,7 +363,7 @@ def _interrupted(sup: Supervisor, args, output: str, started: str, t0: float) ->
     return EXIT_INTERRUPTED
 
 
-def _stage1_summary(args, output: str, case_ids: list[int], counts: dict, t0: float) -> int:
+def _stage1_summary(output: str, case_ids: list[int], counts: dict, t0: float) -> int:
     done = storage.marker_ids(output, storage.DONE) & set(case_ids)
     failed = storage.read_markers(output, storage.FAILED, sorted((storage.marker_ids(output, storage.FAILED)
                                                                    & set(case_ids)) - done))
@@ -418,7 +419,7 @@ def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
     TIMINGS["stage1_s"] = round(time.time() - t1, 3)
     progress()
     if args.no_finalize:
-        return _stage1_summary(args, output, case_ids, counts, t0)
+        return _stage1_summary(output, case_ids, counts, t0)
     print(f"stage 2: writing splits to {output}", flush=True)
     meta = finalize(sup, args, beam_args, output, settings, requested=case_ids, started=started,
                     input_dir=input_dir, clinical_path=clinical_path)

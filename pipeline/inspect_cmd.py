@@ -9,6 +9,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import storage
 from transforms import encode
+from transforms.features import denormalise
 
 
 def locate(path: str) -> tuple[list[str], str]:
@@ -25,28 +26,35 @@ def locate(path: str) -> tuple[list[str], str]:
 
 
 def denorm(values: np.ndarray, norm: dict) -> np.ndarray:
-    return norm["lo"] + (values + 1.0) * (norm["hi"] - norm["lo"]) / 2.0
+    """De-normalise with a range as the metadata writes it ({"lo", "hi"})."""
+    return denormalise(values, norm["lo"], norm["hi"])
 
 
-def inspect(path: str, n_examples: int = 2, seconds=(0, 149, 299), out=None) -> int:
+def inspect(path: str, n_examples: int = 2, seconds=None, out=None) -> int:
+    """`seconds`: the seconds of each window to show (default: first, middle, last)."""
     import sys
     out = out or sys.stdout
     files, root = locate(path)
     meta = storage.read_json(storage.join(root, storage.METADATA_NAME))
     fmt, sp = meta["format"], meta["spec"]
     window, n_feat = fmt["shapes"]["timeseries"]
+    secs = [s for s in (seconds or (0, window // 2 - 1, window - 1)) if 0 <= s < window]
     dec = encode.examples_decoder({name: f["type"] for name, f in fmt["features"].items()})
     print(f"output {root}: status {meta['status']}, settings {meta['settings']}", file=out)
     print("(values are de-normalised; a value exactly at a range edge may have been clipped there)", file=out)
     total, shown = 0, 0
     for f in files:
+        records, count = [], 0  # count every record, keep only those to show
         with FileSystems.open(f, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            records = list(encode.iter_records(fh))
-        total += len(records)
-        print(f"{f}: {len(records)} examples", file=out)
-        if shown >= n_examples or not records:
+            for rec in encode.iter_records(fh):
+                if count < n_examples - shown:
+                    records.append(rec)
+                count += 1
+        total += count
+        print(f"{f}: {count} examples", file=out)
+        if not records:
             continue
-        rb = dec.DecodeBatch(records[: n_examples - shown])
+        rb = dec.DecodeBatch(records)
         for i in range(rb.num_rows):
             row = {name: np.asarray(rb.column(name)[i].as_py()) for name in fmt["features"]}
             shown += 1
@@ -61,7 +69,6 @@ def inspect(path: str, n_examples: int = 2, seconds=(0, 149, 299), out=None) -> 
                 else:
                     static.append(f"{st['name']}={denorm(v, st['norm']):.1f}")
             print("  static: " + ", ".join(static), file=out)
-            secs = [s for s in seconds if s < window]
             print("  " + "feature".ljust(18) + "unit".ljust(11) + "".join(f"t+{s}s".rjust(10) for s in secs), file=out)
             for j, feat in enumerate(sp["timeseries"]):
                 vals = denorm(ts[secs, j], feat["norm"])

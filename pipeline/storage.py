@@ -25,7 +25,8 @@ from typing import Iterable, Optional
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.localfilesystem import LocalFileSystem
+
+from transforms.load import is_local  # one helper for the loader and the pipeline
 
 DONE, FAILED = "_done", "_failed"
 METADATA_NAME = "preprocessing_metadata.json"
@@ -34,10 +35,6 @@ SCHEMA_NAME = "schema.pbtxt"
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
-
-
-def is_local(path: str) -> bool:
-    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
 
 
 def cases_dir(out: str) -> str:

@@ -3,19 +3,19 @@ gs://) parsed by the `vitaldb` library, and the clinical table.
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import logging
 import math
 import os
-import shutil
 import tempfile
 import threading
 import time
 import types
 import zlib
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import pandas as pd
@@ -108,25 +108,29 @@ def _install_tracked_gzip() -> None:
 _install_tracked_gzip()
 
 
-def _local_copy(path: str, tmpdir: str) -> tuple[str, int]:
-    """A local path to parse: the file itself, or a worker-local copy of a
-    remote one (s3://, gs://), streamed without decompressing."""
-    if storage_is_local(path):
-        return path, os.path.getsize(path)
-    dst = os.path.join(tmpdir, "case.vital")
-    size = 0
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(dst, "wb") as out:
-        while True:
-            chunk = src.read(_CHUNK)
-            if not chunk:
-                break
-            size += len(chunk)
-            out.write(chunk)
-    return dst, size
-
-
-def storage_is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
     return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[tuple[str, int]]:
+    """(a local path to parse, file size): the file itself, or a worker-local
+    copy of a remote one (s3://, gs://), streamed without decompressing and
+    removed afterwards."""
+    if is_local(path):
+        yield path, os.path.getsize(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="master-poc-case-") as tmpdir:
+        dst = os.path.join(tmpdir, "case.vital")
+        size = 0
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(dst, "wb") as out:
+            while True:
+                chunk = src.read(_CHUNK)
+                if not chunk:
+                    break
+                size += len(chunk)
+                out.write(chunk)
+        yield dst, size
 
 
 def parse_vital(local: str) -> vitaldb.VitalFile:
@@ -160,14 +164,10 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
     """
     t0 = time.perf_counter()
     path = find_case_file(input_dir, case_id)
-    tmpdir = tempfile.mkdtemp(prefix=f"case{case_id}-")
-    try:
-        local, size = _local_copy(path, tmpdir)
+    with local_file(path) as (local, size):
         t1 = time.perf_counter()
         vf = parse_vital(local)
         parse = time.perf_counter() - t1
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
     if not (vf.dtend > vf.dtstart):
         raise CaseError("corrupt_file", "no valid .vital header (dtstart/dtend)")
     # Only exact names: vitaldb matches by suffix and could hand us another track.
