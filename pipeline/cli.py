@@ -260,6 +260,9 @@ def print_summary(meta: dict, counts: dict[str, int], elapsed: float, out=None) 
         print(f"  {w(s)} -> {storage.split_dir(meta['output'], s)}/ ({len(meta['splits'][s]['files'])} file(s))", file=out)
     if c["static_defaults"]:
         print(f"  static defaults used: {c['static_defaults']}", file=out)
+    for cid, bad in c["static_implausible"].items():
+        print(f"  case {cid}: clinical entry error(s) treated as missing: "
+              + ", ".join(f"{k}={v!r}" for k, v in bad.items()), file=out)
     if meta["verification"] and not meta["verification"]["ok"]:
         for prob in meta["verification"]["problems"]:
             print(f"  VERIFY FAILED: {prob}", file=out)
@@ -415,7 +418,7 @@ def _run(sup: Supervisor, args, beam_args, t0: float, started: str) -> int:
     sup.progress, sup.progress_interval_s = progress, args.progress_interval
     t1 = time.time()
     counts = _run_supervised(sup, job_payload(1, args, beam_args, output, settings, case_ids=case_ids,
-                                              input=input_dir, clinical={str(k): v for k, v in clinical.items()}))
+                                              input=input_dir, clinical=clinical.to_json()))
     TIMINGS["stage1_s"] = round(time.time() - t1, 3)
     progress()
     if args.no_finalize:

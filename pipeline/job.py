@@ -10,6 +10,7 @@ import sys
 
 from pipeline import cli, stage1, stage2
 from transforms.case import Settings
+from transforms.load import ClinicalTable
 
 
 def settings_from_dict(d: dict) -> Settings:
@@ -24,7 +25,7 @@ def main(path: str) -> int:
     p = cli.make_pipeline(job["beam_args"])
     settings = settings_from_dict(job["settings"])
     if job["stage"] == 1:
-        clinical = {int(k): v for k, v in job["clinical"].items()}
+        clinical = ClinicalTable.from_json(job["clinical"])
         stage1.build_stage1(p, job["case_ids"], job["input"], job["output"], settings, clinical,
                             stop_file=job["stop_file"])
     else:

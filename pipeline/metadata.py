@@ -91,6 +91,10 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
             "failed": [{"case_id": c, "reason": f["reason"], "detail": f["detail"]} for c, f in sorted(failed.items())],
             "not_done": not_done or [],
             "static_defaults": {str(c): m["static_defaults"] for c, m in sorted(done.items()) if m.get("static_defaults")},
+            # Clinical entry errors (outside the plausible range, not a number, a sex other
+            # than M/F): treated as missing, so their features are in static_defaults too.
+            "static_implausible": {str(c): m["static_implausible"] for c, m in sorted(done.items())
+                                   if m.get("static_implausible")},
             "dose_weight_default": sorted(c for c, m in done.items() if m.get("dose_weight_default")),
             "no_clinical_row": sorted(c for c, m in done.items() if m.get("no_clinical_row")),
         },

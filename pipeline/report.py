@@ -59,6 +59,7 @@ def combine(done: dict[int, dict], failed: dict[int, dict], splits=spec.SPLIT_NA
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
         "cases": [{"case_id": c, "split": m.get("split"), "status": m.get("status"), "windows": m.get("windows", 0),
                    "duration_s": m.get("duration_s"), "static_defaults": m.get("static_defaults", []),
+                   "static_implausible": m.get("static_implausible", {}),
                    "no_clinical_row": m.get("no_clinical_row", False)} for c, m in sorted(done.items())],
         "failed": [{"case_id": c, "reason": f["reason"], "detail": f["detail"]} for c, f in sorted(failed.items())],
         "failed_by_reason": {r: sum(1 for f in failed.values() if f["reason"] == r)
@@ -146,9 +147,9 @@ metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</
 <img alt="distributions of normalised values per split" src="{img_hist}">
 <h2 id="cases">Cases</h2>
 <p>{n_ok} cases with windows, {n_short} too short for one window, {n_failed} failed.
-Static defaults used: {defaults}.</p>
+Static defaults used: {defaults}. Clinical entry errors (implausible values, treated as missing): {implausible}.</p>
 <table><tr><th>case</th><th class="l">split</th><th class="l">status</th><th>windows</th><th>minutes</th>
-<th class="l">static defaults</th></tr>{case_rows}</table>
+<th class="l">static defaults</th><th class="l">clinical entry errors</th></tr>{case_rows}</table>
 <h2 id="failed">Failed cases</h2>
 <table><tr><th>case</th><th class="l">reason</th><th class="l">detail</th></tr>{failed_rows}</table>
 <p>By reason: {failed_by_reason}</p>
@@ -185,7 +186,9 @@ def render_html(q: dict, title: str, status: str) -> str:
     case_rows = "".join(
         f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
         f"<td>{c['windows']}</td><td>{(c['duration_s'] or 0) / 60:.0f}</td>"
-        f"<td class='l'>{e(', '.join(c['static_defaults']) + (' (no clinical row)' if c['no_clinical_row'] else ''))}</td></tr>"
+        f"<td class='l'>{e(', '.join(c['static_defaults']) + (' (no clinical row)' if c['no_clinical_row'] else ''))}</td>"
+        f"<td class='l{' warn' if c['static_implausible'] else ''}'>"
+        f"{e(', '.join(f'{k}={v!r}' for k, v in c['static_implausible'].items()))}</td></tr>"
         for c in q["cases"])
     failed_rows = "".join(f"<tr><td>{f['case_id']}</td><td class='l'>{e(f['reason'])}</td>"
                           f"<td class='l'>{e(f['detail'])}</td></tr>" for f in q["failed"]) or \
@@ -198,7 +201,8 @@ def render_html(q: dict, title: str, status: str) -> str:
         clip_heads="".join(f"<th>clipped ({e(s)})</th>" for s in splits), feature_rows=feature_rows,
         n_ok=sum(1 for c in q["cases"] if c["status"] == "ok"),
         n_short=sum(1 for c in q["cases"] if c["status"] == "too_short"), n_failed=len(q["failed"]),
-        defaults=f"{defaults} cases", case_rows=case_rows, failed_rows=failed_rows,
+        defaults=f"{defaults} cases", implausible=f"{sum(1 for c in q['cases'] if c['static_implausible'])} cases",
+        case_rows=case_rows, failed_rows=failed_rows,
         failed_by_reason=e(json.dumps(q["failed_by_reason"])) or "none")
 
 

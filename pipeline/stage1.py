@@ -22,7 +22,7 @@ from pipeline import s3, storage
 from transforms import encode
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
 from transforms.case import CaseWindows, Settings
-from transforms.load import RawCase
+from transforms.load import ClinicalTable, RawCase
 
 _LOG = logging.getLogger(__name__)
 
@@ -120,9 +120,9 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
             | "SkipCommitted" >> beam.ParDo(SkipCommitted(output, stop_file)))
-    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir)).with_output_types(RawCase)
+    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir), clinical).with_output_types(RawCase)
               .with_outputs(FAILED, main="ok"))
-    transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings), clinical)
+    transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))
                    .with_output_types(CaseWindows).with_outputs(FAILED, main="ok"))
     encoded = transformed.ok | "EncodeCase" >> beam.ParDo(EncodeCase()).with_outputs(FAILED, main="ok")
     committed = encoded.ok | "CommitCases" >> beam.ParDo(CommitCases(output))
@@ -133,7 +133,7 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
 
 
 def build_stage1(pipeline: beam.Pipeline, case_ids: list[int], input_dir: str, output: str,
-                 settings: Settings, clinical: dict, stop_file: Optional[str] = None) -> beam.Pipeline:
+                 settings: Settings, clinical: ClinicalTable, stop_file: Optional[str] = None) -> beam.Pipeline:
     """Adds stage 1 to `pipeline` (unrun) and returns it."""
     ids = pipeline | "ReadCases" >> beam.Create(case_ids, reshuffle=False)
     side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([clinical], reshuffle=False))

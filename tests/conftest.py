@@ -13,27 +13,51 @@ from pipeline import sample
 
 GOOD = [1, 2, 3, 4, 5, 6, 7, 8]
 TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, SHORT, NO_ROW, MISSING = 101, 102, 103, 104, 105, 106, 107
-ALL_CASES = GOOD + [TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, SHORT, NO_ROW, MISSING]
+IMPLAUSIBLE, DUPLICATE_ROW, NOT_VITAL = 108, 109, 110
+ALL_CASES = GOOD + [TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, SHORT, NO_ROW, MISSING, IMPLAUSIBLE, DUPLICATE_ROW,
+                    NOT_VITAL]
+# A Philips monitor's tracks as Vital Recorder names them: a valid file with none of our tracks.
+INTELLIVUE_TRACKS = ["Intellivue/ECG_HR", "Intellivue/HR", "Intellivue/ABP_SYS", "Intellivue/ABP_DIA",
+                     "Intellivue/ABP_MEAN", "Intellivue/NIBP_SYS", "Intellivue/NIBP_DIA", "Intellivue/NIBP_MEAN",
+                     "Intellivue/PLETH_SAT_O2", "Intellivue/PLETH_HR", "Intellivue/RR", "Intellivue/TEMP",
+                     "Intellivue/CVP_MEAN", "Intellivue/ST_II"]
+# Entry errors of the clinical table (contract 1.1): all treated as missing.
+IMPLAUSIBLE_ROW = {"weight": 900.0, "height": 500.0, "age": 430.0, "asa": 7.0, "sex": " m "}
+
+
+def write_foreign_monitor_file(path: str, tracks=INTELLIVUE_TRACKS, seconds: int = 1200) -> None:
+    """A .vital file another monitor wrote, made like a user would with the
+    library: tracks added, the header's times left to vitaldb."""
+    vf = vitaldb.VitalFile()
+    t0 = 4102444800.0
+    for name in tracks:
+        vf.add_track(name, [{"dt": t0 + t, "val": 1.0} for t in range(0, seconds, 2)], unit="")
+    vf.to_vital(path)
 
 
 def write_dataset(folder: str, good=GOOD, duration_s: int = 1500) -> str:
     """Good cases (with a missing weight and a missing ASA), plus broken ones."""
-    sample.write_sample(folder, list(good) + [SHORT, NO_ROW], duration_s, short_case=SHORT,
-                        missing_weight=good[1], missing_asa=good[2], no_clinical_row=NO_ROW)
+    sample.write_sample(folder, list(good) + [SHORT, NO_ROW, IMPLAUSIBLE, DUPLICATE_ROW], duration_s,
+                        short_case=SHORT, missing_weight=good[1], missing_asa=good[2], no_clinical_row=NO_ROW)
     # Truncated: the first third of a real file.
     src = open(os.path.join(folder, f"{good[0]:04d}.vital"), "rb").read()
     open(os.path.join(folder, f"{TRUNCATED:04d}.vital"), "wb").write(src[: len(src) // 3])
     open(os.path.join(folder, f"{BAD_MAGIC:04d}.vital"), "wb").write(b"PK\x03\x04 this is a zip, not a vital file")
     open(os.path.join(folder, f"{EMPTY:04d}.vital"), "wb").write(b"")
-    vf = vitaldb.VitalFile()
-    vf.dtstart, vf.dtend = 4102444800.0, 4102444800.0 + 1200
-    vf.add_track("Demo/UNRELATED", [{"dt": vf.dtstart + t, "val": 1.0} for t in range(0, 1200, 2)])
-    vf.to_vital(os.path.join(folder, f"{NO_TRACKS:04d}.vital"))
+    write_foreign_monitor_file(os.path.join(folder, f"{NO_TRACKS:04d}.vital"))
+    import gzip
+    with gzip.open(os.path.join(folder, f"{NOT_VITAL:04d}.vital"), "wb") as fh:
+        fh.write(b"caseid,age\n1,50\n")  # gzip, but not a .vital file
     # Rows for the broken cases too, so only the file is at fault.
     df = pd.read_csv(os.path.join(folder, "clinical_data.csv"))
-    extra = df.iloc[[0] * 4].copy()
-    extra["caseid"] = [TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS]
-    pd.concat([df, extra]).to_csv(os.path.join(folder, "clinical_data.csv"), index=False)
+    extra = df.iloc[[0] * 5].copy()
+    extra["caseid"] = [TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, NOT_VITAL]
+    df = df.astype({"sex": object})
+    df.loc[df["caseid"] == IMPLAUSIBLE, list(IMPLAUSIBLE_ROW)] = list(IMPLAUSIBLE_ROW.values())
+    df.loc[df["caseid"] == IMPLAUSIBLE, "bmi"] = None
+    same = df[df["caseid"] == GOOD[0]]  # an identical duplicate row is one row
+    other = df[df["caseid"] == DUPLICATE_ROW].assign(weight=lambda d: d["weight"] + 10)
+    pd.concat([df, extra, same, other]).to_csv(os.path.join(folder, "clinical_data.csv"), index=False)
     return folder
 
 

@@ -6,24 +6,27 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from conftest import BAD_MAGIC, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
+from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
 from pipeline import stage1, stage2, storage
 from transforms.beam import FAILED, ArraysCoder, LoadCase, TransformCase
 from transforms.case import CaseWindows, Settings
-from transforms.load import RawCase, read_clinical
+from transforms.load import ClinicalTable, RawCase, read_clinical
 
 OPTS = ["--direct_running_mode=in_memory"]
 
 
 def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
+    clinical = read_clinical(f"{dataset}/clinical_data.csv")
     with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
-        res = (p | beam.Create([1, TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, MISSING])
-               | beam.ParDo(LoadCase(dataset)).with_outputs(FAILED, main="ok"))
-        assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0)), equal_to([(1, True)]),
-                    label="Loaded")
+        side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
+        res = (p | beam.Create([1, TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, MISSING, DUPLICATE_ROW])
+               | beam.ParDo(LoadCase(dataset), side).with_outputs(FAILED, main="ok"))
+        assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0, r.row["caseid"])),
+                    equal_to([(1, True, 1)]), label="Loaded")
         assert_that(res[FAILED] | beam.Map(lambda f: (f["case_id"], f["reason"])),
                     equal_to([(TRUNCATED, "corrupt_file"), (BAD_MAGIC, "corrupt_file"), (EMPTY, "corrupt_file"),
-                              (NO_TRACKS, "no_tracks"), (MISSING, "missing_file")]), label="Failed")
+                              (NO_TRACKS, "no_tracks"), (MISSING, "missing_file"),
+                              (DUPLICATE_ROW, "duplicate_clinical_row")]), label="Failed")
 
 
 def test_transform_case_uses_the_clinical_side_input(dataset):
@@ -31,8 +34,8 @@ def test_transform_case_uses_the_clinical_side_input(dataset):
     with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
         res = (p | beam.Create([2, SHORT, NO_ROW])
-               | beam.ParDo(LoadCase(dataset))
-               | beam.ParDo(TransformCase(Settings()), side))
+               | beam.ParDo(LoadCase(dataset), side)
+               | beam.ParDo(TransformCase(Settings())))
         assert_that(res | beam.Map(lambda cw: (cw.case_id, cw.info["windows"], cw.info["dose_weight_default"],
                                                cw.info["no_clinical_row"])),
                     equal_to([(2, (1500 - 301) // 30 + 1, True, False), (SHORT, 0, False, False),
@@ -63,7 +66,7 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     """Runner-neutral: pickled DoFns, side inputs, no driver-only objects."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
     p = beam.Pipeline(options=PipelineOptions(OPTS))
-    stage1.build_stage1(p, [1, 2], dataset, str(tmp_path), Settings(), {1: {"weight": 70}})
+    stage1.build_stage1(p, [1, 2], dataset, str(tmp_path), Settings(), ClinicalTable("c.csv", {1: {"weight": 70}}))
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
     for label in ("ReadCases", "ProcessCases/LoadCase", "ProcessCases/TransformCase", "ProcessCases/CommitCases",

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (ALL_CASES, BAD_MAGIC, EMPTY, GOOD, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED,
-                      examples_by_key, read_examples)
+from conftest import (ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
+                      NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, examples_by_key, read_examples)
 from pipeline import storage
 from pipeline.cli import main
 from transforms import features, load, spec
@@ -16,6 +16,8 @@ from transforms.case import Settings, process_case
 from transforms.windows import assign_split
 
 INMEM = "--direct_running_mode=in_memory"
+EXPECTED_FAILURES = {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file", NOT_VITAL: "corrupt_file",
+                     NO_TRACKS: "no_tracks", MISSING: "missing_file", DUPLICATE_ROW: "duplicate_clinical_row"}
 
 
 def split_files(out, split):
@@ -42,15 +44,14 @@ def test_run_writes_correct_splits_metadata_and_schema(run_output):
             cid = int(e["case_id"][0])
             assert seen.setdefault(cid, s) == s, f"case {cid} in two splits"
             assert assign_split(cid) == s
-    assert sorted(seen) == sorted(GOOD + [NO_ROW])
+    assert sorted(seen) == sorted(GOOD + [NO_ROW, IMPLAUSIBLE])
     for cid in seen:
         assert sum(1 for e in exs[seen[cid]] if e["case_id"][0] == cid) == (1500 - 301) // 30 + 1
     failed = {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]}
-    assert failed == {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file",
-                      NO_TRACKS: "no_tracks", MISSING: "missing_file"}
+    assert failed == EXPECTED_FAILURES
     assert meta["cases"]["too_short"] == [SHORT]
     assert meta["cases"]["no_clinical_row"] == [NO_ROW]
-    assert meta["cases"]["dose_weight_default"] == sorted([GOOD[1], NO_ROW])
+    assert meta["cases"]["dose_weight_default"] == sorted([GOOD[1], NO_ROW, IMPLAUSIBLE])
     assert meta["cases"]["static_defaults"][str(GOOD[2])] == ["asa"]
     assert [f["name"] for f in meta["spec"]["timeseries"]] == list(spec.FEATURE_NAMES)
     assert meta["settings"]["window"] == 300 and meta["settings"]["split_seed"] == 42
@@ -66,7 +67,7 @@ def test_examples_hold_the_case_values_in_order(run_output, dataset):
     split = assign_split(cid)
     ex = examples_by_key(read_examples(split_files(out, split)))
     rc = load.load_case(dataset, cid)
-    cw = process_case(cid, rc.raw, load.read_clinical(f"{dataset}/clinical_data.csv")[cid], Settings())
+    cw = process_case(cid, rc.raw, load.read_clinical(f"{dataset}/clinical_data.csv").row(cid), Settings())
     e = ex[(cid, 60)]
     np.testing.assert_allclose(e["timeseries"], cw.timeseries[2], atol=0)
     np.testing.assert_allclose(e["targets"], cw.targets[2], atol=0)
@@ -83,8 +84,8 @@ def test_rerun_does_no_new_work_and_gives_the_same_examples(run_output, dataset,
     rc2 = main(["--input", dataset, "--output", out, "--cases", ",".join(map(str, ALL_CASES)),
                 "--min-success-rate", "0", INMEM])
     assert rc2 == 0
-    # 8 good + NO_ROW + SHORT have done markers; the 5 failed cases are tried again.
-    assert "10 skipped (already committed)" in capsys.readouterr().out
+    # 8 good + NO_ROW + SHORT + IMPLAUSIBLE have done markers; the 7 failed cases are tried again.
+    assert "11 skipped (already committed)" in capsys.readouterr().out
     assert {p: os.path.getmtime(p) for p in storage.list_files(f"{out}/cases/_done/*.json")} == done_mtimes
     after = {s: examples_by_key(v) for s, v in all_examples(out).items()}
     for s in spec.SPLIT_NAMES:
@@ -205,3 +206,53 @@ def test_multi_process_run_via_the_console_script(tmp_path):
     for k in steps:
         assert total[k] == pytest.approx(sum(m["timings"].get(k, 0) for m in markers), abs=0.01)
     assert 0 < meta["timings"]["stage2_shard_write_s"] <= meta["timings"]["stage2_s"]
+
+
+def test_other_monitors_files_fail_as_no_tracks_naming_their_tracks(dataset, tmp_path):
+    from conftest import INTELLIVUE_TRACKS, write_foreign_monitor_file
+    with pytest.raises(load.CaseError) as err:
+        load.load_case(dataset, NO_TRACKS)
+    assert err.value.code == "no_tracks"
+    detail = err.value.detail
+    assert "has 14 track(s): " + ", ".join(INTELLIVUE_TRACKS[:12]) + " and 2 more" in detail
+    # A few tracks: all named, no count.
+    write_foreign_monitor_file(str(tmp_path / "0001.vital"), ["GE/HR", "GE/NIBP_SYS"])
+    with pytest.raises(load.CaseError) as err:
+        load.load_case(str(tmp_path), 1)
+    assert err.value.code == "no_tracks" and err.value.detail.endswith("has 2 track(s): GE/HR, GE/NIBP_SYS")
+    # corrupt_file only when it really is: a gzip file that is not a .vital file, a damaged stream.
+    with pytest.raises(load.CaseError) as err:
+        load.load_case(dataset, NOT_VITAL)
+    assert err.value.code == "corrupt_file" and "no VITA signature" in err.value.detail
+    data = bytearray(open(f"{dataset}/{GOOD[0]:04d}.vital", "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(tmp_path / "0002.vital", "wb").write(bytes(data))
+    with pytest.raises(load.CaseError) as err:
+        load.load_case(str(tmp_path), 2)
+    assert err.value.code == "corrupt_file"
+
+
+def test_clinical_entry_errors_are_missing_listed_and_shown(run_output, capsys):
+    _, out = run_output
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert meta["cases"]["static_implausible"] == {str(IMPLAUSIBLE): {k: v for k, v in IMPLAUSIBLE_ROW.items()
+                                                                    if k != "sex"}}
+    assert meta["cases"]["static_defaults"][str(IMPLAUSIBLE)] == ["age", "height", "weight", "bmi", "asa"]
+    assert IMPLAUSIBLE in meta["cases"]["dose_weight_default"]
+    assert meta["settings"]["spec_version"] == "1.1"
+    dup = next(f for f in meta["cases"]["failed"] if f["case_id"] == DUPLICATE_ROW)
+    assert "weight" in dup["detail"] and "data rows" in dup["detail"]
+    html = open(f"{out}/report/index.html").read()
+    assert "weight=900.0" in html
+    q = json.load(open(f"{out}/report/quality.json"))
+    assert next(c for c in q["cases"] if c["case_id"] == IMPLAUSIBLE)["static_implausible"]["weight"] == 900.0
+
+
+def test_output_of_an_older_contract_is_refused_without_overwrite(dataset, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 0
+    settings = json.load(open(out / "cases" / "_settings.json"))
+    json.dump(dict(settings, spec_version="1.0"), open(out / "cases" / "_settings.json", "w"))
+    assert main(["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 2
+    assert "spec_version" in capsys.readouterr().err
+    assert main(["--input", dataset, "--output", str(out), "--cases", "1", "--overwrite", INMEM]) == 0

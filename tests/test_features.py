@@ -168,3 +168,57 @@ def test_case_stats_equal_a_direct_count():
         assert st["hist"][f][-1] == int((norm[:, f] >= 1 - 2 / HIST_BINS).sum())
         lo, hi = spec.TIMESERIES[f].norm
         assert st["clipped"][f] == int(((filled[:, f] < lo) | (filled[:, f] > hi)).sum())
+
+
+# ---- clinical entry errors (contract 1.1) ------------------------------------
+
+def test_implausible_clinical_values_are_missing_and_listed():
+    row = {"age": 430, "sex": " m ", "height": 500, "weight": 900, "bmi": None, "asa": 7}
+    cv = features.clean_clinical(row)
+    assert cv.values == {"age": None, "sex": "M", "height": None, "weight": None, "bmi": None, "asa": None}
+    assert cv.implausible == {"age": 430, "height": 500, "weight": 900, "asa": 7}
+    st, defaulted = features.static_features(row)
+    assert defaulted == ["age", "height", "weight", "bmi", "asa"]
+    np.testing.assert_allclose(st, [(50 / 120) * 2 - 1, 1.0, (70 / 130) * 2 - 1, (50 / 180) * 2 - 1,
+                                    (14.2 / 40) * 2 - 1, (1 / 5) * 2 - 1], rtol=1e-6)
+    # Dose weight and IBW take the defaults too: a 900 kg entry no longer divides doses by 13.
+    assert features.dose_weight(row) == (70.0, True)
+    assert features.ideal_body_weight(row["height"], row["sex"]) == pytest.approx(50 + 0.9055 * (170 - 152.4))
+    v, _ = features.select_sources(raw_with("Orchestra/PPF20_RATE", [10.0]), *[features.dose_weight(row)[0]] * 2)
+    assert feature_col(v, "Propofol_INF")[0] == pytest.approx(10 * 20 / 70)
+
+
+@pytest.mark.parametrize("column,value,plausible", [
+    ("age", 0, True), ("age", 120, True), ("age", -1, False), ("age", 120.5, False),
+    ("height", 30, True), ("height", 250, True), ("height", 29.9, False), ("height", 251, False),
+    ("weight", 1, True), ("weight", 350, True), ("weight", 0, False), ("weight", 351, False),
+    ("bmi", 5, True), ("bmi", 100, True), ("bmi", 4.9, False), ("bmi", 101, False),
+    ("asa", 1, True), ("asa", 6, True), ("asa", 0, False), ("asa", 7, False),
+    ("weight", "heavy", False), ("weight", " 82 ", True),
+])
+def test_plausible_ranges_are_inclusive(column, value, plausible):
+    cv = features.clean_clinical({column: value})
+    assert (cv.get(column) is not None) == plausible
+    assert (column in cv.implausible) == (not plausible)
+
+
+def test_sex_any_case_and_spaces_else_missing():
+    for raw, want in (("M", "M"), (" f ", "F"), ("m", "M")):
+        assert features.clean_clinical({"sex": raw}).get("sex") == want
+    cv = features.clean_clinical({"sex": "X"})
+    assert cv.get("sex") is None and cv.implausible == {"sex": "X"}
+    assert features.clean_clinical({"sex": None}).implausible == {}  # blank is missing, not an error
+    assert features.static_features({"sex": "unknown"})[0][1] == -1.0  # F
+
+
+def test_bmi_is_derived_only_from_plausible_weight_and_height_and_checked():
+    cv = features.clean_clinical({"weight": 80, "height": 180, "bmi": 900})
+    assert cv.get("bmi") == pytest.approx(80 / 1.8 ** 2) and cv.bmi_derived
+    assert cv.implausible == {"bmi": 900}
+    assert features.static_features({"weight": 80, "height": 180, "bmi": 900})[1] == ["age", "sex", "asa"]
+    # A height entry error: no bmi from it, the default instead.
+    cv = features.clean_clinical({"weight": 80, "height": 18})
+    assert cv.get("bmi") is None and cv.implausible == {"height": 18}
+    # Both plausible but the derived bmi is not (300 kg at 60 cm): checked too.
+    cv = features.clean_clinical({"weight": 300, "height": 60})
+    assert cv.get("bmi") is None and cv.implausible == {"bmi (from weight and height)": round(300 / 0.36, 2)}

@@ -29,7 +29,7 @@ def test_quality_numbers_match_the_metadata(run_output):
     hr = q["features"][0]
     assert 0.3 < hr["measured_share"] < 0.6  # Solar 8000 records every 2 s
     assert hr["sources"] == {"Solar8000/HR": 1.0}
-    assert q["failed_by_reason"] == {"corrupt_file": 3, "missing_file": 1, "no_tracks": 1}
+    assert q["failed_by_reason"] == {"corrupt_file": 4, "missing_file": 1, "no_tracks": 1, "duplicate_clinical_row": 1}
     assert {c["case_id"] for c in q["cases"] if c["no_clinical_row"]} == {NO_ROW}
     # A drug at 0 mg/kg/h sits at -1 but is not "clipped"; ETCO2 0 kPa (no ventilation) is below lo = 2 kPa.
     names = [f["name"] for f in q["features"]]

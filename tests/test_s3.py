@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from conftest import ALL_CASES, BAD_MAGIC, EMPTY, MISSING, NO_TRACKS, TRUNCATED, examples_by_key, read_examples
+from conftest import ALL_CASES, examples_by_key, read_examples
 from pipeline.cli import main
 from s3util import FaultProxy, beam_s3_args, boto_client, download_prefix, upload_dir
 from transforms import spec
@@ -46,9 +46,8 @@ def test_s3_input_clinical_and_output_match_a_local_run(moto_endpoint, s3_bucket
     assert rc == 0
     meta = json.loads(c.get_object(Bucket=s3_bucket, Key="processed/preprocessing_metadata.json")["Body"].read())
     assert meta["status"] == "complete" and meta["verification"]["ok"]
-    assert {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]} == {
-        TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file", NO_TRACKS: "no_tracks",
-        MISSING: "missing_file"}
+    from test_end_to_end import EXPECTED_FAILURES
+    assert {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]} == EXPECTED_FAILURES
     assert_same_examples(s3_examples(c, s3_bucket, "processed", tmp_path), local_examples(run_output[1]))
     keys = [o["Key"] for o in c.list_objects_v2(Bucket=s3_bucket, Prefix="processed/")["Contents"]]
     assert "processed/schema.pbtxt" in keys

@@ -82,3 +82,14 @@ def test_parse_split():
     for bad in ("70,15", "70,20,20", "a,b,c"):
         with pytest.raises(ValueError):
             parse_split(bad)
+
+
+def test_clinical_table_duplicates(tmp_path):
+    from transforms.load import read_clinical
+    p = tmp_path / "c.csv"
+    p.write_text("caseid,age,sex,weight\n1,50,F,60\n2,60,M,80\n1,50,F,60\n3,40,M,70\n3,40,M,75\n")
+    t = read_clinical(str(p))
+    assert t.row(1) == {"caseid": 1, "age": 50, "sex": "F", "weight": 60}  # identical duplicate: one row
+    assert t.row(3) is None and list(t.duplicates) == [3]
+    assert "data rows 4, 5" in t.duplicates[3] and "weight: 70 vs 75" in t.duplicates[3]
+    assert read_clinical(str(p), [1, 2]).duplicates == {}

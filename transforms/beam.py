@@ -18,7 +18,7 @@ from apache_beam import pvalue
 
 from transforms import encode
 from transforms.case import CaseWindows, Settings, process_case
-from transforms.load import CaseError, RawCase, load_case
+from transforms.load import CaseError, ClinicalTable, RawCase, load_case
 
 NAMESPACE = "master_poc"
 FAILED = "failed"
@@ -66,14 +66,20 @@ beam.coders.registry.register_coder(CaseWindows, ArraysCoder)
 
 
 class LoadCase(beam.DoFn):
-    """case id -> RawCase: the `.vital` file via FileSystems, parsed by vitaldb."""
+    """case id + clinical table (side input) -> RawCase: the `.vital` file via
+    FileSystems, parsed by vitaldb, with the case's clinical row. A case with
+    two different clinical rows fails before its file is read."""
 
     def __init__(self, input_dir: str):
         self._input = input_dir
 
-    def process(self, case_id: int):
+    def process(self, case_id: int, clinical: ClinicalTable):
         try:
-            yield load_case(self._input, case_id)
+            if case_id in clinical.duplicates:
+                raise CaseError("duplicate_clinical_row", clinical.duplicates[case_id])
+            rc = load_case(self._input, case_id)
+            rc.row = clinical.row(case_id)
+            yield rc
         except CaseError as e:
             yield pvalue.TaggedOutput(FAILED, failure(case_id, e.code, e.detail))
         except Exception as e:  # dead letter, see _internal
@@ -81,16 +87,16 @@ class LoadCase(beam.DoFn):
 
 
 class TransformCase(beam.DoFn):
-    """RawCase + clinical side input -> CaseWindows (features, imputation,
-    normalisation, windows, targets, split)."""
+    """RawCase -> CaseWindows (features, imputation, normalisation, windows,
+    targets, split)."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
 
-    def process(self, raw_case, clinical: dict):
+    def process(self, raw_case):
         try:
             t = time.perf_counter()
-            cw = process_case(raw_case.case_id, raw_case.raw, clinical.get(raw_case.case_id), self._settings)
+            cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings)
             cw.info["timings"] = dict(raw_case.timings, transform=time.perf_counter() - t)
             yield cw
         except Exception as e:  # dead letter, see _internal

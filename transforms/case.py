@@ -77,11 +77,16 @@ def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: 
             "hist": hist.tolist(), "clipped": clipped.tolist()}
 
 
+def _jsonable(v):
+    return v.item() if hasattr(v, "item") else v
+
+
 def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings: Settings) -> CaseWindows:
     """The whole per-case transform, pure: numpy in, numpy out."""
-    weight, weight_default = features.dose_weight(row or {})
-    ibw = features.ideal_body_weight((row or {}).get("height"), (row or {}).get("sex"))
-    static, static_defaults = features.static_features(row)
+    cv = features.clean_clinical(row)  # entry errors are missing values from here on
+    weight, weight_default = features.dose_weight(cv)
+    ibw = features.ideal_body_weight(cv.get("height"), cv.get("sex"))
+    static, static_defaults = features.static_features(cv)
     T_full = raw.shape[0]
     lo, hi = crop_bounds(T_full, row) if settings.crop_anaesthesia else (0, T_full)
     raw = raw[lo:hi]
@@ -104,6 +109,7 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
         "used_seconds": int(raw.shape[0]),
         "no_clinical_row": row is None,
         "static_defaults": static_defaults,
+        "static_implausible": {k: _jsonable(v) for k, v in cv.implausible.items()},
         "dose_weight_kg": weight,
         "dose_weight_default": weight_default,
         "ibw_kg": ibw,

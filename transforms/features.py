@@ -5,6 +5,7 @@ normalisation and its public inverse. No Python loop over seconds.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import numpy as np
@@ -25,23 +26,83 @@ def _number(value) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
+def _blank(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    return isinstance(value, str) and not value.strip()
+
+
 def _sex(value) -> Optional[str]:
-    s = str(value).strip().upper() if value is not None else ""
+    s = str(value).strip().upper() if not _blank(value) else ""
     return s if s in spec.SEX_CODES else None
 
 
-def dose_weight(row: Mapping) -> tuple[float, bool]:
-    """Weight (kg) for dose conversion and whether the 70 kg default was used."""
-    w = _number(row.get("weight"))
-    if w is not None and w > 0:
+@dataclass(frozen=True)
+class ClinicalValues:
+    """A clinical row read against the contract (1.1): each static column's
+    value if it is present and plausible, else None; and the entry errors,
+    {column: the value as entered}, which are treated exactly as missing."""
+
+    values: dict  # static name -> float, or 'M'/'F' for sex, or None
+    implausible: dict = field(default_factory=dict)
+    bmi_derived: bool = False
+
+    def get(self, name: str):
+        return self.values.get(name)
+
+
+def clean_clinical(row: Optional[Mapping]) -> ClinicalValues:
+    """Plausible values of a clinical row; implausible and non-numeric entries
+    become missing and are listed (a blank cell is missing, not an error)."""
+    row = row or {}
+    values: dict = {}
+    implausible: dict = {}
+    for st in spec.STATIC:
+        raw = row.get(st.column)
+        if st.norm is None:  # sex
+            values[st.name] = _sex(raw)
+            if values[st.name] is None and not _blank(raw):
+                implausible[st.column] = raw
+            continue
+        v = _number(raw)
+        lo, hi = st.plausible
+        if v is not None and lo <= v <= hi:
+            values[st.name] = v
+        else:
+            values[st.name] = None
+            if not _blank(raw):
+                implausible[st.column] = raw
+    derived = False
+    if values["bmi"] is None and values["weight"] is not None and values["height"] is not None:
+        bmi = values["weight"] / (values["height"] / 100.0) ** 2
+        lo, hi = spec.STATIC_BY_NAME["bmi"].plausible
+        if lo <= bmi <= hi:
+            values["bmi"], derived = bmi, True
+        else:
+            implausible["bmi (from weight and height)"] = round(bmi, 2)
+    return ClinicalValues(values, implausible, derived)
+
+
+def _clinical(row) -> ClinicalValues:
+    return row if isinstance(row, ClinicalValues) else clean_clinical(row)
+
+
+def dose_weight(row) -> tuple[float, bool]:
+    """Weight (kg) for dose conversion and whether the 70 kg default was used
+    (no weight, or an implausible one)."""
+    w = _clinical(row).get("weight")
+    if w is not None:
         return w, False
     return spec.DEFAULT_DOSE_WEIGHT_KG, True
 
 
 def ideal_body_weight(height_cm, sex) -> float:
-    """Devine IBW in kg, clamped; missing height 170 cm, missing sex F."""
+    """Devine IBW in kg, clamped; missing (or implausible) height 170 cm, missing sex F."""
     h = _number(height_cm)
-    h = h if h is not None and h > 0 else spec.DEFAULT_HEIGHT_CM
+    lo, hi = spec.STATIC_BY_NAME["height"].plausible
+    h = h if h is not None and lo <= h <= hi else spec.DEFAULT_HEIGHT_CM
     s = _sex(sex) or "F"
     ibw = spec.IBW_BASE_KG[s] + spec.IBW_KG_PER_CM * (h - spec.IBW_REF_CM)
     return float(np.clip(ibw, *spec.IBW_CLAMP_KG))
@@ -67,31 +128,21 @@ def denormalise_feature(norm: np.ndarray, name: str) -> np.ndarray:
     return denormalise(norm, *f.norm)
 
 
-def static_features(row: Optional[Mapping]) -> tuple[np.ndarray, list[str]]:
-    """The 6 normalised static features and the names that fell back to defaults."""
-    row = row or {}
-    raw: dict[str, float] = {}
-    defaulted: list[str] = []
-    for st in spec.STATIC:
-        if st.norm is None:
-            s = _sex(row.get(st.column))
-            v = spec.SEX_CODES[s] if s else st.default
-            ok = s is not None
-        else:
-            v = _number(row.get(st.column))
-            ok = v is not None and (v > 0 or st.name == "age")
-            if st.name == "bmi" and not ok:
-                w, h = _number(row.get("weight")), _number(row.get("height"))
-                if w and h and w > 0 and h > 0:
-                    v, ok = w / (h / 100.0) ** 2, True
-            if not ok:
-                v = st.default
-        raw[st.name] = float(v)
-        if not ok:
-            defaulted.append(st.name)
+def static_features(row) -> tuple[np.ndarray, list[str]]:
+    """The 6 normalised static features and the names that fell back to
+    defaults (missing or implausible; a bmi derived from weight and height
+    is not a default). `row`: a clinical row (mapping) or ClinicalValues."""
+    cv = _clinical(row)
     out = np.empty(spec.N_STATIC, dtype=np.float32)
+    defaulted: list[str] = []
     for i, st in enumerate(spec.STATIC):
-        out[i] = raw[st.name] if st.norm is None else normalise(raw[st.name], *st.norm)
+        v = cv.get(st.name)
+        if v is None:
+            defaulted.append(st.name)
+        if st.norm is None:
+            out[i] = spec.SEX_CODES[v] if v is not None else st.default
+        else:
+            out[i] = normalise(st.default if v is None else v, *st.norm)
     return out, defaulted
 
 

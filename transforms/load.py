@@ -29,6 +29,9 @@ from transforms.cases import case_file_candidates
 
 _LOG = logging.getLogger(__name__)
 _CHUNK = 8 << 20
+# vitaldb's own bound on one recording (7 days); a longer span comes from a
+# bad header time and would allocate a grid of years.
+MAX_RECORDING_S = 7 * 24 * 3600
 
 
 class CaseError(Exception):
@@ -49,6 +52,7 @@ class RawCase:
     file_bytes: int
     # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
     timings: dict = field(default_factory=dict)
+    row: Optional[dict] = None  # the case's clinical row, None if the table has none
 
 
 def find_case_file(input_dir: str, case_id: int) -> str:
@@ -133,19 +137,30 @@ def local_file(path: str) -> Iterator[tuple[str, int]]:
         yield dst, size
 
 
-def parse_vital(local: str) -> vitaldb.VitalFile:
-    """vitaldb parse of our source tracks; CaseError if the file is damaged
-    where our tracks are (see _TrackedGzipFile)."""
+def _check_signature(local: str) -> None:
+    """A .vital file is one gzip stream that starts with b"VITA"."""
     with open(local, "rb") as fh:
         head = fh.read(2)
     if not head:
         raise CaseError("corrupt_file", "empty file")
     if head != b"\x1f\x8b":
         raise CaseError("corrupt_file", "not a gzip/.vital file (wrong magic bytes)")
+    try:
+        with gzip.open(local, "rb") as fh:
+            sign = fh.read(4)
+    except (OSError, EOFError, zlib.error) as e:
+        raise CaseError("corrupt_file", f"damaged gzip stream ({type(e).__name__}: {e})") from None
+    if sign != b"VITA":
+        raise CaseError("corrupt_file", "a gzip file, but not a .vital file (no VITA signature)")
+
+
+def _vitaldb_parse(local: str, **kwargs) -> vitaldb.VitalFile:
+    """vitaldb.VitalFile(local, **kwargs); CaseError if the gzip stream is
+    damaged where vitaldb read it (see _TrackedGzipFile)."""
     with _PARSE_LOCK:
         _READ_ERRORS.error = None
         try:
-            vf = vitaldb.VitalFile(local, track_names=list(spec.SOURCE_TRACKS))
+            vf = vitaldb.VitalFile(local, **kwargs)
         except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
             raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(e).__name__}: {e})") from None
         err = _READ_ERRORS.error
@@ -154,6 +169,27 @@ def parse_vital(local: str) -> vitaldb.VitalFile:
     if err is not None:
         raise CaseError("corrupt_file", f"damaged gzip stream ({type(err).__name__}: {err})")
     return vf
+
+
+def parse_vital(local: str, tracks: list[str]) -> vitaldb.VitalFile:
+    """vitaldb parse of the given tracks (full Device/TRACK names)."""
+    _check_signature(local)
+    return _vitaldb_parse(local, track_names=list(tracks))
+
+
+SHOW_TRACKS = 12
+
+
+def describe_tracks(local: str) -> str:
+    """What a file without any wanted track holds: its track names (the
+    first dozen, then a count), so the device that wrote it is plain to
+    see. Reads the track list only (vitaldb's header_only); failure path."""
+    names = list(_vitaldb_parse(local, header_only=True).trks)
+    if not names:
+        return "the file holds no tracks at all"
+    shown = ", ".join(names[:SHOW_TRACKS])
+    more = f" and {len(names) - SHOW_TRACKS} more" if len(names) > SHOW_TRACKS else ""
+    return f"the file has {len(names)} track(s): {shown}{more}"
 
 
 def load_case(input_dir: str, case_id: int) -> RawCase:
@@ -166,14 +202,20 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
     path = find_case_file(input_dir, case_id)
     with local_file(path) as (local, size):
         t1 = time.perf_counter()
-        vf = parse_vital(local)
+        vf = parse_vital(local, spec.SOURCE_TRACKS)
         parse = time.perf_counter() - t1
+        # Only exact names: vitaldb matches by suffix and could hand us another track.
+        found = [t for t in spec.SOURCE_TRACKS if t in vf.trks]
+        if not found:
+            raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file; "
+                            + describe_tracks(local))
+    if not any(vf.trks[t].recs for t in found):
+        raise CaseError("no_tracks", f"the wanted tracks {found[:SHOW_TRACKS]} hold no records")
     if not (vf.dtend > vf.dtstart):
-        raise CaseError("corrupt_file", "no valid .vital header (dtstart/dtend)")
-    # Only exact names: vitaldb matches by suffix and could hand us another track.
-    found = [t for t in spec.SOURCE_TRACKS if t in vf.trks]
-    if not found:
-        raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file")
+        raise CaseError("corrupt_file", f"no valid recording period (dtstart {vf.dtstart}, dtend {vf.dtend})")
+    if vf.dtend - vf.dtstart > MAX_RECORDING_S:
+        raise CaseError("corrupt_file", f"implausible recording length {vf.dtend - vf.dtstart:.0f} s "
+                        f"(dtstart {vf.dtstart}, dtend {vf.dtend}; at most {MAX_RECORDING_S} s)")
     T = int(math.ceil(vf.dtend - vf.dtstart))
     raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan, dtype=np.float64)
     t1 = time.perf_counter()
@@ -197,11 +239,52 @@ class ClinicalTableError(ValueError):
     pass
 
 
-def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> dict[int, dict]:
-    """Reads VitalDB's clinical table once: {caseid: {column: value}}.
+@dataclass(frozen=True)
+class ClinicalTable:
+    """The clinical table as the pipeline uses it: one row per case (plain
+    Python values, NaN -> None) and the cases that cannot be trusted because
+    the table holds two or more different rows for them."""
 
-    Values are plain Python (NaN -> None). Raises ClinicalTableError with a
-    clear message for an unreadable or malformed table.
+    path: str
+    rows: dict  # case id -> {column: value}
+    duplicates: dict = field(default_factory=dict)  # case id -> detail naming the rows
+
+    def row(self, case_id: int) -> Optional[dict]:
+        return self.rows.get(case_id)
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "rows": {str(k): v for k, v in self.rows.items()},
+                "duplicates": {str(k): v for k, v in self.duplicates.items()}}
+
+    @staticmethod
+    def from_json(d: dict) -> "ClinicalTable":
+        return ClinicalTable(d["path"], {int(k): v for k, v in d["rows"].items()},
+                             {int(k): v for k, v in d.get("duplicates", {}).items()})
+
+
+def _plain(v):
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v.item() if hasattr(v, "item") else v
+
+
+def _duplicate_detail(path: str, rows: pd.DataFrame) -> str:
+    """Names the differing rows (1-based data rows; the header is line 1) and
+    the columns in which they differ."""
+    differ = [c for c in rows.columns if rows[c].astype(str).nunique(dropna=False) > 1]
+    shown = "; ".join(f"{c}: " + " vs ".join(repr(_plain(v)) for v in rows[c]) for c in differ[:6])
+    nums = ", ".join(str(int(i) + 1) for i in rows.index)
+    return (f"{len(rows)} different rows in {path.rsplit('/', 1)[-1]} (data rows {nums}, file lines "
+            f"{', '.join(str(int(i) + 2) for i in rows.index)}) differ in {shown}")
+
+
+def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> ClinicalTable:
+    """Reads VitalDB's clinical table once.
+
+    Identical duplicate rows count as one row; a case with two or more
+    different rows is listed in `duplicates` (it fails as
+    duplicate_clinical_row). Raises ClinicalTableError with a clear message
+    for an unreadable or malformed table.
     """
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as fh:
@@ -221,9 +304,11 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> dict[int, 
     df = df.assign(caseid=ids.astype(np.int64))
     if case_ids is not None:
         df = df[df["caseid"].isin(set(case_ids))]
+    df = df.drop_duplicates()  # identical rows are one row
+    counts = df["caseid"].value_counts()
+    duplicates = {int(c): _duplicate_detail(path, df[df["caseid"] == c]) for c in sorted(counts[counts > 1].index)}
     cols = [c for c in CLINICAL_COLUMNS if c in df.columns]
-    out: dict[int, dict] = {}
-    for rec in df[cols].to_dict("records"):
-        out[int(rec["caseid"])] = {k: (None if isinstance(v, float) and math.isnan(v) else
-                                       (v.item() if hasattr(v, "item") else v)) for k, v in rec.items()}
-    return out
+    rows: dict[int, dict] = {}
+    for rec in df[~df["caseid"].isin(set(duplicates))][cols].to_dict("records"):
+        rows[int(rec["caseid"])] = {k: _plain(v) for k, v in rec.items()}
+    return ClinicalTable(path, rows, duplicates)

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "1.1"  # 1.1: clinical entry errors (implausible values, duplicate rows)
 
 MMHG_PER_KPA = 7.50062
 CMH2O_PER_HPA = 1.01972
@@ -54,6 +54,9 @@ class Static:
     column: str  # clinical_data.csv column
     default: float
     norm: Optional[tuple[float, float]]  # None: categorical (sex: M=+1, F=-1)
+    # Inclusive range of a believable entry; outside it the value is an entry
+    # error and treated as missing (also for dose weight and IBW).
+    plausible: Optional[tuple[float, float]] = None
 
 
 def _vital(name, unit, sources, plausible, before, carry_s, lo, hi):
@@ -102,14 +105,17 @@ TARGETS: tuple[str, ...] = (
     "Propofol_INF", "Remifentanil_INF", "Noradrenalin_INF", "TV", "PEEP", "FIO2", "RR", "etSEV")
 
 STATIC: tuple[Static, ...] = (
-    Static("age", "age", 50.0, (0, 120)),
-    Static("sex", "sex", -1.0, None),  # default F
-    Static("height", "height", 170.0, (100, 230)),
-    Static("weight", "weight", 70.0, (20, 200)),
-    Static("bmi", "bmi", 24.2, (10, 50)),
-    Static("asa", "asa", 2.0, (1, 6)),
+    Static("age", "age", 50.0, (0, 120), plausible=(0, 120)),
+    Static("sex", "sex", -1.0, None),  # default F; 'M'/'F' in any case, spaces ignored
+    Static("height", "height", 170.0, (100, 230), plausible=(30, 250)),
+    Static("weight", "weight", 70.0, (20, 200), plausible=(1, 350)),
+    # Missing or implausible: weight / (height / 100) ** 2 from plausible
+    # weight and height, itself checked against the same range.
+    Static("bmi", "bmi", 24.2, (10, 50), plausible=(5, 100)),
+    Static("asa", "asa", 2.0, (1, 6), plausible=(1, 6)),
 )
 SEX_CODES = {"M": 1.0, "F": -1.0}
+STATIC_BY_NAME = {s.name: s for s in STATIC}
 
 # Body size for dose conversion.
 DEFAULT_DOSE_WEIGHT_KG = 70.0
@@ -160,9 +166,13 @@ def spec_as_dict() -> dict:
                     for i, n in enumerate(TARGETS)],
         "static": [{"index": i, "name": s.name, "column": s.column, "default": s.default,
                     "norm": ({"lo": s.norm[0], "hi": s.norm[1]} if s.norm else None),
+                    "plausible": list(s.plausible) if s.plausible else None,
                     **({"codes": SEX_CODES} if s.norm is None else {})}
                    for i, s in enumerate(STATIC)],
-        "dose_weight": {"default_kg": DEFAULT_DOSE_WEIGHT_KG},
+        "clinical_entry_errors": "a value outside 'plausible' (or a non-number, or a sex other than M/F) "
+                                 "is treated as missing and listed per case as implausible; a case with "
+                                 "two different clinical rows fails with reason duplicate_clinical_row",
+        "dose_weight": {"default_kg": DEFAULT_DOSE_WEIGHT_KG, "plausible_kg": list(STATIC_BY_NAME["weight"].plausible)},
         "ibw": {"formula": "Devine", "base_kg": IBW_BASE_KG, "kg_per_cm": IBW_KG_PER_CM,
                 "ref_cm": IBW_REF_CM, "clamp_kg": list(IBW_CLAMP_KG), "default_height_cm": DEFAULT_HEIGHT_CM},
     }
