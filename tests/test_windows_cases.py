@@ -93,3 +93,30 @@ def test_clinical_table_duplicates(tmp_path):
     assert t.row(3) is None and list(t.duplicates) == [3]
     assert "data rows 4, 5" in t.duplicates[3] and "weight: 70 vs 75" in t.duplicates[3]
     assert read_clinical(str(p), [1, 2]).duplicates == {}
+
+
+def test_examples_are_protobufs_deterministic_serialization():
+    """Same bytes in every process: a dataset can be rebuilt byte for byte."""
+    import tensorflow as tf
+
+    from transforms import encode
+    rng = np.random.default_rng(3)
+    starts = np.array([0, 30, 127, 128, 16383, 16384, 3_000_000], dtype=np.int64)  # 1-4 byte varints
+    floats = {"timeseries": rng.random((7, 300 * 16), dtype=np.float32), "static": rng.random(6, dtype=np.float32),
+              "targets": rng.random((7, 8), dtype=np.float32) * 2 - 1}
+    got = encode.encode_examples(12345, starts, floats)
+    for i, rec in enumerate(got):
+        want = tf.train.Example(features=tf.train.Features(feature={
+            "timeseries": tf.train.Feature(float_list=tf.train.FloatList(value=floats["timeseries"][i])),
+            "static": tf.train.Feature(float_list=tf.train.FloatList(value=floats["static"])),
+            "targets": tf.train.Feature(float_list=tf.train.FloatList(value=floats["targets"][i])),
+            "case_id": tf.train.Feature(int64_list=tf.train.Int64List(value=[12345])),
+            "window_start": tf.train.Feature(int64_list=tf.train.Int64List(value=[starts[i]])),
+        }))
+        assert rec == want.SerializeToString(deterministic=True)
+    code = ("import numpy as np, hashlib; from transforms import encode; "
+            "print(hashlib.sha256(b''.join(encode.encode_examples(7, np.arange(3) * 30, "
+            "{'b': np.ones((3, 5)), 'a': np.zeros(2)}))).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    assert len(digests) == 1

@@ -109,8 +109,7 @@ class EncodeCase(beam.DoFn):
     def process(self, cw):
         try:
             t = time.perf_counter()
-            examples = encode.encode_examples(cw.case_id, cw.starts, cw.timeseries, cw.static, cw.targets,
-                                              cw.observed)
+            examples = encode.encode_examples(cw.case_id, cw.starts, cw.example_floats())
             cw.info.setdefault("timings", {})["encode"] = time.perf_counter() - t
             yield cw.info, examples
         except Exception as e:  # dead letter, see _internal

@@ -51,6 +51,13 @@ class CaseWindows:
     observed: Optional[np.ndarray]  # (n, window*16) float32 or None
     info: dict = field(default_factory=dict)  # JSON-able per-case facts and stats
 
+    def example_floats(self) -> dict[str, np.ndarray]:
+        """The float features of this case's examples, by name (the schema)."""
+        out = {"timeseries": self.timeseries, "static": self.static, "targets": self.targets}
+        if self.observed is not None:
+            out["observed"] = self.observed
+        return out
+
 
 def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
     """[max(0, anestart), min(T, aneend)] in whole seconds; whole recording if unknown."""

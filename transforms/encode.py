@@ -1,57 +1,101 @@
-"""Example encoding (SPEC's schema) and TFRecord framing.
+"""Example encoding (the contract's schema) and TFRecord framing.
 
-Examples are encoded from a pyarrow RecordBatch by tfx-bsl's C++ encoder
-(measured ~14x faster than building tf.train.Example in Python, see README).
-TFRecord framing and GZIP are done here so the same bytes can be written to
-any Beam filesystem (local, s3://, gs://) without TensorFlow in the workers.
+Examples are serialized here, deterministically: the bytes are exactly
+protobuf's deterministic serialization of the tf.train.Example (map keys
+sorted), so the same input gives the same bytes in every process, and a
+dataset can be rebuilt byte for byte. (tfx-bsl's C++ encoder, used before,
+writes the feature map in a per-process hash order: the same case gave
+different bytes on every run. It also measured 2-3x slower than this
+writer for a 470-window case: 8.6-15 ms against 3.5-4 ms.) TFRecord framing
+and GZIP are done here too, so the same bytes can be written to any Beam
+filesystem (local, s3://, gs://) without TensorFlow in the workers.
 """
 from __future__ import annotations
 
 import io
 import struct
 import zlib
-from typing import BinaryIO, Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, Mapping, Optional
 
 import google_crc32c
 import numpy as np
-import pyarrow as pa
 from tfx_bsl.coders import example_coder
 
-from transforms import spec
 
-_ENCODER = None
-
-
-def _encoder():
-    global _ENCODER
-    if _ENCODER is None:
-        _ENCODER = example_coder.RecordBatchToExamplesEncoder()
-    return _ENCODER
-
-
-def _list_column(flat: np.ndarray, n: int, width: int, dtype) -> pa.Array:
-    values = pa.array(np.ascontiguousarray(flat, dtype=dtype).reshape(-1))
-    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * width)
-    return pa.ListArray.from_arrays(offsets, values)
+def _varint(v: int) -> bytes:
+    v &= 0xFFFFFFFFFFFFFFFF  # int64 as protobuf writes it (two's complement)
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
-def encode_examples(case_id: int, starts: np.ndarray, timeseries: np.ndarray, static: np.ndarray,
-                    targets: np.ndarray, observed: Optional[np.ndarray] = None) -> list[bytes]:
-    """Serialized tf.train.Examples, one per window, per SPEC's schema."""
+def _ld(tag: int, length: int) -> bytes:
+    """The tag byte and length varint of a length-delimited protobuf field."""
+    return bytes([tag]) + _varint(length)
+
+
+# Field tags (field number << 3 | 2): Example.features = 1, Features.feature
+# (map entry) = 1, entry key = 1, entry value = 2, Feature.float_list = 2,
+# Feature.int64_list = 3, FloatList/Int64List.value (packed) = 1.
+_T1, _T2, _T3 = 0x0A, 0x12, 0x1A
+
+
+def _entry(key: str, feature: bytes) -> bytes:
+    body = _ld(_T1, len(key)) + key.encode() + _ld(_T2, len(feature)) + feature
+    return _ld(_T1, len(body)) + body
+
+
+def _int64_entry(key: str, values: Iterable[int]) -> bytes:
+    packed = b"".join(_varint(int(v)) for v in values)
+    ilist = _ld(_T1, len(packed)) + packed
+    return _entry(key, _ld(_T3, len(ilist)) + ilist)
+
+
+def _float_entry_head(key: str, count: int) -> bytes:
+    """Everything of a float feature's map entry before its 4*count value bytes."""
+    nbytes = 4 * count
+    flist_head = _ld(_T1, nbytes)
+    feature_head = _ld(_T2, len(flist_head) + nbytes) + flist_head
+    value_len = len(feature_head) + nbytes
+    key_part = _ld(_T1, len(key)) + key.encode()
+    body_len = len(key_part) + 1 + len(_varint(value_len)) + value_len
+    return _ld(_T1, body_len) + key_part + _ld(_T2, value_len) + feature_head
+
+
+def encode_examples(case_id: int, starts: np.ndarray, floats: Mapping[str, np.ndarray]) -> list[bytes]:
+    """Serialized tf.train.Examples, one per window: the float features
+    `floats` ({name: (n, k) array}, written as float32) plus int64 `case_id`
+    and `window_start`. Feature order is the sorted names, as protobuf's
+    deterministic serialization has it."""
     n = len(starts)
     if n == 0:
         return []
-    cols = {
-        "timeseries": _list_column(timeseries, n, timeseries.shape[1], np.float32),
-        "static": _list_column(np.broadcast_to(static, (n, spec.N_STATIC)), n, spec.N_STATIC, np.float32),
-        "targets": _list_column(targets, n, spec.N_TARGETS, np.float32),
-        "case_id": _list_column(np.full(n, case_id, dtype=np.int64), n, 1, np.int64),
-        "window_start": _list_column(starts, n, 1, np.int64),
-    }
-    if observed is not None:
-        cols["observed"] = _list_column(observed, n, observed.shape[1], np.float32)
-    batch = pa.RecordBatch.from_pydict(cols)
-    return _encoder().encode(batch)
+    cols = {k: np.ascontiguousarray(np.broadcast_to(v, (n,) + np.shape(v)[-1:]), dtype="<f4")
+            for k, v in floats.items()}
+    heads = {k: _float_entry_head(k, c.shape[1]) for k, c in cols.items()}
+    case_part = _int64_entry("case_id", [case_id])
+    names = sorted(list(cols) + ["case_id", "window_start"])
+    fixed = len(case_part) + sum(len(heads[k]) + 4 * cols[k].shape[1] for k in cols)
+    out = []
+    for i in range(n):
+        start_part = _int64_entry("window_start", [starts[i]])
+        parts = []
+        for k in names:
+            if k == "case_id":
+                parts.append(case_part)
+            elif k == "window_start":
+                parts.append(start_part)
+            else:
+                parts.append(heads[k])
+                parts.append(cols[k][i].tobytes())
+        out.append(_ld(_T1, fixed + len(start_part)) + b"".join(parts))
+    return out
 
 
 def examples_decoder(features: dict[str, str]):

@@ -89,7 +89,7 @@ def case_examples(data: str, n: int) -> list[bytes]:
     for cid in range(1, n + 1):
         rc = load.load_case(data, cid)
         cw = process_case(cid, rc.raw, clinical.row(cid), Settings())
-        out.append(encode.frame_records(encode.encode_examples(cid, cw.starts, cw.timeseries, cw.static, cw.targets)))
+        out.append(encode.frame_records(encode.encode_examples(cid, cw.starts, cw.example_floats())))
     return out
 
 
