@@ -225,7 +225,15 @@ def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, 
     """Stage 2 + verification + metadata, from the markers alone."""
     t2 = time.time()
     done = storage.read_markers(output, storage.DONE)
-    plans = stage2.plan_shards(done, spec.SPLIT_NAMES, args.num_shards, settings.split_seed)
+    # A case object that is not what its marker says (truncated, missing) is
+    # named and its case demoted to failed (a rerun recomputes it); the
+    # split files are written from the others.
+    damaged = stage2.check_case_objects(output, done, spec.SPLIT_NAMES)
+    for cid, detail in damaged.items():
+        _LOG.error("case %s: %s; the case is now failed (%s): rerun to recompute it", cid, detail, stage2.DAMAGED)
+        storage.demote(output, cid, stage2.DAMAGED, detail)
+        done.pop(cid)
+    plans = stage2.plan_shards(output, done, spec.SPLIT_NAMES, args.num_shards, settings.split_seed)
     if plans:
         counts = _run_supervised(sup, job_payload(2, args, beam_args, output, settings,
                                                   plans=[p.to_json() for p in plans]))
@@ -237,6 +245,15 @@ def finalize(sup: Supervisor, args, beam_args, output: str, settings: Settings, 
     t3 = time.time()
     TIMINGS["stage2_s"] = round(t3 - t2, 3)
     verification = stage2.verify_output(output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
+    # Damage found only by reading (a changed byte): the split file holding it
+    # is reported; its case is demoted so the next finalize leaves it out.
+    for cid, detail in verification["damaged_cases"].items():
+        storage.demote(output, cid, stage2.DAMAGED, detail)
+        done.pop(cid, None)
+    if damaged:
+        verification["ok"] = False
+        verification["problems"] += [f"case {c}: {d} (case demoted to failed: rerun to recompute it)"
+                                     for c, d in damaged.items()]
     TIMINGS["verify_s"] = round(time.time() - t3, 3)
     return write_metadata(output, settings, "complete" if verification["ok"] else "verification_failed",
                           requested=requested, verification=verification, started=started, input_dir=input_dir,

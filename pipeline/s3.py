@@ -17,6 +17,9 @@ import types
 from urllib.parse import urlparse
 
 _LOG = logging.getLogger("master_poc.s3")
+# Connections one shared client keeps: our thread pools (marker reads: 16,
+# verification: one per core) stay below it; shard writers ask for more.
+DEFAULT_POOL_SIZE = 32
 
 
 class S3AccessError(Exception):
@@ -107,20 +110,35 @@ class _SharedSession:
     _clients: dict = {}
     _session = None
     created = 0
+    pool_size = DEFAULT_POOL_SIZE
 
     def client(self, *args, **kwargs):
+        pool = _SharedSession.pool_size
         key = (args, tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
-               os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"))
+               os.environ.get("AWS_MAX_ATTEMPTS"), os.environ.get("AWS_RETRY_MODE"), pool)
         with _SharedSession._lock:
             c = _SharedSession._clients.get(key)
             if c is None:
                 import boto3
+                from botocore.config import Config
                 if _SharedSession._session is None:
                     _SharedSession._session = boto3.session.Session()
-                c = _SharedSession._session.client(*args, **kwargs)
+                c = _SharedSession._session.client(*args, **kwargs, config=Config(max_pool_connections=pool))
                 _SharedSession._clients[key] = c
                 _SharedSession.created += 1
             return c
+
+
+def ensure_pool_size(connections: int) -> None:
+    """Lets the shared clients keep `connections` connections at once.
+
+    Beam's S3 reader holds one streaming GET open per open file, so a shard
+    writer reading the members of 200 cases in turn holds 200 connections;
+    with botocore's default pool of 10, urllib3 then opens and discards
+    connections, logging 'Connection pool is full, discarding connection'
+    for each. Clients made after this call have a pool that large."""
+    if connections > _SharedSession.pool_size:
+        _SharedSession.pool_size = connections
 
 
 def share_boto3_clients() -> None:

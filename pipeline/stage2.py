@@ -26,6 +26,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Optional
 
 import apache_beam as beam
 import numpy as np
@@ -67,7 +68,7 @@ def _order_key(seed: int, case_id: int) -> str:
     return hashlib.sha256(f"shard:{seed}:{case_id}".encode()).hexdigest()
 
 
-def plan_shards(done: dict[int, dict], splits: tuple[str, ...], num_shards: int = 0,
+def plan_shards(output: str, done: dict[int, dict], splits: tuple[str, ...], num_shards: int = 0,
                 seed: int = 42) -> list[ShardPlan]:
     """Assigns every committed case with windows to one shard of its split.
 
@@ -77,7 +78,8 @@ def plan_shards(done: dict[int, dict], splits: tuple[str, ...], num_shards: int 
     """
     plans = []
     for split in splits:
-        cases = sorted(((cid, m["windows"], m["object"],
+        # Object paths come from the layout, not the marker: a copied output works.
+        cases = sorted(((cid, m["windows"], storage.case_object(output, split, cid),
                          tuple(tuple(x) for x in m.get("members") or [[m["object_bytes"], m["windows"]]]))
                         for cid, m in done.items() if m.get("split") == split and m.get("windows", 0) > 0),
                        key=lambda c: _order_key(seed, c[0]))
@@ -112,6 +114,7 @@ def write_shard(output: str, plan: ShardPlan, seed: int) -> dict:
     for p in (tmp, final):
         if storage.is_local(p):
             os.makedirs(os.path.dirname(p), exist_ok=True)
+    s3.ensure_pool_size(len(plan.cases) + 8)  # one open stream per case object (see s3.ensure_pool_size)
     readers = [FileSystems.open(c[2], compression_type=CompressionTypes.UNCOMPRESSED) for c in plan.cases]
     nxt = [0] * len(plan.cases)
     records = 0
@@ -177,6 +180,46 @@ def remove_stale_shards(output: str, plans: list[ShardPlan], splits: tuple[str, 
     return stale
 
 
+# ---- damaged case objects ------------------------------------------------------
+
+DAMAGED = "damaged_case_object"
+
+
+def expected_object_bytes(marker: dict) -> int:
+    return int(marker.get("object_bytes") or sum(m[0] for m in marker.get("members") or []))
+
+
+def check_case_objects(output: str, done: dict[int, dict], splits: tuple[str, ...]) -> dict[int, str]:
+    """Committed cases whose object is missing or not the size its marker
+    says (truncated, replaced, appended to): {case id: what is wrong}. One
+    listing per split, no reads."""
+    sizes: dict[str, int] = {}
+    for s in splits:
+        sizes.update(storage.list_sizes(storage.join(output, "cases", s, "*.tfrecord.gz")))
+    bad = {}
+    for cid, m in sorted(done.items()):
+        if not m.get("windows"):
+            continue
+        path = storage.case_object(output, m["split"], cid)
+        want, got = expected_object_bytes(m), sizes.get(path)
+        if got is None:
+            bad[cid] = f"case object {path} is missing"
+        elif got != want:
+            bad[cid] = f"case object {path} has {got} bytes, its marker says {want}"
+    return bad
+
+
+def read_case_object(path: str, windows: int) -> Optional[str]:
+    """Reads a case object through, every CRC checked: None if it holds its
+    `windows` records, else what is wrong."""
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
+            n = sum(1 for _ in encode.iter_records(fh))
+    except (encode.CorruptRecordError, OSError) as e:
+        return f"case object {path} is damaged: {e}"
+    return None if n == windows else f"case object {path} holds {n} records, its marker says {windows}"
+
+
 # ---- verification -----------------------------------------------------------
 
 def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -213,10 +256,21 @@ def verify_output(output: str, done: dict[int, dict], splits: tuple[str, ...], w
         try:
             return job, read_shard_ids(job[1]), None
         except (encode.CorruptRecordError, OSError, ValueError) as e:
-            return job, None, f"{job[1]}: unreadable ({e})"
+            return job, None, f"{job[1]}: damaged, unreadable: {e}"
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(read, jobs))
+    # A damaged split file: find the damaged case object behind it, if any
+    # (read through only the cases of the splits that failed to read).
+    damaged: dict[int, str] = {}
+    bad_splits = {job[0] for job, _, err in results if err}
+    suspects = [(cid, m) for cid, m in sorted(done.items()) if m.get("split") in bad_splits and m.get("windows")]
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for (cid, m), err in zip(suspects, pool.map(lambda cm: read_case_object(
+                storage.case_object(output, cm[1]["split"], cm[0]), cm[1]["windows"]),
+                                                  suspects)):
+            if err:
+                damaged[cid] = err
     per_split: dict[str, dict] = {}
     seen_split: dict[int, str] = {}
     for s in splits:
@@ -245,4 +299,6 @@ def verify_output(output: str, done: dict[int, dict], splits: tuple[str, ...], w
             seen_split[c] = s
         per_split[s] = {"files": len(files[s]), "examples": int(cid.size), "cases": len(got),
                         "expected_examples": int(sum(expected.values())), "expected_cases": len(expected)}
-    return {"ok": not problems, "problems": problems, "splits": per_split}
+    for cid, err in damaged.items():
+        problems.append(f"case {cid}: {err} (the split file above holds its damage)")
+    return {"ok": not problems, "problems": problems, "splits": per_split, "damaged_cases": damaged}

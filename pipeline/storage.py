@@ -137,6 +137,17 @@ def list_files(pattern: str) -> list[str]:
     return sorted(m.path for m in res.metadata_list)
 
 
+def list_sizes(pattern: str) -> dict[str, int]:
+    """{path: size in bytes} of the files matching a glob (one listing)."""
+    try:
+        res = FileSystems.match([pattern])[0]
+    except Exception as e:
+        if "No files found" in str(e) or "not found" in str(e).lower() or isinstance(e, FileNotFoundError):
+            return {}
+        raise
+    return {m.path: m.size_in_bytes for m in res.metadata_list}
+
+
 def marker_ids(out: str, kind: str) -> set[int]:
     ids = set()
     for p in list_files(join(out, "cases", kind, "*.json")):
@@ -152,6 +163,17 @@ def read_markers(out: str, kind: str, ids: Optional[Iterable[int]] = None) -> di
     with ThreadPoolExecutor(max_workers=16) as pool:
         docs = list(pool.map(lambda i: read_json(marker_path(out, kind, i)), ids))
     return dict(zip(ids, docs))
+
+
+def demote(out: str, case_id: int, reason: str, detail: str) -> None:
+    """A committed case turned out to be unusable (its object is damaged):
+    its done marker becomes a failed marker, so the summary lists it and a
+    rerun of stage 1 recomputes it. The failed marker is written first: a
+    kill in between leaves the case done, and the next finalize finds the
+    damage again."""
+    write_json(marker_path(out, FAILED, case_id), {"case_id": case_id, "reason": reason, "detail": detail},
+               join(out, "cases", "_tmp"))
+    delete([marker_path(out, DONE, case_id)])
 
 
 def delete(paths: list[str]) -> None:

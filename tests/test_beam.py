@@ -75,7 +75,7 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     roundtrip = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
     assert roundtrip is not None
     p2 = beam.Pipeline(options=PipelineOptions(OPTS))
-    plans = stage2.plan_shards({1: {"split": "train", "windows": 3, "object": "x", "members": [[100, 3]]}}, ("train",), 0)
+    plans = stage2.plan_shards("o", {1: {"split": "train", "windows": 3, "members": [[100, 3]]}}, ("train",), 0)
     stage2.build_stage2(p2, str(tmp_path), plans, 42)
     assert "WriteShards" in {t.unique_name for t in p2.to_runner_api().components.transforms.values()}
 
@@ -83,15 +83,15 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
 def test_plan_shards_balances_and_is_deterministic():
     done = {c: {"split": "train" if c % 3 else "test", "windows": 10 + c, "object": f"o{c}",
                 "members": [[500, 10], [300, c]]} for c in range(1, 31)}
-    a = stage2.plan_shards(done, ("train", "validation", "test"), num_shards=4)
-    b = stage2.plan_shards(dict(reversed(list(done.items()))), ("train", "validation", "test"), num_shards=4)
+    a = stage2.plan_shards("o", done, ("train", "validation", "test"), num_shards=4)
+    b = stage2.plan_shards("o", dict(reversed(list(done.items()))), ("train", "validation", "test"), num_shards=4)
     assert a == b
     train = [p for p in a if p.split == "train"]
     assert len(train) == 4 and sum(p.windows for p in train) == sum(10 + c for c in range(1, 31) if c % 3)
     assert max(p.windows for p in train) - min(p.windows for p in train) <= 40
     assert sorted(c[0] for p in a for c in p.cases) == list(range(1, 31))
     # Never more shards than cases.
-    assert len([p for p in stage2.plan_shards(done, ("test",), num_shards=50)]) == 10
+    assert len([p for p in stage2.plan_shards("o", done, ("test",), num_shards=50)]) == 10
 
 
 def test_per_case_intermediates_have_a_coder_that_estimates_from_array_bytes():

@@ -256,3 +256,41 @@ def test_output_of_an_older_contract_is_refused_without_overwrite(dataset, tmp_p
     assert main(["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 2
     assert "spec_version" in capsys.readouterr().err
     assert main(["--input", dataset, "--output", str(out), "--cases", "1", "--overwrite", INMEM]) == 0
+
+
+def test_damaged_files_are_named_and_a_rerun_heals_them(dataset, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert main(["--input", dataset, "--output", out, "--cases", "1-4", INMEM]) == 0
+    shard = storage.list_files(f"{out}/train/*.tfrecord.gz")[0]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in a split file
+    open(shard, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", "--output", out]) == 1
+    text = capsys.readouterr().out
+    assert f"VERIFY FAILED: {shard}: damaged, unreadable:" in text and "Traceback" not in text
+    # A changed byte in a case object: finalize copies it, verification names the
+    # split file and the case object, the case becomes failed; a rerun recomputes it.
+    assert main(["finalize", "--output", out, INMEM]) == 0  # repaired from the case objects
+    victim = storage.case_object(out, assign_split(2), 2)
+    data = bytearray(open(victim, "rb").read())
+    data[len(data) // 3] ^= 0x01
+    open(victim, "wb").write(bytes(data))
+    capsys.readouterr()
+    assert main(["finalize", "--output", out, INMEM]) == 1
+    text = capsys.readouterr().out
+    assert f"case 2: case object {victim} is damaged" in text
+    assert storage.read_json(storage.marker_path(out, storage.FAILED, 2))["reason"] == "damaged_case_object"
+    # A truncated case object is found before any shard is written.
+    victim3 = storage.case_object(out, assign_split(3), 3)
+    head = open(victim3, "rb").read()[:100]
+    open(victim3, "wb").write(head)
+    assert main(["finalize", "--output", out, INMEM]) == 1
+    text = capsys.readouterr().out
+    assert f"case object {victim3} has 100 bytes, its marker says" in text
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]} == {2: "damaged_case_object",
+                                                                           3: "damaged_case_object"}
+    assert main(["--input", dataset, "--output", out, "--cases", "1-4", INMEM]) == 0
+    assert main(["verify", "--output", out]) == 0
+    assert json.load(open(f"{out}/preprocessing_metadata.json"))["cases"]["ok"] == [1, 2, 3, 4]

@@ -108,3 +108,38 @@ def test_beam_s3_calls_reuse_one_boto3_client(moto_endpoint, s3_bucket):
     assert s3._SharedSession.created == before  # no new client per call
     keys = [o["Key"] for o in boto_client(moto_endpoint).list_objects_v2(Bucket=s3_bucket)["Contents"]]
     assert sorted(keys) == ["a.json", "big.bin"]  # the temporary object of the big write is gone
+
+
+def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_endpoint, s3_bucket, caplog):
+    """Finalize reads markers with 16 threads and a shard reads many case
+    objects through one shared client: botocore's default pool of 10 made
+    urllib3 log 'Connection pool is full, discarding connection' dozens of
+    times on a 3000-case output."""
+    import io
+    import logging
+
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline import s3, stage2, storage
+    from transforms import encode
+    s3.share_boto3_clients()
+    FileSystems.set_options(PipelineOptions(beam_s3_args(moto_endpoint)))
+    out = f"s3://{s3_bucket}/o"
+    cases = []
+    for cid in range(1, 61):
+        recs = [f"case {cid} window {w}".encode() for w in range(4)]
+        data, members = encode.gzip_members(recs, 2)
+        path = storage.case_object(out, "train", cid)
+        storage.write_atomic(path, data)
+        storage.write_json(storage.marker_path(out, storage.DONE, cid), {"case_id": cid})
+        cases.append((cid, 4, path, tuple(tuple(m) for m in members)))
+    plan = stage2.ShardPlan("train", 0, 1, tuple(cases))
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"):
+        for _ in range(3):
+            assert sorted(storage.read_markers(out, storage.DONE)) == list(range(1, 61))
+        res = stage2.write_shard(out, plan, 42)
+    assert not [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
+    assert res["records"] == 240
+    got = sorted(encode.iter_records(io.BytesIO(storage.read_bytes(res["path"]))))
+    assert got == sorted(f"case {c} window {w}".encode() for c in range(1, 61) for w in range(4))

@@ -166,11 +166,14 @@ def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) 
 
     def inflate(raw: bytes) -> None:
         nonlocal z
-        buf.extend(z.decompress(raw))
-        while z.eof and z.unused_data:  # the next gzip member follows
-            rest = z.unused_data
-            z = zlib.decompressobj(31)
-            buf.extend(z.decompress(rest))
+        try:
+            buf.extend(z.decompress(raw))
+            while z.eof and z.unused_data:  # the next gzip member follows
+                rest = z.unused_data
+                z = zlib.decompressobj(31)
+                buf.extend(z.decompress(rest))
+        except zlib.error as e:  # a damaged byte: bad deflate data, header or gzip CRC
+            raise CorruptRecordError(f"damaged gzip stream ({e})") from None
 
     def need(k: int) -> bool:
         nonlocal eof
@@ -179,7 +182,10 @@ def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) 
             if not raw:
                 eof = True
                 if z is not None:
-                    buf.extend(z.flush())
+                    try:
+                        buf.extend(z.flush())
+                    except zlib.error as e:
+                        raise CorruptRecordError(f"damaged gzip stream ({e})") from None
                     if not z.eof:
                         raise CorruptRecordError("gzip stream ended early (truncated file)")
             elif z is not None:
@@ -188,22 +194,29 @@ def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) 
                 buf.extend(raw)
         return len(buf) - pos >= k
 
+    index = 0
     while True:
-        if not need(1):
-            return
-        if not need(12):
-            raise CorruptRecordError("truncated record header")
-        head = bytes(buf[pos:pos + 8])
-        (length,) = struct.unpack("<Q", head)
-        (hcrc,) = struct.unpack("<I", buf[pos + 8:pos + 12])
-        if hcrc != _masked_crc(head):
-            raise CorruptRecordError("record length CRC mismatch")
-        if not need(16 + length):
-            raise CorruptRecordError("truncated record")
-        data = bytes(buf[pos + 12:pos + 12 + length])
-        (dcrc,) = struct.unpack("<I", buf[pos + 12 + length:pos + 16 + length])
-        if dcrc != _masked_crc(data):
-            raise CorruptRecordError("record data CRC mismatch")
+        try:
+            if not need(1):
+                return
+            if not need(12):
+                raise CorruptRecordError("truncated record header")
+            head = bytes(buf[pos:pos + 8])
+            (length,) = struct.unpack("<Q", head)
+            (hcrc,) = struct.unpack("<I", buf[pos + 8:pos + 12])
+            if hcrc != _masked_crc(head):
+                raise CorruptRecordError("record length CRC mismatch")
+            if not need(16 + length):
+                raise CorruptRecordError("truncated record")
+            data = bytes(buf[pos + 12:pos + 12 + length])
+            (dcrc,) = struct.unpack("<I", buf[pos + 12 + length:pos + 16 + length])
+            if dcrc != _masked_crc(data):
+                raise CorruptRecordError("record data CRC mismatch")
+        except CorruptRecordError as e:
+            if str(e).startswith("damaged gzip"):  # found where a compressed chunk is inflated, not per record
+                raise
+            raise CorruptRecordError(f"{e} at record {index + 1} (after {index} good records)") from None
+        index += 1
         pos += 16 + length
         if pos > (1 << 22):
             del buf[:pos]
