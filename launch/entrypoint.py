@@ -1,43 +1,39 @@
 """SageMaker bundled runner: the container's entry point (`docker run IMAGE train`).
 
-Reads SageMaker's configuration the way SageMaker provides it:
-`<root>/input/config/hyperparameters.json` and `resourceconfig.json` (root
-/opt/ml, or $MASTER_POC_SM_ROOT for tests), with the SM_HOSTS /
-SM_CURRENT_HOST / SM_HPS environment variables as fallback. Each host takes
-the cases whose position in the requested list is congruent to its host
-index modulo the host count and runs stage 1 on them (FnApiRunner,
-multi_processing, one worker per vCPU), committing to the shared S3 output.
-The first host then waits, bounded by `leader_wait_s`, until every requested
-case has a marker, and runs stage 2 and verification. Progress goes to stdout
-(CloudWatch); a failure reason goes to <root>/output/failure, which SageMaker
-shows in the job description. A spot restart simply reruns: committed cases
-are skipped.
+Translates SageMaker's environment into a run request and nothing more: the
+hyperparameters (`<root>/input/config/hyperparameters.json`, root /opt/ml or
+$MASTER_POC_SM_ROOT; SM_HPS as fallback) are the run's options by their
+declared names, parsed as a config file is; the host list
+(`resourceconfig.json`, SM_HOSTS/SM_CURRENT_HOST as fallback) gives this
+host's share I/N of the cases (pipeline.coordination: share 1, algo-1,
+waits for every marker and finalizes). Stage 1 runs on all vCPUs. Progress
+goes to stdout (CloudWatch); a failure reason goes to <root>/output/failure,
+which SageMaker shows in the job description. A spot restart simply reruns:
+committed cases are skipped.
 
-Hyperparameters (strings, as SageMaker passes them): cases, input, output,
-clinical, window, step, horizon, split, split_seed, num_shards,
-min_success_rate, crop_anaesthesia, emit_mask, leader_wait_s (default 3600),
-poll_s (default 30), shutdown_grace, progress_interval, beam_args (extra Beam
-flags, one string).
+Hyperparameters (strings, as SageMaker passes them): cases, input, output
+(required), any data setting or run option by name (clinical, window, step,
+horizon, split, split_seed, crop_anaesthesia, emit_mask, num_shards,
+min_success_rate, leader_wait_s, poll_s, shutdown_grace, progress_interval,
+...), and beam_args (extra Beam flags, one string).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shlex
-import signal
 import sys
-import threading
-import time
 from typing import Optional
 
-from pipeline import cli, storage
-from transforms.cases import CaseSpecError, parse_cases
+from pipeline import api
+from pipeline.cli import summary_lines
+from pipeline.coordination import Share
+from pipeline.options import EXIT_INTERRUPTED, EXIT_USAGE, RunRequest, request_from_mapping
+from transforms.settings import OptionError
 
-# Hyperparameters that become CLI flags. The data settings are fixed by the
-# output once stage 1 wrote it, so finalize takes only the operational ones.
-DATA_FLAGS = ("window", "step", "horizon", "split", "split_seed")
-RUN_FLAGS = ("num_shards", "shutdown_grace", "progress_interval")
-BOOL_FLAGS = ("crop_anaesthesia", "emit_mask")
+REQUIRED = ("cases", "input", "output")
+# Set here from SageMaker's host list, never by a hyperparameter.
+NOT_HYPERPARAMETERS = ("share", "sample_cases", "sample_dir")
 
 
 class ConfigError(Exception):
@@ -78,15 +74,21 @@ def read_config(root: str) -> tuple[dict, str, list[str]]:
         hosts = json.loads(os.environ.get("SM_HOSTS", json.dumps([current])))
     if current not in hosts:
         raise ConfigError(f"current host {current!r} is not among the hosts {hosts}")
-    for key in ("cases", "input", "output"):
+    for key in REQUIRED:
         if not hp.get(key):
             raise ConfigError(f"hyperparameter {key!r} is missing")
+    for key in NOT_HYPERPARAMETERS:
+        if key in hp:
+            raise ConfigError(f"hyperparameter {key!r} is not allowed: SageMaker's host list decides it")
     return hp, current, sorted(hosts)
 
 
-def host_share(case_ids: list[int], index: int, count: int) -> list[int]:
-    """This host's cases: positions congruent to its index modulo the host count."""
-    return [c for i, c in enumerate(case_ids) if i % count == index]
+def request_for_host(hp: dict, current: str, hosts: list[str]) -> RunRequest:
+    """The run request of one host: its share of the cases, all its vCPUs."""
+    req = request_from_mapping(hp, "hyperparameters.json",
+                               beam_args=(f"--direct_num_workers={os.cpu_count() or 1}",))
+    share = Share(hosts.index(current) + 1, len(hosts))
+    return dataclasses.replace(req, options=dataclasses.replace(req.options, share=share))
 
 
 def write_failure(root: str, reason: str) -> None:
@@ -96,92 +98,29 @@ def write_failure(root: str, reason: str) -> None:
     print(f"FAILED: {reason}", flush=True)
 
 
-def _flags(hp: dict, keys=DATA_FLAGS + RUN_FLAGS, bools=BOOL_FLAGS) -> list[str]:
-    """CLI flags for the given hyperparameters, plus the extra Beam flags."""
-    out = []
-    for k in keys:
-        if hp.get(k) not in (None, ""):
-            v = hp[k]
-            out += [f"--{k.replace('_', '-')}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-    for k in bools:
-        if str(hp.get(k, "")).lower() in ("1", "true", "yes"):
-            out.append(f"--{k.replace('_', '-')}")
-    return out + shlex.split(str(hp.get("beam_args") or ""))
-
-
 def main(argv: Optional[list[str]] = None) -> int:
+    from pipeline.runtime import configure_logging
     root = sm_root()
     try:
         hp, current, hosts = read_config(root)
-        case_ids = parse_cases(str(hp["cases"]))
-    except (ConfigError, CaseSpecError, KeyError, ValueError) as e:
+        req = request_for_host(hp, current, hosts)
+    except (ConfigError, OptionError, KeyError, ValueError) as e:
         write_failure(root, f"bad job configuration: {e}")
-        return 2
-    index, count = hosts.index(current), len(hosts)
+        return EXIT_USAGE
+    configure_logging(req.options.verbose)
     os.environ["MASTER_POC_HOST"] = current
-    share = host_share(case_ids, index, count)
-    output = str(hp["output"])
-    print(f"host {current} ({index + 1} of {count}): {len(share)} of {len(case_ids)} cases, "
+    share = req.options.share
+    n = len(share.select(req.case_ids()))
+    print(f"host {current} ({share.index} of {share.count}): {n} of {len(req.case_ids())} cases, "
           f"{os.cpu_count()} vCPUs", flush=True)
-    common = _flags(hp)
-    io_flags = ["--input", str(hp["input"]), "--output", output]
-    if hp.get("clinical"):
-        io_flags += ["--clinical", str(hp["clinical"])]
-    if share:
-        rc = cli.main(["--cases", ",".join(map(str, share)), "--no-finalize", "--min-success-rate", "0",
-                       f"--direct_num_workers={os.cpu_count() or 1}"] + io_flags + common)
-        if rc == cli.EXIT_INTERRUPTED:
-            print("stopped by a signal: committed cases are kept; a restart continues", flush=True)
-            return rc
-        if rc != 0:
-            write_failure(root, f"stage 1 failed on {current} (exit {rc}); rerun the job to continue")
-            return rc
-    if index != 0:
-        print(f"host {current}: share done; {hosts[0]} finalizes", flush=True)
-        return 0
-    return lead(root, hp, case_ids, output)
-
-
-def lead(root: str, hp: dict, case_ids: list[int], output: str) -> int:
-    """The first host: wait for every case's marker, then finalize and verify."""
-    wait_s, poll_s = float(hp.get("leader_wait_s", 3600)), float(hp.get("poll_s", 30))
-    stop = threading.Event()
-    old = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    deadline = time.monotonic() + wait_s
-    try:
-        while True:
-            marked = storage.marker_ids(output, storage.DONE) | storage.marker_ids(output, storage.FAILED)
-            missing = [c for c in case_ids if c not in marked]
-            if not missing:
-                break
-            if stop.is_set():
-                return cli.EXIT_INTERRUPTED
-            if time.monotonic() >= deadline:
-                cmd = (f"master-poc-preprocess --input {hp['input']} --output {output} "
-                       f"--cases {','.join(map(str, missing))} --no-finalize && "
-                       f"master-poc-preprocess finalize --output {output} --cases {hp['cases']}")
-                write_failure(root, f"{len(missing)} cases have no marker after {wait_s:.0f} s: {missing[:30]}"
-                                    f"{' ...' if len(missing) > 30 else ''}; finalize is still owed: {cmd}")
-                return 1
-            print(f"leader: waiting for {len(missing)} cases from the other hosts", flush=True)
-            stop.wait(min(poll_s, max(0.0, deadline - time.monotonic())))
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    rc = cli.main(["finalize", "--output", output, "--cases", str(hp["cases"])]
-                  + _flags(hp, RUN_FLAGS, bools=()))
-    if rc != 0:
-        write_failure(root, f"finalize/verification failed (exit {rc}); see the log and "
-                            f"{storage.join(output, storage.METADATA_NAME)}")
-        return rc
-    meta = storage.read_json(storage.join(output, storage.METADATA_NAME))
-    rate = cli.success_rate(meta)
-    min_rate = float(hp.get("min_success_rate", cli.DEFAULT_MIN_SUCCESS_RATE))
-    if rate < min_rate:
-        write_failure(root, f"success rate {rate:.1%} is below {min_rate:.0%}: failed cases "
-                            f"{[f['case_id'] for f in meta['cases']['failed']][:30]}")
-        return 1
-    return 0
+    res = api.run(req)
+    for line in summary_lines(res):
+        print(line, flush=True)
+    if res.exit_code == EXIT_INTERRUPTED:
+        print(f"{res.message} (a restart continues)", flush=True)
+    elif res.exit_code != 0:
+        write_failure(root, f"{current}: {res.status}: {res.message}")
+    return res.exit_code
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@
         --role arn:aws:iam::123456789012:role/master-poc-preprocess \\
         --input s3://bucket/vital --output s3://bucket/processed/run-1 --region eu-north-1 --wait
 
-Values may also come from a YAML file (--config); flags win. Everything is
-validated before any AWS call. --dry-run prints the CreateTrainingJob request
-as JSON and calls nothing. The request is built by the SageMaker Python SDK
-v3 (`sagemaker.train.ModelTrainer` with Compute, StoppingCondition,
-CheckpointConfig, OutputDataConfig) and sent as built, so what --dry-run
-prints is what is sent.
+The job's own options are the main command's (`master-poc-preprocess
+--help`): every data setting and run option can be given as a flag here
+(--horizon 5, --emit-mask, --num-shards 4, ...), in a YAML --config file
+under the same names (the file `master-poc-preprocess --config` reads), in
+its `hyperparameters:` block, or with --hyperparameter KEY=VALUE; each is
+checked by the same declaration the container parses it with. Flags win
+over the file. Everything is validated before any AWS call. --dry-run prints
+the CreateTrainingJob request as JSON and calls nothing. The request is
+built by the SageMaker Python SDK v3 (`sagemaker.train.ModelTrainer` with
+Compute, StoppingCondition, CheckpointConfig, OutputDataConfig, Networking)
+and sent as built, so what --dry-run prints is what is sent.
 """
 from __future__ import annotations
 
@@ -20,15 +25,63 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from transforms.cases import CaseSpecError, parse_cases
+from launch.entrypoint import NOT_HYPERPARAMETERS
+from pipeline.options import RunOptions, request_from_mapping
+from transforms.settings import (OptionError, Settings, declared, dump_value, flag_name, from_mapping, is_switch,
+                                 option, parse_bool, positive_int)
 
-DEFAULTS = {"instance_type": "ml.m5.2xlarge", "instance_count": 1, "use_spot": True, "max_run": 93600,
-            "volume_size": 50}
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
-PASSTHROUGH = ("clinical", "window", "step", "horizon", "split", "split_seed", "num_shards", "min_success_rate",
-               "leader_wait_s", "progress_interval", "beam_args")
+
+
+def _csv(value) -> tuple[str, ...]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return tuple(str(v).strip() for v in items if str(v).strip())
+
+
+def _tags(value) -> dict[str, str]:
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    tags = {}
+    for part in filter(None, str(value).split(",")):
+        if "=" not in part:
+            raise ValueError(f"{part!r} is not key=value")
+        k, v = part.split("=", 1)
+        tags[k.strip()] = v.strip()
+    return tags
+
+
+@dataclass(frozen=True)
+class LaunchOptions:
+    """The training job itself (not the preprocessing's options)."""
+
+    instance_count: int = option(1, "instances (hosts); each takes its share of the cases", parse=positive_int)
+    instance_type: str = option("ml.m5.2xlarge", "instance type")
+    use_spot: bool = option(True, "managed spot training (--no-spot for on-demand)", parse=parse_bool)
+    max_run: int = option(93600, "seconds the job may run", parse=positive_int)
+    max_wait: Optional[int] = option(None, "seconds, spot only (default 2 x max-run; must exceed it)",
+                                     parse=positive_int)
+    volume_size: int = option(50, "GB of EBS per instance", parse=positive_int)
+    image_uri: Optional[str] = option(None, "the pushed Docker image (see README)")
+    role: Optional[str] = option(None, "IAM role ARN the job runs as")
+    region: Optional[str] = option(None, "AWS region")
+    job_name: Optional[str] = option(None, "default: master-poc-preprocess-<timestamp>")
+    tags: Optional[dict] = option(None, "key=value,key2=value2", parse=_tags, dump=dict)
+    volume_kms_key: Optional[str] = option(None, "KMS key for the instances' storage volumes")
+    output_kms_key: Optional[str] = option(None, "KMS key for the job's output")
+    subnets: tuple = option((), "VPC subnet ids, comma-separated (with --security-group-ids: run in your VPC)",
+                            parse=_csv, dump=list)
+    security_group_ids: tuple = option((), "VPC security group ids, comma-separated (with --subnets)",
+                                       parse=_csv, dump=list)
+
+
+# The job's options a launch may set: the data settings and the run options
+# that mean something on SageMaker.
+JOB_FIELDS = [f for f in declared(Settings)] + [f for f in declared(RunOptions) if f.name not in NOT_HYPERPARAMETERS]
+JOB_NAMES = {f.name for f in JOB_FIELDS} | {"beam_args"}
+LAUNCH_NAMES = {f.name for f in declared(LaunchOptions)}
 
 
 class LaunchError(Exception):
@@ -36,132 +89,156 @@ class LaunchError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="master-poc-launch", description=__doc__,
+    ap = argparse.ArgumentParser(prog="master-poc-launch", description=__doc__, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="YAML file with any of these options (underscored names); flags win")
-    ap.add_argument("--cases", help='case ids, e.g. "1-3000"')
-    ap.add_argument("--instance-count", type=int)
-    ap.add_argument("--instance-type", help=f"default {DEFAULTS['instance_type']}")
-    spot = ap.add_mutually_exclusive_group()
-    spot.add_argument("--use-spot", dest="use_spot", action="store_true", default=None, help="managed spot (default)")
-    spot.add_argument("--no-spot", dest="use_spot", action="store_false")
-    ap.add_argument("--max-run", type=int, help=f"seconds (default {DEFAULTS['max_run']})")
-    ap.add_argument("--max-wait", type=int, help="seconds, spot only (default 2 x max-run)")
-    ap.add_argument("--volume-size", type=int, help=f"GB of EBS per instance (default {DEFAULTS['volume_size']})")
-    ap.add_argument("--image-uri", help="the pushed Docker image (see README)")
-    ap.add_argument("--role", help="IAM role ARN the job runs as")
-    ap.add_argument("--input", help="s3:// prefix with the .vital files")
-    ap.add_argument("--clinical", help="s3:// path of clinical_data.csv (default <input>/clinical_data.csv)")
-    ap.add_argument("--output", help="s3:// prefix for the processed data (shared by all instances)")
-    ap.add_argument("--region")
-    ap.add_argument("--job-name", help="default: master-poc-preprocess-<timestamp>")
-    ap.add_argument("--tags", help="key=value,key2=value2")
-    ap.add_argument("--volume-kms-key", help="KMS key for the instances' storage volumes")
-    ap.add_argument("--output-kms-key", help="KMS key for the job's output")
+    ap.add_argument("--config", help="YAML file: any option below (underscored names), the job's options, and a "
+                                     "hyperparameters: block; flags win")
+    g = ap.add_argument_group("the training job")
+    for f in declared(LaunchOptions):
+        if f.name == "use_spot":
+            spot = g.add_mutually_exclusive_group()
+            spot.add_argument("--use-spot", dest="use_spot", action="store_const", const=True, default=None,
+                              help=f.metadata["help"])
+            spot.add_argument("--no-spot", dest="use_spot", action="store_const", const=False)
+        else:
+            g.add_argument(flag_name(f.name), dest=f.name, default=None, help=f.metadata["help"])
+    j = ap.add_argument_group("the job's options (as master-poc-preprocess; sent as hyperparameters)")
+    for f in JOB_FIELDS:
+        if is_switch(f):
+            j.add_argument(flag_name(f.name), dest=f.name, action="store_const", const=True, default=None,
+                           help=f.metadata["help"])
+        else:
+            j.add_argument(flag_name(f.name), dest=f.name, default=None, help=f.metadata["help"])
+    j.add_argument("--beam-args", dest="beam_args", default=None, help="extra Beam flags for every host, one string")
     ap.add_argument("--hyperparameter", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra job setting passed to the container (window, horizon, num_shards, ...)")
+                    help="a job option by name (window=600, num_shards=4, ...)")
     ap.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; call nothing")
     ap.add_argument("--wait", action="store_true", help="follow the job and exit with its outcome")
     return ap
 
 
-def resolve(args: argparse.Namespace) -> dict:
-    """Flags over the YAML config over defaults; validated. Raises LaunchError."""
-    cfg: dict = {}
-    if args.config:
-        import yaml
-        try:
-            with open(args.config) as fh:
-                cfg = yaml.safe_load(fh) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise LaunchError(f"--config {args.config}: {e}") from None
-        if not isinstance(cfg, dict):
-            raise LaunchError(f"--config {args.config}: expected a mapping of option: value")
-        unknown = set(cfg) - set(vars(args)) - set(PASSTHROUGH)
-        if unknown:
-            raise LaunchError(f"--config {args.config}: unknown options {sorted(unknown)}")
-    v = dict(DEFAULTS)
-    v.update({k: val for k, val in cfg.items()})
-    v.update({k: val for k, val in vars(args).items() if val is not None and k not in ("config", "hyperparameter")})
-    problems = []
+def _read_config(path: str) -> dict:
+    import yaml
     try:
-        parse_cases(str(v.get("cases") or ""))
-    except CaseSpecError as e:
-        problems.append(str(e))
-    if int(v["instance_count"]) < 1:
-        problems.append(f"--instance-count must be at least 1 (got {v['instance_count']})")
-    if int(v["max_run"]) <= 0:
-        problems.append("--max-run must be positive")
-    if v["use_spot"]:
-        if v.get("max_wait") is None:
-            v["max_wait"] = 2 * int(v["max_run"])
-        if int(v["max_wait"]) <= int(v["max_run"]):
-            problems.append(f"with spot, --max-wait ({v['max_wait']}) must exceed --max-run ({v['max_run']})")
-    else:
-        v["max_wait"] = None
-    for key in ("input", "output"):
-        if not str(v.get(key) or "").startswith("s3://"):
-            problems.append(f"--{key} must be an s3:// prefix for SageMaker (got {v.get(key)!r})")
-    if v.get("clinical") and not str(v["clinical"]).startswith("s3://"):
-        problems.append(f"--clinical must be on s3:// (got {v['clinical']!r})")
-    for key in ("image_uri", "role", "region"):
-        if not v.get(key):
-            problems.append(f"--{key.replace('_', '-')} is required")
-    if v.get("job_name") and not _JOB_NAME.match(v["job_name"]):
-        problems.append(f"--job-name {v['job_name']!r}: 1-63 letters, digits and hyphens")
-    tags = {}
-    for part in filter(None, str(v.get("tags") or "").split(",")):
-        if "=" not in part:
-            problems.append(f"--tags: {part!r} is not key=value")
-        else:
-            k, val = part.split("=", 1)
-            tags[k.strip()] = val.strip()
-    v["tags"] = tags
-    extra = dict(cfg.get("hyperparameters") or {})
+        with open(path) as fh:
+            cfg = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LaunchError(f"--config {path}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise LaunchError(f"--config {path}: expected a mapping of option: value")
+    return cfg
+
+
+def resolve(args: argparse.Namespace) -> dict:
+    """Flags over the YAML config over defaults; validated. Raises LaunchError.
+
+    Returns {"launch": LaunchOptions, "hyperparameters": {name: text}, "max_wait": ...}."""
+    cfg = _read_config(args.config) if args.config else {}
+    src = f"--config {args.config}" if args.config else ""
+    block = cfg.pop("hyperparameters", None) or {}
+    if not isinstance(block, dict):
+        raise LaunchError(f"{src}: hyperparameters: expected a mapping of name: value")
+    unknown = sorted(set(cfg) - LAUNCH_NAMES - JOB_NAMES)
+    if unknown:
+        raise LaunchError(f"{src}: unknown options {unknown} (the job's options: {sorted(JOB_NAMES)}; "
+                          f"the launcher's: {sorted(LAUNCH_NAMES)})")
+    problems = []
+    flags = {k: v for k, v in vars(args).items() if v is not None}
+    launch_values = {k: v for k, v in cfg.items() if k in LAUNCH_NAMES}
+    launch_values.update({k: v for k, v in flags.items() if k in LAUNCH_NAMES})
+    job: dict[str, Any] = {k: v for k, v in cfg.items() if k in JOB_NAMES}
+    job.update(block)
     for item in args.hyperparameter:
         if "=" not in item:
             problems.append(f"--hyperparameter {item!r} is not KEY=VALUE")
         else:
             k, val = item.split("=", 1)
-            extra[k] = val
-    v["extra_hyperparameters"] = extra
+            job[k.strip()] = val
+    job.update({k: v for k, v in flags.items() if k in JOB_NAMES})
+    try:
+        lo = from_mapping(LaunchOptions, launch_values, src or "launcher")
+    except OptionError as e:
+        raise LaunchError(str(e)) from None
+    bad_job = sorted(set(job) - JOB_NAMES)
+    if bad_job:
+        problems.append(f"unknown hyperparameter(s) {bad_job} (known: {sorted(JOB_NAMES)})")
+        job = {k: v for k, v in job.items() if k in JOB_NAMES}
+    try:  # the container parses them with the same declaration
+        req = request_from_mapping(job, "job options")
+    except OptionError as e:
+        problems.append(str(e))
+        req = None
+    for key in ("cases", "input", "output"):
+        if not job.get(key):
+            problems.append(f"--{key} is required")
+    for key in ("input", "output"):
+        if job.get(key) and not str(job[key]).startswith("s3://"):
+            problems.append(f"--{key} must be an s3:// prefix for SageMaker (got {job[key]!r})")
+    if job.get("clinical") and not str(job["clinical"]).startswith("s3://"):
+        problems.append(f"--clinical must be on s3:// (got {job['clinical']!r})")
+    for key in ("image_uri", "role", "region"):
+        if not getattr(lo, key):
+            problems.append(f"--{key.replace('_', '-')} is required")
+    max_wait = lo.max_wait
+    if lo.use_spot:
+        max_wait = max_wait or 2 * lo.max_run
+        if max_wait <= lo.max_run:
+            problems.append(f"with spot, --max-wait ({max_wait}) must exceed --max-run ({lo.max_run})")
+    else:
+        max_wait = None
+    if lo.job_name and not _JOB_NAME.match(lo.job_name):
+        problems.append(f"--job-name {lo.job_name!r}: 1-63 letters, digits and hyphens")
+    if bool(lo.subnets) != bool(lo.security_group_ids):
+        problems.append("--subnets and --security-group-ids go together: give both to run in a VPC, or neither")
     if problems:
         raise LaunchError("; ".join(problems))
-    return v
+    return {"launch": lo, "max_wait": max_wait, "hyperparameters": hyperparameters(req, job)}
 
 
-def hyperparameters(v: dict) -> dict[str, str]:
-    hp = {"cases": str(v["cases"]), "input": v["input"], "output": v["output"]}
-    for k in PASSTHROUGH:
-        if v.get(k) not in (None, ""):
-            hp[k] = str(v[k])
-    hp.update({k: str(val) for k, val in v["extra_hyperparameters"].items()})
+def hyperparameters(req, given: dict) -> dict[str, str]:
+    """The given job options as SageMaker hyperparameters (strings), in the
+    form the container's declaration reads back."""
+    hp = {}
+    by_name = {f.name: f for f in JOB_FIELDS}
+    for name in given:
+        if name == "beam_args":
+            hp[name] = " ".join(req.beam_args)
+            continue
+        f = by_name[name]
+        value = getattr(req.settings if name in {x.name for x in declared(Settings)} else req.options, name)
+        dumped = dump_value(f, value)
+        hp[name] = (",".join(map(str, dumped)) if isinstance(dumped, list) else
+                    str(dumped).lower() if isinstance(dumped, bool) else str(dumped))
     return hp
 
 
-def build_request(v: dict, session=None) -> tuple[dict, dict]:
+def build_request(resolved: dict, session=None) -> tuple[dict, dict]:
     """The CreateTrainingJob request, in boto3 form (printed) and in
     sagemaker-core form (sent), both from one ModelTrainer."""
+    from sagemaker.core.training.configs import (CheckpointConfig, Compute, Networking, OutputDataConfig,
+                                                 StoppingCondition, Tag)
     from sagemaker.train import ModelTrainer
-    from sagemaker.train.configs import CheckpointConfig, Compute, OutputDataConfig, StoppingCondition, Tag
-    compute = Compute(instance_type=v["instance_type"], instance_count=int(v["instance_count"]),
-                      volume_size_in_gb=int(v["volume_size"]), volume_kms_key_id=v.get("volume_kms_key"),
-                      enable_managed_spot_training=bool(v["use_spot"]))
-    stopping = StoppingCondition(max_runtime_in_seconds=int(v["max_run"]),
-                                 max_wait_time_in_seconds=int(v["max_wait"]) if v["use_spot"] else None)
-    out = v["output"].rstrip("/")
+    lo: LaunchOptions = resolved["launch"]
+    hp = resolved["hyperparameters"]
+    compute = Compute(instance_type=lo.instance_type, instance_count=lo.instance_count,
+                      volume_size_in_gb=lo.volume_size, volume_kms_key_id=lo.volume_kms_key,
+                      enable_managed_spot_training=lo.use_spot)
+    stopping = StoppingCondition(max_runtime_in_seconds=lo.max_run, max_wait_time_in_seconds=resolved["max_wait"])
+    out = hp["output"].rstrip("/")
+    networking = (Networking(subnets=list(lo.subnets), security_group_ids=list(lo.security_group_ids))
+                  if lo.subnets else None)
     trainer = ModelTrainer(
-        sagemaker_session=session, role=v["role"], training_image=v["image_uri"],
+        sagemaker_session=session, role=lo.role, training_image=lo.image_uri,
         base_job_name="master-poc-preprocess", compute=compute, stopping_condition=stopping,
         # Spot restarts resume from the markers in --output; the checkpoint
         # channel only has to exist for managed spot.
         checkpoint_config=CheckpointConfig(s3_uri=f"{out}/_sagemaker/checkpoints", local_path="/opt/ml/checkpoints"),
-        output_data_config=OutputDataConfig(s3_output_path=f"{out}/_sagemaker/output",
-                                            kms_key_id=v.get("output_kms_key")),
-        hyperparameters=hyperparameters(v),
-        tags=[Tag(key=k, value=val) for k, val in v["tags"].items()] or None,
+        output_data_config=OutputDataConfig(s3_output_path=f"{out}/_sagemaker/output", kms_key_id=lo.output_kms_key),
+        networking=networking,
+        hyperparameters=hp,
+        tags=[Tag(key=k, value=val) for k, val in (lo.tags or {}).items()] or None,
     )
-    name = v.get("job_name") or f"master-poc-preprocess-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    name = lo.job_name or f"master-poc-preprocess-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     core = trainer._create_training_job_args()
     wire = trainer._create_training_job_args(boto3=True)
     core["training_job_name"] = name
@@ -196,24 +273,26 @@ def follow(client, name: str, poll_s: float = 30.0, out=None) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        v = resolve(args)
+        resolved = resolve(args)
     except LaunchError as e:
         print(f"master-poc-launch: error: {e}", file=sys.stderr)
         return 2
+    lo: LaunchOptions = resolved["launch"]
     if args.dry_run:
         # The SDK simulates the role's IAM policies in its constructor: an AWS call.
         os.environ["SAGEMAKER_VALIDATE_ROLE"] = "false"
-    session = _session(v["region"])
-    wire, core = build_request(v, session)
+    session = _session(lo.region)
+    wire, core = build_request(resolved, session)
     if args.dry_run:
         print(json.dumps(wire, indent=2, sort_keys=True, default=str))
         return 0
     from sagemaker.core.resources import TrainingJob
     TrainingJob.create(session=session.boto_session, **core)
     name = core["training_job_name"]
-    print(f"started training job {name} in {v['region']}: {v['instance_count']} x {v['instance_type']}"
-          f"{' (spot)' if v['use_spot'] else ''}, cases {v['cases']} -> {v['output']}")
-    print(f"follow: aws sagemaker describe-training-job --training-job-name {name} --region {v['region']}")
+    hp = resolved["hyperparameters"]
+    print(f"started training job {name} in {lo.region}: {lo.instance_count} x {lo.instance_type}"
+          f"{' (spot)' if lo.use_spot else ''}, cases {hp['cases']} -> {hp['output']}")
+    print(f"follow: aws sagemaker describe-training-job --training-job-name {name} --region {lo.region}")
     if args.wait:
         return follow(session.boto_session.client("sagemaker"), name)
     return 0

@@ -8,21 +8,22 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import storage
-from transforms import encode
+from transforms import encode, spec
 from transforms.features import denormalise
 
 
 def locate(path: str) -> tuple[list[str], str]:
     """(files, output folder) for a file, a split folder or an output folder."""
     path = path.rstrip("/")
-    if path.endswith(".tfrecord.gz"):
+    if path.endswith(storage.SUFFIX):
         return [path], path.rsplit("/", 2)[0]
-    if storage.exists(storage.join(path, storage.METADATA_NAME)):
-        return storage.list_files(storage.join(path, "*", "*.tfrecord.gz")), path
-    files = storage.list_files(storage.join(path, "*.tfrecord.gz"))
+    if storage.exists(storage.metadata_path(path)):
+        return [f for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(path, s))], path
+    root, split = path.rsplit("/", 1) if "/" in path else (".", path)
+    files = storage.list_files(storage.split_files_glob(root, split))
     if not files:
-        raise FileNotFoundError(f"no .tfrecord.gz files at {path}")
-    return files, path.rsplit("/", 1)[0]
+        raise FileNotFoundError(f"no {storage.SUFFIX} files at {path}")
+    return files, root
 
 
 def denorm(values: np.ndarray, norm: dict) -> np.ndarray:
@@ -35,7 +36,7 @@ def inspect(path: str, n_examples: int = 2, seconds=None, out=None) -> int:
     import sys
     out = out or sys.stdout
     files, root = locate(path)
-    meta = storage.read_json(storage.join(root, storage.METADATA_NAME))
+    meta = storage.read_json(storage.metadata_path(root))
     fmt, sp = meta["format"], meta["spec"]
     window, n_feat = fmt["shapes"]["timeseries"]
     secs = [s for s in (seconds or (0, window // 2 - 1, window - 1)) if 0 <= s < window]

@@ -1,43 +1,33 @@
-"""Child-process entry point: runs one Beam stage described by a JSON file.
-
-Started by pipeline.supervisor; not meant to be run by hand.
+"""Runs one Beam stage: `run_stage(StageJob)`, in this process or, through
+the supervisor, in a child process (`run_in_child`).
 """
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
-from pipeline import cli, stage1, stage2
-from transforms.case import Settings
-from transforms.load import ClinicalTable
+from pipeline import runtime, s3, stage1, stage2
+from pipeline.contracts import StageJob
 
 
-def settings_from_dict(d: dict) -> Settings:
-    return Settings(**{k: (tuple(v) if k == "split" else v) for k, v in d.items() if k != "spec_version"})
-
-
-def main(path: str) -> int:
-    with open(path) as fh:
-        job = json.load(fh)
-    cli.configure_logging(job.get("verbose", False))
-    cli.apply_s3_retry_env(job["s3_max_attempts"], job["s3_retry_mode"])
-    p = cli.make_pipeline(job["beam_args"])
-    settings = settings_from_dict(job["settings"])
-    if job["stage"] == 1:
-        clinical = ClinicalTable.from_json(job["clinical"])
-        stage1.build_stage1(p, job["case_ids"], job["input"], job["output"], settings, clinical,
-                            stop_file=job["stop_file"])
+def run_stage(job: StageJob) -> dict[str, int]:
+    """Builds and runs the stage's pipeline; returns its counters."""
+    p = runtime.make_pipeline(job.beam_args, job.stage)
+    if job.stage == 1:
+        stage1.build_stage1(p, job)
     else:
-        plans = [stage2.ShardPlan.from_json(pl) for pl in job["plans"]]
-        stage2.build_stage2(p, job["output"], plans, settings.split_seed)
+        stage2.build_stage2(p, job)
     result = p.run()
     result.wait_until_finish()
-    with open(job["result_file"], "w") as fh:
-        json.dump({"counters": cli.counters(result)}, fh)
+    return runtime.counters(result)
+
+
+def run_in_child(job: StageJob, result_path: str) -> int:
+    """The stage process's work (pipeline.supervisor forks it): a fresh set
+    of S3 clients (the parent's connections are not shared), the stage, its
+    counters written for the parent."""
+    s3.forget_clients()
+    runtime.setup_io(job.beam_args, job.s3_max_attempts, job.s3_retry_mode)
+    counts = run_stage(job)
+    with open(result_path, "w") as fh:
+        json.dump({"counters": counts}, fh)
     return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    raise SystemExit(main(sys.argv[1]))

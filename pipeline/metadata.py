@@ -1,31 +1,35 @@
-"""preprocessing_metadata.json and schema.pbtxt (tensorflow_metadata Schema)."""
+"""preprocessing_metadata.json, schema.pbtxt (tensorflow_metadata Schema) and
+the quality report, from the markers."""
 from __future__ import annotations
 
 import datetime
 import platform
+import time
 from importlib import metadata as importlib_metadata
 from typing import Optional
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from pipeline import storage
-from transforms import spec
-from transforms.case import Settings
+from pipeline import report, storage
+from pipeline.contracts import DoneMarker, FailedMarker
+from transforms import encode, spec
+from transforms.settings import Settings
 
 PACKAGES = ("master-poc-preprocessing", "apache-beam", "tfx-bsl", "tensorflow-metadata", "numpy", "pandas",
             "pyarrow", "vitaldb", "boto3")
 
 
 def example_features(settings: Settings) -> list[tuple[str, int, int]]:
-    """(name, schema type, length) of every example feature, in SPEC's order."""
-    feats = [("timeseries", schema_pb2.FLOAT, settings.window * spec.N_FEATURES),
+    """(name, schema type, length) of every example feature, in the contract's order."""
+    fs = settings.feature_spec()
+    feats = [("timeseries", schema_pb2.FLOAT, settings.window * fs.n_features),
              ("static", schema_pb2.FLOAT, spec.N_STATIC),
-             ("targets", schema_pb2.FLOAT, spec.N_TARGETS),
+             ("targets", schema_pb2.FLOAT, fs.n_targets),
              ("case_id", schema_pb2.INT, 1),
              ("window_start", schema_pb2.INT, 1)]
     if settings.emit_mask:
-        feats.append(("observed", schema_pb2.FLOAT, settings.window * spec.N_FEATURES))
+        feats.append(("observed", schema_pb2.FLOAT, settings.window * fs.n_features))
     return feats
 
 
@@ -53,17 +57,32 @@ def versions() -> dict:
     return out
 
 
-def build_metadata(*, settings: Settings, status: str, requested: list[int], done: dict[int, dict],
-                   failed: dict[int, dict], verification: Optional[dict], started: str,
+def fingerprint(settings: Settings) -> dict:
+    """What an output keeps: the data settings, the contract and the format."""
+    return dict(settings.as_json(), spec_version=spec.SPEC_VERSION, format_version=encode.FORMAT_VERSION)
+
+
+def case_step_seconds(done: dict[int, DoneMarker]) -> dict[str, float]:
+    """Stage 1's seconds per step (load, parse within load, transform,
+    encode, compress, write) summed over the committed cases."""
+    total: dict[str, float] = {}
+    for m in done.values():
+        for k, v in m.timings.items():
+            total[k] = total.get(k, 0.0) + v
+    return {k: round(v, 3) for k, v in total.items()}
+
+
+def build_metadata(*, settings: Settings, status: str, requested: list[int], done: dict[int, DoneMarker],
+                   failed: dict[int, FailedMarker], verification: Optional[dict], started: str,
                    input_dir: Optional[str], clinical: Optional[str], output: str,
                    not_done: Optional[list[int]] = None) -> dict:
+    fs = settings.feature_spec()
     splits = {}
     for s in spec.SPLIT_NAMES:
-        cases = sorted(c for c, m in done.items() if m.get("split") == s and m.get("windows", 0) > 0)
-        splits[s] = {"cases": len(cases), "windows": int(sum(done[c]["windows"] for c in cases)),
+        cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
+        splits[s] = {"cases": len(cases), "windows": int(sum(done[c].windows for c in cases)),
                      "case_ids": cases,
-                     "files": sorted(f.rsplit("/", 1)[-1] for f in
-                                     storage.list_files(storage.join(output, s, "*.tfrecord.gz")))}
+                     "files": sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(storage.split_files_glob(output, s)))}
     w = settings.window
     return {
         "status": status,
@@ -72,32 +91,55 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
         "input": input_dir,
         "clinical": clinical,
         "output": output,
-        "settings": settings.as_dict(),
-        "format": {"files": "GZIP TFRecord of tf.train.Example",
+        "settings": fingerprint(settings),
+        "format": {**encode.FORMAT,
                    "pattern": "<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz",
                    "schema": storage.SCHEMA_NAME,
                    "features": {n: {"type": "float" if t == schema_pb2.FLOAT else "int64", "length": L}
                                 for n, t, L in example_features(settings)},
-                   "shapes": {"timeseries": [w, spec.N_FEATURES], "static": [spec.N_STATIC],
-                              "targets": [spec.N_TARGETS]},
+                   "shapes": {"timeseries": [w, fs.n_features], "static": [spec.N_STATIC],
+                              "targets": [fs.n_targets]},
                    "timeseries_layout": "row-major (time, feature)",
                    "target_second": f"window_start + {w} - 1 + horizon"},
-        "spec": spec.spec_as_dict(),
+        "spec": spec.spec_as_dict(fs),
         "splits": splits,
         "cases": {
             "requested": len(requested),
-            "ok": sorted(c for c, m in done.items() if m.get("status") == "ok"),
-            "too_short": sorted(c for c, m in done.items() if m.get("status") == "too_short"),
-            "failed": [{"case_id": c, "reason": f["reason"], "detail": f["detail"]} for c, f in sorted(failed.items())],
+            "ok": sorted(c for c, m in done.items() if m.status == "ok"),
+            "too_short": sorted(c for c, m in done.items() if m.status == "too_short"),
+            "failed": [{"case_id": c, "reason": f.reason, "detail": f.detail} for c, f in sorted(failed.items())],
             "not_done": not_done or [],
-            "static_defaults": {str(c): m["static_defaults"] for c, m in sorted(done.items()) if m.get("static_defaults")},
+            "static_defaults": {str(c): m.static_defaults for c, m in sorted(done.items()) if m.static_defaults},
             # Clinical entry errors (outside the plausible range, not a number, a sex other
             # than M/F): treated as missing, so their features are in static_defaults too.
-            "static_implausible": {str(c): m["static_implausible"] for c, m in sorted(done.items())
-                                   if m.get("static_implausible")},
-            "dose_weight_default": sorted(c for c, m in done.items() if m.get("dose_weight_default")),
-            "no_clinical_row": sorted(c for c, m in done.items() if m.get("no_clinical_row")),
+            "static_implausible": {str(c): m.static_implausible for c, m in sorted(done.items())
+                                   if m.static_implausible},
+            "dose_weight_default": sorted(c for c, m in done.items() if m.dose_weight_default),
+            "no_clinical_row": sorted(c for c, m in done.items() if m.no_clinical_row),
         },
         "verification": verification,
         "versions": versions(),
     }
+
+
+def write_outputs(output: str, settings: Settings, status: str, *, requested: Optional[list[int]] = None,
+                  verification: Optional[dict] = None, started: Optional[str] = None, input_dir: Optional[str] = None,
+                  clinical_path: Optional[str] = None, done: Optional[dict[int, DoneMarker]] = None,
+                  timings: Optional[dict] = None) -> dict:
+    """Metadata, schema and quality report from the markers; returns the metadata."""
+    done = storage.read_done(output) if done is None else done
+    failed = {c: f for c, f in storage.read_failed(output).items() if c not in done}
+    requested = requested if requested is not None else sorted(set(done) | set(failed))
+    not_done = [c for c in requested if c not in done and c not in failed]
+    if status == "complete" and not_done:
+        status = "incomplete"
+    t = time.time()
+    meta = build_metadata(settings=settings, status=status, requested=requested, done=done, failed=failed,
+                          verification=verification, started=started or utcnow(),
+                          input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done)
+    report.write_report(output, done, failed, meta["status"], settings.feature_spec())
+    timings = dict(timings or {}, metadata_report_s=round(time.time() - t, 3))
+    meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
+    storage.write_json(storage.metadata_path(output), meta)
+    storage.write_atomic(storage.schema_path(output), schema_text(settings).encode())
+    return meta

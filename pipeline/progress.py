@@ -30,8 +30,7 @@ class Progress:
         failed = (storage.marker_ids(self.output, storage.FAILED) & self.requested) - done
         new = sorted(done - set(self._windows))
         if new:
-            self._windows.update({c: m.get("windows", 0) for c, m in
-                                  storage.read_markers(self.output, storage.DONE, new).items()})
+            self._windows.update({c: m.windows for c, m in storage.read_done(self.output, new).items()})
         if self._start_done is None:
             self._start_done = len(done) + len(failed)
         elapsed = time.monotonic() - self.t0

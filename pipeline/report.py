@@ -12,43 +12,47 @@ import base64
 import html
 import io
 import json
+import math
 
 import numpy as np
 
 from pipeline import storage
+from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import features, spec
 from transforms.case import HIST_BINS
 
 
-def combine(done: dict[int, dict], failed: dict[int, dict], splits=spec.SPLIT_NAMES) -> dict:
+def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
+            fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES) -> dict:
     """The report's numbers (quality.json) from the done and failed markers."""
-    F, R = spec.N_FEATURES, len(features.RULE_NAMES)
+    F, R = fs.n_features, len(features.RULE_NAMES)
     rules = np.zeros((F, R), np.int64)
-    sources = np.zeros((F, 3), np.int64)
+    sources = [np.zeros(len(f.sources), np.int64) for f in fs.timeseries]
     hist = {s: np.zeros((F, HIST_BINS), np.int64) for s in splits}
     clipped = {s: np.zeros(F, np.int64) for s in splits}
     seconds = {s: 0 for s in splits}
     case_split: dict[int, str] = {}
     for cid, m in done.items():
-        st = m.get("stats")
+        st = m.stats
         if not st:
             continue
-        s = m["split"]
+        s = m.split
         case_split[cid] = s
         rules += np.asarray(st["rules"], np.int64)
-        sources += np.asarray(st["sources"], np.int64)
+        for j, counts in enumerate(st["sources"]):
+            sources[j] += np.asarray(counts, np.int64)
         hist[s] += np.asarray(st["hist"], np.int64)
         clipped[s] += np.asarray(st["clipped"], np.int64)
         seconds[s] += int(st["seconds"])
-    total = max(1, int(rules[0].sum()))
+    total = max(1, int(rules[0].sum())) if F else 1
     feats = []
-    for j, f in enumerate(spec.TIMESERIES):
+    for j, f in enumerate(fs.timeseries):
         src_total = max(1, int(sources[j].sum()))
         feats.append({
             "name": f.name, "unit": f.unit, "seconds": int(rules[j].sum()),
             "rules": {n: round(float(rules[j, r]) / total, 6) for r, n in enumerate(features.RULE_NAMES)},
             "measured_share": round(float(rules[j, features.MEASURED]) / total, 6),
-            "sources": {src.track: round(float(sources[j, k]) / src_total, 6) for k, src in enumerate(f.sources)},
+            "sources": {src.track: round(float(sources[j][k]) / src_total, 6) for k, src in enumerate(f.sources)},
             "splits": {s: {"hist": hist[s][j].tolist(),
                            "clipped_share": round(float(clipped[s][j]) / max(1, seconds[s]), 6)} for s in splits},
         })
@@ -57,15 +61,15 @@ def combine(done: dict[int, dict], failed: dict[int, dict], splits=spec.SPLIT_NA
     return {
         "features": feats,
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
-        "cases": [{"case_id": c, "split": m.get("split"), "status": m.get("status"), "windows": m.get("windows", 0),
-                   "duration_s": m.get("duration_s"), "static_defaults": m.get("static_defaults", []),
-                   "static_implausible": m.get("static_implausible", {}),
-                   "no_clinical_row": m.get("no_clinical_row", False)} for c, m in sorted(done.items())],
-        "failed": [{"case_id": c, "reason": f["reason"], "detail": f["detail"]} for c, f in sorted(failed.items())],
-        "failed_by_reason": {r: sum(1 for f in failed.values() if f["reason"] == r)
-                             for r in sorted({f["reason"] for f in failed.values()})},
-        "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].get("windows", 0) > 0),
-                       "windows": int(sum(done[c].get("windows", 0) for c in by_split[s]))} for s in splits},
+        "cases": [{"case_id": c, "split": m.split, "status": m.status, "windows": m.windows,
+                   "duration_s": m.duration_s, "static_defaults": m.static_defaults,
+                   "static_implausible": m.static_implausible,
+                   "no_clinical_row": m.no_clinical_row} for c, m in sorted(done.items())],
+        "failed": [{"case_id": c, "reason": f.reason, "detail": f.detail} for c, f in sorted(failed.items())],
+        "failed_by_reason": {r: sum(1 for f in failed.values() if f.reason == r)
+                             for r in sorted({f.reason for f in failed.values()})},
+        "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].has_windows),
+                       "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
         "cases_in_two_splits": overlap,
     }
 
@@ -84,7 +88,7 @@ def _charts(q: dict) -> dict[str, str]:
     import matplotlib.pyplot as plt
     names = [f["name"] for f in q["features"]]
     charts = {}
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.25 * len(names)))
     left = np.zeros(len(names))
     for rule in features.RULE_NAMES:
         vals = np.array([f["rules"][rule] for f in q["features"]])
@@ -98,7 +102,12 @@ def _charts(q: dict) -> dict[str, str]:
 
     edges = np.array(q["hist_bins"])
     centers = (edges[:-1] + edges[1:]) / 2
-    fig, axes = plt.subplots(4, 4, figsize=(12, 9), sharex=True)
+    # As many panels as features, four to a row.
+    ncols = 4
+    nrows = max(1, math.ceil(len(q["features"]) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(12, 2.25 * nrows), sharex=True, squeeze=False)
+    for ax in axes.ravel()[len(q["features"]):]:
+        ax.set_visible(False)
     for ax, f in zip(axes.ravel(), q["features"]):
         for s, d in f["splits"].items():
             h = np.array(d["hist"], float)
@@ -206,9 +215,9 @@ def render_html(q: dict, title: str, status: str) -> str:
         failed_by_reason=e(json.dumps(q["failed_by_reason"])) or "none")
 
 
-def write_report(output: str, done: dict[int, dict], failed: dict[int, dict], status: str) -> dict:
-    q = combine(done, failed)
-    storage.write_json(storage.join(output, "report", "quality.json"), q)
-    storage.write_atomic(storage.join(output, "report", "index.html"),
-                         render_html(q, output, status).encode())
+def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,
+                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
+    q = combine(done, failed, fs)
+    storage.write_json(storage.report_path(output, "quality.json"), q)
+    storage.write_atomic(storage.report_path(output, "index.html"), render_html(q, output, status).encode())
     return q

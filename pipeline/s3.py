@@ -129,6 +129,14 @@ class _SharedSession:
             return c
 
 
+def forget_clients() -> None:
+    """Drops the cached clients (a forked child must not share its parent's
+    connections)."""
+    with _SharedSession._lock:
+        _SharedSession._clients.clear()
+        _SharedSession._session = None
+
+
 def ensure_pool_size(connections: int) -> None:
     """Lets the shared clients keep `connections` connections at once.
 

@@ -8,7 +8,9 @@ anaesthesia period with induction, infusions (propofol, remifentanil 20 or
 50 ug/mL, noradrenaline with pauses), ventilation and sevoflurane; some cases
 with NIBP only, missing devices (no BIS, no pumps), artifacts, a too-short
 case, and a clinical table with VitalDB's columns (a missing ASA, a missing
-weight). Same case id and options -> same file, on every host.
+weight, a weight entered as 900 kg). The embedded sample's case ids are
+chosen so that train, validation and test all get cases. Same case id and
+options -> same file, on every host.
 """
 from __future__ import annotations
 
@@ -23,8 +25,12 @@ import pandas as pd
 import vitaldb
 
 from pipeline import storage
+from transforms import spec
+from transforms.settings import Settings
+from transforms.windows import assign_split
 
 DT0 = 4102444800.0  # 2100-01-01, like VitalDB's anonymised start times
+IMPLAUSIBLE_WEIGHT_KG = 900.0
 CLINICAL_FILE = "clinical_data.csv"
 
 
@@ -178,7 +184,8 @@ def _add_waveforms(vf, rng, T, hr):
 
 def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = None, waveforms: bool = False,
                  short_case: Optional[int] = None, missing_weight: Optional[int] = None,
-                 missing_asa: Optional[int] = None, no_clinical_row: Optional[int] = None) -> str:
+                 missing_asa: Optional[int] = None, no_clinical_row: Optional[int] = None,
+                 implausible_weight: Optional[int] = None) -> str:
     """Writes <id:04d>.vital files and clinical_data.csv to `output` (any Beam
     filesystem); returns the clinical table's path. Durations vary 40-90 min
     unless `duration_s` is given; `short_case` is shorter than one window."""
@@ -199,6 +206,8 @@ def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = N
                 row["weight"], row["bmi"] = None, None
             if cid == missing_asa:
                 row["asa"] = None
+            if cid == implausible_weight:  # an entry error (contract 1.1): treated as missing
+                row["weight"], row["bmi"] = IMPLAUSIBLE_WEIGHT_KG, None
             if cid != no_clinical_row:
                 rows.append(row)
     buf = io.StringIO()
@@ -208,18 +217,49 @@ def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = N
     return path
 
 
-def write_default_sample(output: str, n: int = 20) -> str:
-    """The embedded sample: n cases with every situation a user meets."""
-    ids = list(range(1, n + 1))
+def sample_case_ids(n: int, settings: Optional[Settings] = None) -> list[int]:
+    """n case ids that fill every split in proportion (at least one case in
+    each split with a non-zero share, once n allows): the lowest ids whose
+    split still has room, under the run's split settings."""
+    settings = settings or Settings()
+    names = spec.SPLIT_NAMES
+    wanted = [pct for pct in settings.split]
+    quota = [int(n * p / 100) for p in wanted]
+    for i in sorted(range(len(names)), key=lambda i: -wanted[i]):  # hand out what rounding left
+        if sum(quota) >= n:
+            break
+        quota[i] += 1
+    for i, p in enumerate(wanted):  # every non-empty split gets a case, taken from the largest
+        if p and not quota[i] and n >= sum(1 for x in wanted if x):
+            quota[quota.index(max(quota))] -= 1
+            quota[i] = 1
+    ids, taken = [], [0] * len(names)
+    cid = 0
+    while len(ids) < n:
+        cid += 1
+        k = names.index(assign_split(cid, settings.split, settings.split_seed))
+        if taken[k] < quota[k]:
+            taken[k] += 1
+            ids.append(cid)
+    return ids
+
+
+def write_default_sample(output: str, n: int = 20, settings: Optional[Settings] = None) -> str:
+    """The embedded sample: n cases in every split, with every situation a
+    user meets (a missing weight, a missing ASA, an entry error, a case too
+    short for one window)."""
+    ids = sample_case_ids(n, settings)
     return write_sample(output, ids, short_case=ids[-1] if n >= 3 else None,
-                        missing_weight=ids[1] if n >= 2 else None, missing_asa=ids[2] if n >= 3 else None)
+                        missing_weight=ids[1] if n >= 2 else None, missing_asa=ids[2] if n >= 3 else None,
+                        implausible_weight=ids[3] if n >= 5 else None)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="master-poc-generate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="folder or s3:// prefix for the .vital files and clinical table")
-    ap.add_argument("--cases", type=int, default=20, help="number of cases (ids 1..N)")
+    ap.add_argument("--cases", type=int, default=20,
+                    help="number of cases (ids chosen so every split has cases; with --hours or --waveforms: 1..N)")
     ap.add_argument("--hours", type=float, default=None, help="fixed duration of every case (default 40-90 min)")
     ap.add_argument("--waveforms", action="store_true", help="add 500 Hz ECG/PLETH and 62.5 Hz CO2 waveforms")
     args = ap.parse_args(argv)
@@ -228,7 +268,7 @@ def main(argv=None) -> int:
     else:
         dur = int(args.hours * 3600) if args.hours else None
         path = write_sample(args.output, list(range(1, args.cases + 1)), dur, args.waveforms)
-    print(f"wrote {args.cases} cases and {path}")
+    print(f"wrote {args.cases} cases and {path}")  # the ids: see the clinical table
     return 0
 
 

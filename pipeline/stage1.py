@@ -9,6 +9,7 @@ written when a worker's whole share is done, and never if it is killed.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -19,18 +20,14 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline import s3, storage
+from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
 from transforms import encode
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
-from transforms.case import CaseWindows, Settings
-from transforms.load import ClinicalTable, RawCase
+from transforms.case import CaseFacts, CaseWindows
+from transforms.load import RawCase
+from transforms.settings import Settings
 
 _LOG = logging.getLogger(__name__)
-
-# Each case is compressed once, at the final level, in gzip members of up to
-# WINDOWS_PER_MEMBER windows: stage 2 interleaves members of different
-# patients by copying bytes (see stage2.py).
-CASE_GZIP_LEVEL = 6
-WINDOWS_PER_MEMBER = 32
 
 
 class SkipCommitted(beam.DoFn):
@@ -59,30 +56,28 @@ class SkipCommitted(beam.DoFn):
         yield case_id
 
 
-def commit_case(output: str, info: dict, examples: list[bytes]) -> dict:
+def commit_case(output: str, facts: CaseFacts, examples: list[bytes]) -> DoneMarker:
     """Writes the case object (complete or not at all), then its marker."""
-    case_id, split = info["case_id"], info["split"]
-    timings = dict(info.get("timings", {}))
-    info = dict(info, status="ok" if examples else "too_short",
-                host=os.environ.get("MASTER_POC_HOST") or socket.gethostname(), worker=os.getpid())
+    timings = dict(facts.timings)
+    marker = DoneMarker(**dataclasses.asdict(facts), status="ok" if examples else "too_short",
+                        host=os.environ.get("MASTER_POC_HOST") or socket.gethostname(), worker=os.getpid())
     t = time.perf_counter()
     if examples:
-        data, members = encode.gzip_members(examples, WINDOWS_PER_MEMBER, CASE_GZIP_LEVEL)
+        data, members = encode.gzip_members(examples, encode.WINDOWS_PER_MEMBER, encode.GZIP_LEVEL)
         t1 = time.perf_counter()
         timings["compress"] = t1 - t
         t = t1
-        path = storage.case_object(output, split, case_id)
-        storage.write_atomic(path, data, storage.join(output, "cases", "_tmp"))
-        info.update(object=path, object_bytes=len(data), members=members)
+        path = storage.case_object(output, facts.split, facts.case_id)
+        storage.write_atomic(path, data, storage.tmp_dir(output))
+        marker.object, marker.object_bytes = path, len(data)
+        marker.members = tuple(Member(b, r) for b, r in members)
     # Seconds per step, for the benchmark and for finding slow cases; the
     # marker's own write is the last step and not in them.
     timings["write"] = time.perf_counter() - t
-    info.update(timings={k: round(v, 4) for k, v in timings.items()}, committed=time.time())
-    storage.write_json(storage.marker_path(output, storage.DONE, case_id), info,
-                       storage.join(output, "cases", "_tmp"))
-    # A failure marker of an earlier try is stale now.
-    storage.delete([storage.marker_path(output, storage.FAILED, case_id)])
-    return info
+    marker.timings = {k: round(v, 4) for k, v in timings.items()}
+    marker.committed = time.time()
+    storage.write_done(output, marker)
+    return marker
 
 
 class CommitCases(beam.DoFn):
@@ -93,11 +88,11 @@ class CommitCases(beam.DoFn):
         self._windows = Metrics.counter(NAMESPACE, "windows_written")
 
     def process(self, element):
-        info, examples = element
-        info = commit_case(self._out, info, examples)
+        facts, examples = element
+        marker = commit_case(self._out, facts, examples)
         (self._ok if examples else self._short).inc()
         self._windows.inc(len(examples))
-        yield {k: info[k] for k in ("case_id", "split", "windows", "status")}
+        yield {"case_id": marker.case_id, "split": marker.split, "windows": marker.windows, "status": marker.status}
 
 
 class RecordFailures(beam.DoFn):
@@ -107,8 +102,7 @@ class RecordFailures(beam.DoFn):
 
     def process(self, fail: dict):
         _LOG.warning("case %s failed: %s: %s", fail["case_id"], fail["reason"], fail["detail"])
-        storage.write_json(storage.marker_path(self._out, storage.FAILED, fail["case_id"]), fail,
-                           storage.join(self._out, "cases", "_tmp"))
+        storage.write_failed(self._out, FailedMarker(fail["case_id"], fail["reason"], fail["detail"]))
         self._failed.inc()
         yield fail
 
@@ -120,7 +114,7 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
             | "SkipCommitted" >> beam.ParDo(SkipCommitted(output, stop_file)))
-    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir), clinical).with_output_types(RawCase)
+    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir, settings), clinical).with_output_types(RawCase)
               .with_outputs(FAILED, main="ok"))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))
                    .with_output_types(CaseWindows).with_outputs(FAILED, main="ok"))
@@ -132,10 +126,9 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
     return committed, failed
 
 
-def build_stage1(pipeline: beam.Pipeline, case_ids: list[int], input_dir: str, output: str,
-                 settings: Settings, clinical: ClinicalTable, stop_file: Optional[str] = None) -> beam.Pipeline:
-    """Adds stage 1 to `pipeline` (unrun) and returns it."""
-    ids = pipeline | "ReadCases" >> beam.Create(case_ids, reshuffle=False)
-    side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([clinical], reshuffle=False))
-    _ = ids | "ProcessCases" >> ProcessCases(input_dir, output, settings, side, stop_file)
+def build_stage1(pipeline: beam.Pipeline, job: StageJob) -> beam.Pipeline:
+    """Adds stage 1 of `job` to `pipeline` (unrun) and returns it."""
+    ids = pipeline | "ReadCases" >> beam.Create(job.case_ids, reshuffle=False)
+    side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([job.clinical], reshuffle=False))
+    _ = ids | "ProcessCases" >> ProcessCases(job.input, job.output, job.settings, side, job.stop_file)
     return pipeline

@@ -25,7 +25,6 @@ import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Optional
 
 import apache_beam as beam
@@ -35,6 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from pipeline import s3, storage
+from pipeline.contracts import DoneMarker, PlannedCase, ShardPlan, StageJob
 from transforms import encode
 from transforms.beam import NAMESPACE
 
@@ -42,33 +42,11 @@ _LOG = logging.getLogger(__name__)
 WINDOWS_PER_SHARD = 20000  # ~50 MB compressed per shard with the defaults
 
 
-@dataclass(frozen=True)
-class ShardPlan:
-    split: str
-    index: int
-    count: int
-    # (case_id, windows, object path, ((member bytes, member windows), ...))
-    cases: tuple[tuple[int, int, str, tuple[tuple[int, int], ...]], ...]
-
-    @property
-    def windows(self) -> int:
-        return sum(c[1] for c in self.cases)
-
-    def to_json(self) -> dict:
-        return {"split": self.split, "index": self.index, "count": self.count,
-                "cases": [[c[0], c[1], c[2], [list(m) for m in c[3]]] for c in self.cases]}
-
-    @staticmethod
-    def from_json(d: dict) -> "ShardPlan":
-        return ShardPlan(d["split"], d["index"], d["count"],
-                         tuple((c[0], c[1], c[2], tuple(tuple(m) for m in c[3])) for c in d["cases"]))
-
-
 def _order_key(seed: int, case_id: int) -> str:
     return hashlib.sha256(f"shard:{seed}:{case_id}".encode()).hexdigest()
 
 
-def plan_shards(output: str, done: dict[int, dict], splits: tuple[str, ...], num_shards: int = 0,
+def plan_shards(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], num_shards: int = 0,
                 seed: int = 42) -> list[ShardPlan]:
     """Assigns every committed case with windows to one shard of its split.
 
@@ -79,28 +57,27 @@ def plan_shards(output: str, done: dict[int, dict], splits: tuple[str, ...], num
     plans = []
     for split in splits:
         # Object paths come from the layout, not the marker: a copied output works.
-        cases = sorted(((cid, m["windows"], storage.case_object(output, split, cid),
-                         tuple(tuple(x) for x in m.get("members") or [[m["object_bytes"], m["windows"]]]))
-                        for cid, m in done.items() if m.get("split") == split and m.get("windows", 0) > 0),
-                       key=lambda c: _order_key(seed, c[0]))
-        total = sum(c[1] for c in cases)
+        cases = sorted((PlannedCase(cid, m.windows, storage.case_object(output, split, cid), m.members)
+                        for cid, m in done.items() if m.split == split and m.has_windows),
+                       key=lambda c: _order_key(seed, c.case_id))
         if not cases:
             continue
+        total = sum(c.windows for c in cases)
         n = num_shards or max(1, math.ceil(total / WINDOWS_PER_SHARD))
         n = min(n, len(cases))
-        bins: list[list] = [[] for _ in range(n)]
+        bins: list[list[PlannedCase]] = [[] for _ in range(n)]
         fill = [0] * n
         for c in cases:
             k = int(np.argmin(fill))
             bins[k].append(c)
-            fill[k] += c[1]
-        plans += [ShardPlan(split, i, n, tuple(sorted(b))) for i, b in enumerate(bins)]
+            fill[k] += c.windows
+        plans += [ShardPlan(split, i, n, tuple(sorted(b, key=lambda c: c.case_id))) for i, b in enumerate(bins)]
     return plans
 
 
 def interleave_order(plan: ShardPlan, seed: int) -> np.ndarray:
     """Which case supplies each next member: a seeded uniform interleave."""
-    owners = np.repeat(np.arange(len(plan.cases)), [len(c[3]) for c in plan.cases])
+    owners = np.repeat(np.arange(len(plan.cases)), [len(c.members) for c in plan.cases])
     digest = hashlib.sha256(f"{seed}:{plan.split}:{plan.index}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     return rng.permutation(owners)
@@ -110,27 +87,28 @@ def write_shard(output: str, plan: ShardPlan, seed: int) -> dict:
     """Copies the members of the plan's cases, interleaved, into the shard
     (a temporary object, renamed when complete)."""
     final = storage.shard_path(output, plan.split, plan.index, plan.count)
-    tmp = storage.join(output, "cases", "_tmp", final.rsplit("/", 1)[-1])
+    tmp = storage.shard_tmp_path(output, plan.split, plan.index, plan.count)
     for p in (tmp, final):
         if storage.is_local(p):
             os.makedirs(os.path.dirname(p), exist_ok=True)
     s3.ensure_pool_size(len(plan.cases) + 8)  # one open stream per case object (see s3.ensure_pool_size)
-    readers = [FileSystems.open(c[2], compression_type=CompressionTypes.UNCOMPRESSED) for c in plan.cases]
+    readers = [FileSystems.open(c.path, compression_type=CompressionTypes.UNCOMPRESSED) for c in plan.cases]
     nxt = [0] * len(plan.cases)
     records = 0
     try:
         fh = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
         for owner in interleave_order(plan, seed):
-            nbytes, nrec = plan.cases[owner][3][nxt[owner]]
+            case = plan.cases[owner]
+            member = case.members[nxt[owner]]
             nxt[owner] += 1
-            data = readers[owner].read(nbytes)
-            if len(data) != nbytes or data[:2] != b"\x1f\x8b":
-                raise IOError(f"case object {plan.cases[owner][2]} does not match its marker")
+            data = readers[owner].read(member.nbytes)
+            if len(data) != member.nbytes or data[:2] != b"\x1f\x8b":
+                raise IOError(f"case object {case.path} does not match its marker")
             fh.write(data)
-            records += nrec
+            records += member.records
         for r, c in zip(readers, plan.cases):
             if r.read(1):
-                raise IOError(f"case object {c[2]} is longer than its marker says")
+                raise IOError(f"case object {c.path} is longer than its marker says")
         fh.close()
     finally:
         for r in readers:
@@ -162,11 +140,12 @@ class WriteShard(beam.DoFn):
         yield res
 
 
-def build_stage2(pipeline: beam.Pipeline, output: str, plans: list[ShardPlan], seed: int) -> beam.Pipeline:
+def build_stage2(pipeline: beam.Pipeline, job: StageJob) -> beam.Pipeline:
+    """Adds stage 2 of `job` (its shard plans) to `pipeline` (unrun) and returns it."""
     _ = (pipeline
-         | "PlanShards" >> beam.Create(plans, reshuffle=False)
+         | "PlanShards" >> beam.Create(job.plans, reshuffle=False)
          | "SpreadShards" >> beam.Reshuffle()
-         | "WriteShards" >> beam.ParDo(WriteShard(output, seed)))
+         | "WriteShards" >> beam.ParDo(WriteShard(job.output, job.settings.split_seed)))
     return pipeline
 
 
@@ -174,8 +153,7 @@ def remove_stale_shards(output: str, plans: list[ShardPlan], splits: tuple[str, 
     """Deletes split files that the current plan did not write (an earlier
     finalize with another shard count)."""
     keep = {storage.shard_path(output, p.split, p.index, p.count) for p in plans}
-    stale = [f for s in splits for f in storage.list_files(storage.join(output, s, "*.tfrecord.gz"))
-             if f not in keep]
+    stale = [f for s in splits for f in storage.list_files(storage.split_files_glob(output, s)) if f not in keep]
     storage.delete(stale)
     return stale
 
@@ -185,23 +163,19 @@ def remove_stale_shards(output: str, plans: list[ShardPlan], splits: tuple[str, 
 DAMAGED = "damaged_case_object"
 
 
-def expected_object_bytes(marker: dict) -> int:
-    return int(marker.get("object_bytes") or sum(m[0] for m in marker.get("members") or []))
-
-
-def check_case_objects(output: str, done: dict[int, dict], splits: tuple[str, ...]) -> dict[int, str]:
+def check_case_objects(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...]) -> dict[int, str]:
     """Committed cases whose object is missing or not the size its marker
     says (truncated, replaced, appended to): {case id: what is wrong}. One
     listing per split, no reads."""
     sizes: dict[str, int] = {}
     for s in splits:
-        sizes.update(storage.list_sizes(storage.join(output, "cases", s, "*.tfrecord.gz")))
+        sizes.update(storage.list_sizes(storage.case_objects_glob(output, s)))
     bad = {}
     for cid, m in sorted(done.items()):
-        if not m.get("windows"):
+        if not m.has_windows:
             continue
-        path = storage.case_object(output, m["split"], cid)
-        want, got = expected_object_bytes(m), sizes.get(path)
+        path = storage.case_object(output, m.split, cid)
+        want, got = sum(x.nbytes for x in m.members), sizes.get(path)
         if got is None:
             bad[cid] = f"case object {path} is missing"
         elif got != want:
@@ -244,12 +218,12 @@ def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(cids), np.concatenate(starts)
 
 
-def verify_output(output: str, done: dict[int, dict], splits: tuple[str, ...], workers: int = 4) -> dict:
+def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4) -> dict:
     """Reads every split file back and compares with the markers: examples per
     split and per case, no duplicate (case, window_start), no case in two
     splits. Returns {"ok", "problems", "splits": {name: {...}}}."""
     problems: list[str] = []
-    files = {s: storage.list_files(storage.join(output, s, "*.tfrecord.gz")) for s in splits}
+    files = {s: storage.list_files(storage.split_files_glob(output, s)) for s in splits}
     jobs = [(s, f) for s in splits for f in files[s]]
 
     def read(job):
@@ -264,17 +238,16 @@ def verify_output(output: str, done: dict[int, dict], splits: tuple[str, ...], w
     # (read through only the cases of the splits that failed to read).
     damaged: dict[int, str] = {}
     bad_splits = {job[0] for job, _, err in results if err}
-    suspects = [(cid, m) for cid, m in sorted(done.items()) if m.get("split") in bad_splits and m.get("windows")]
+    suspects = [(cid, m) for cid, m in sorted(done.items()) if m.split in bad_splits and m.has_windows]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for (cid, m), err in zip(suspects, pool.map(lambda cm: read_case_object(
-                storage.case_object(output, cm[1]["split"], cm[0]), cm[1]["windows"]),
-                                                  suspects)):
+        for (cid, m), err in zip(suspects, pool.map(
+                lambda cm: read_case_object(storage.case_object(output, cm[1].split, cm[0]), cm[1].windows), suspects)):
             if err:
                 damaged[cid] = err
     per_split: dict[str, dict] = {}
     seen_split: dict[int, str] = {}
     for s in splits:
-        expected = {cid: m["windows"] for cid, m in done.items() if m.get("split") == s and m.get("windows", 0) > 0}
+        expected = {cid: m.windows for cid, m in done.items() if m.split == s and m.has_windows}
         parts = [r for r in results if r[0][0] == s]
         for _, _, err in parts:
             if err:

@@ -26,27 +26,44 @@ from typing import Iterable, Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.contracts import DoneMarker, FailedMarker
 from transforms.load import is_local  # one helper for the loader and the pipeline
 
 DONE, FAILED = "_done", "_failed"
 METADATA_NAME = "preprocessing_metadata.json"
 SCHEMA_NAME = "schema.pbtxt"
+SUFFIX = ".tfrecord.gz"
 
 
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/")] + [p.strip("/") for p in parts])
 
 
+# ---- every path of an output -------------------------------------------------------
+
 def cases_dir(out: str) -> str:
     return join(out, "cases")
 
 
+def tmp_dir(out: str) -> str:
+    """Objects being written: never counted, removed by finalize."""
+    return join(out, "cases", "_tmp")
+
+
 def case_object(out: str, split: str, case_id: int) -> str:
-    return join(out, "cases", split, f"{case_id}.tfrecord.gz")
+    return join(out, "cases", split, f"{case_id}{SUFFIX}")
+
+
+def case_objects_glob(out: str, split: str) -> str:
+    return join(out, "cases", split, "*" + SUFFIX)
 
 
 def marker_path(out: str, kind: str, case_id: int) -> str:
     return join(out, "cases", kind, f"{case_id}.json")
+
+
+def markers_glob(out: str, kind: str) -> str:
+    return join(out, "cases", kind, "*.json")
 
 
 def settings_path(out: str) -> str:
@@ -57,8 +74,34 @@ def split_dir(out: str, split: str) -> str:
     return join(out, split)
 
 
+def split_files_glob(out: str, split: str) -> str:
+    return join(out, split, "*" + SUFFIX)
+
+
 def shard_path(out: str, split: str, index: int, count: int) -> str:
-    return join(out, split, f"{split}-{index:05d}-of-{count:05d}.tfrecord.gz")
+    return join(out, split, f"{split}-{index:05d}-of-{count:05d}{SUFFIX}")
+
+
+def shard_tmp_path(out: str, split: str, index: int, count: int) -> str:
+    return join(tmp_dir(out), shard_path(out, split, index, count).rsplit("/", 1)[-1])
+
+
+def metadata_path(out: str) -> str:
+    return join(out, METADATA_NAME)
+
+
+def schema_path(out: str) -> str:
+    return join(out, SCHEMA_NAME)
+
+
+def report_path(out: str, name: str = "index.html") -> str:
+    """The quality report: index.html and quality.json."""
+    return join(out, "report", name)
+
+
+def output_parts(out: str, splits: tuple[str, ...]) -> list[str]:
+    """What --overwrite removes: the checkpoint, the split folders, the report."""
+    return [cases_dir(out), join(out, "report")] + [split_dir(out, s) for s in splits]
 
 
 def _ensure_parent(path: str) -> None:
@@ -150,19 +193,37 @@ def list_sizes(pattern: str) -> dict[str, int]:
 
 def marker_ids(out: str, kind: str) -> set[int]:
     ids = set()
-    for p in list_files(join(out, "cases", kind, "*.json")):
+    for p in list_files(markers_glob(out, kind)):
         stem = p.rsplit("/", 1)[-1][:-5]
         if stem.isdigit():
             ids.add(int(stem))
     return ids
 
 
-def read_markers(out: str, kind: str, ids: Optional[Iterable[int]] = None) -> dict[int, dict]:
+def _read_markers(out: str, kind: str, ids: Optional[Iterable[int]], parse) -> dict:
     """Reads markers in parallel (S3 GETs are latency-bound)."""
     ids = sorted(marker_ids(out, kind) if ids is None else ids)
     with ThreadPoolExecutor(max_workers=16) as pool:
-        docs = list(pool.map(lambda i: read_json(marker_path(out, kind, i)), ids))
+        docs = list(pool.map(lambda i: parse(read_json(marker_path(out, kind, i))), ids))
     return dict(zip(ids, docs))
+
+
+def read_done(out: str, ids: Optional[Iterable[int]] = None) -> dict[int, DoneMarker]:
+    return _read_markers(out, DONE, ids, DoneMarker.from_json)
+
+
+def read_failed(out: str, ids: Optional[Iterable[int]] = None) -> dict[int, FailedMarker]:
+    return _read_markers(out, FAILED, ids, FailedMarker.from_json)
+
+
+def write_done(out: str, marker: DoneMarker) -> None:
+    write_json(marker_path(out, DONE, marker.case_id), marker.to_json(), tmp_dir(out))
+    # A failure marker of an earlier try is stale now.
+    delete([marker_path(out, FAILED, marker.case_id)])
+
+
+def write_failed(out: str, marker: FailedMarker) -> None:
+    write_json(marker_path(out, FAILED, marker.case_id), marker.to_json(), tmp_dir(out))
 
 
 def demote(out: str, case_id: int, reason: str, detail: str) -> None:
@@ -171,8 +232,7 @@ def demote(out: str, case_id: int, reason: str, detail: str) -> None:
     rerun of stage 1 recomputes it. The failed marker is written first: a
     kill in between leaves the case done, and the next finalize finds the
     damage again."""
-    write_json(marker_path(out, FAILED, case_id), {"case_id": case_id, "reason": reason, "detail": detail},
-               join(out, "cases", "_tmp"))
+    write_failed(out, FailedMarker(case_id, reason, detail))
     delete([marker_path(out, DONE, case_id)])
 
 

@@ -2,8 +2,8 @@
 
 Beam's DirectRunner cannot be cancelled, and raising from a signal handler
 while `run()` blocks hung the main process in multi_processing mode
-(BEAM_NOTES.md). So the main process never runs a pipeline itself: it starts
-the stage as a child in its own process group (`python -m pipeline.job`) and
+(measured). So the main process never runs a pipeline itself: it starts
+the stage as a child in its own process group (forked, see _StageChild) and
 waits. On SIGTERM/SIGINT (SageMaker sends SIGTERM at MaxRuntime and before a
 spot reclaim) it creates a stop file that the workers check before each case,
 so the pipeline drains by itself: cases in flight are committed, no new one
@@ -22,11 +22,13 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from typing import Callable, Optional
+
+from pipeline.contracts import StageJob
 
 _LOG = logging.getLogger("master_poc")
 KILLED = -signal.SIGKILL
@@ -77,14 +79,11 @@ class Supervisor:
         print(f"received {signal.Signals(signum).name}: finishing the cases in flight, starting no new one "
               f"(grace {self.grace_s:.0f} s)", flush=True)
 
-    def run_job(self, payload: dict) -> tuple[int, dict]:
-        """Runs one stage as `python -m pipeline.job`; returns (exit code, its result)."""
-        job = os.path.join(self._dir, f"job-{payload['stage']}.json")
-        result = job + ".result"
-        with open(job, "w") as fh:
-            json.dump(dict(payload, stop_file=self.stop_file, result_file=result), fh)
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.job", job], start_new_session=True,
-                                preexec_fn=_die_with_parent)
+    def run_job(self, job: StageJob) -> tuple[int, dict[str, int]]:
+        """Runs one stage in a child process group; returns (exit code, its counters)."""
+        result = os.path.join(self._dir, f"job-{job.stage}.result.json")
+        job.stop_file = self.stop_file
+        proc = _StageChild(job, result)
         next_progress = time.monotonic() + self.progress_interval_s
         try:
             while True:
@@ -99,26 +98,70 @@ class Supervisor:
                     wait = min(left, 1.0)
                 else:
                     wait = max(0.05, next_progress - now)
-                try:
-                    rc = proc.wait(timeout=wait)
+                stopping_before = self.stopping
+                rc = proc.wait(timeout=wait, until=lambda: self.stopping != stopping_before)
+                if rc is not None:
                     break
-                except subprocess.TimeoutExpired:
-                    if self.progress and not self.stopping and time.monotonic() >= next_progress:
-                        self.progress()
-                        next_progress = time.monotonic() + self.progress_interval_s
+                if self.progress and not self.stopping and time.monotonic() >= next_progress:
+                    self.progress()
+                    next_progress = time.monotonic() + self.progress_interval_s
         except BaseException:
             self._kill(proc)
             raise
-        res = {}
+        counts = {}
         if os.path.exists(result):
             with open(result) as fh:
-                res = json.load(fh)
-        return rc, res
+                counts = json.load(fh).get("counters", {})
+        return rc, counts
 
     @staticmethod
-    def _kill(proc: subprocess.Popen) -> None:
+    def _kill(proc: "_StageChild") -> None:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+class _StageChild:
+    """The stage's process: forked from this one, so it starts with the
+    modules already imported (importing Beam alone takes ~3 s, measured; a
+    fresh `python -m pipeline.job` paid that once per stage). It leads its
+    own process group (Beam's worker processes join it), dies with its
+    parent, and inherits no signal handler and no open S3 connection."""
+
+    def __init__(self, job: StageJob, result_path: str):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setsid()
+                _die_with_parent()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                from pipeline import job as stage_job
+                code = stage_job.run_in_child(job, result_path)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self.pid = pid
+        self.returncode: Optional[int] = None
+
+    def wait(self, timeout: Optional[float] = None, until: Callable[[], bool] = lambda: False) -> Optional[int]:
+        """The exit code, or None if the child still runs after `timeout`
+        seconds or once `until()` is true (a signal arrived)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            pid, status = os.waitpid(self.pid, 0 if deadline is None else os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+            elif time.monotonic() >= deadline or until():
+                return None
+            else:
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))  # waiting for a child, not a test
+        return self.returncode

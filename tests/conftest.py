@@ -66,15 +66,22 @@ def dataset(tmp_path_factory) -> str:
     return write_dataset(str(tmp_path_factory.mktemp("vital")))
 
 
+INMEM = "--direct_running_mode=in_memory"
+
+
+def run_cli(*argv: str) -> int:
+    """The command line with its stages in this process (no stage process to
+    start: the same graph and code, ~6 s less per run); its exit code."""
+    from pipeline import cli
+    return cli.main(list(argv), supervised=False)
+
+
 @pytest.fixture(scope="session")
 def run_output(dataset, tmp_path_factory):
-    """One in-process run over every case kind; returns (exit code, output dir)."""
-    from pipeline.cli import main
+    """One run over every case kind; returns (exit code, output dir)."""
     out = str(tmp_path_factory.mktemp("out"))
     cases = ",".join(map(str, ALL_CASES))
-    rc = main(["--input", dataset, "--output", out, "--cases", cases, "--min-success-rate", "0",
-               "--direct_running_mode=in_memory"])
-    return rc, out
+    return run_cli("--input", dataset, "--output", out, "--cases", cases, "--min-success-rate", "0", INMEM), out
 
 
 def parse_spec():

@@ -8,8 +8,10 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
 from pipeline import stage1, stage2, storage
+from pipeline.contracts import DoneMarker, StageJob
 from transforms.beam import FAILED, ArraysCoder, LoadCase, TransformCase
-from transforms.case import CaseWindows, Settings
+from transforms.case import CaseWindows
+from transforms.settings import Settings
 from transforms.load import ClinicalTable, RawCase, read_clinical
 
 OPTS = ["--direct_running_mode=in_memory"]
@@ -20,7 +22,7 @@ def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
     with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
         res = (p | beam.Create([1, TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, MISSING, DUPLICATE_ROW])
-               | beam.ParDo(LoadCase(dataset), side).with_outputs(FAILED, main="ok"))
+               | beam.ParDo(LoadCase(dataset, Settings()), side).with_outputs(FAILED, main="ok"))
         assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0, r.row["caseid"])),
                     equal_to([(1, True, 1)]), label="Loaded")
         assert_that(res[FAILED] | beam.Map(lambda f: (f["case_id"], f["reason"])),
@@ -34,10 +36,10 @@ def test_transform_case_uses_the_clinical_side_input(dataset):
     with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
         res = (p | beam.Create([2, SHORT, NO_ROW])
-               | beam.ParDo(LoadCase(dataset), side)
+               | beam.ParDo(LoadCase(dataset, Settings()), side)
                | beam.ParDo(TransformCase(Settings())))
-        assert_that(res | beam.Map(lambda cw: (cw.case_id, cw.info["windows"], cw.info["dose_weight_default"],
-                                               cw.info["no_clinical_row"])),
+        assert_that(res | beam.Map(lambda cw: (cw.case_id, cw.facts.windows, cw.facts.dose_weight_default,
+                                               cw.facts.no_clinical_row)),
                     equal_to([(2, (1500 - 301) // 30 + 1, True, False), (SHORT, 0, False, False),
                               (NO_ROW, 40, True, True)]))
 
@@ -66,30 +68,35 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     """Runner-neutral: pickled DoFns, side inputs, no driver-only objects."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
     p = beam.Pipeline(options=PipelineOptions(OPTS))
-    stage1.build_stage1(p, [1, 2], dataset, str(tmp_path), Settings(), ClinicalTable("c.csv", {1: {"weight": 70}}))
+    stage1.build_stage1(p, StageJob(1, str(tmp_path), Settings(), case_ids=[1, 2], input=dataset,
+                                    clinical=ClinicalTable("c.csv", {1: {"weight": 70}})))
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
     for label in ("ReadCases", "ProcessCases/LoadCase", "ProcessCases/TransformCase", "ProcessCases/CommitCases",
                   "ProcessCases/RecordFailures"):
         assert label in names
     roundtrip = beam.Pipeline.from_runner_api(proto, p.runner, p._options)
-    assert roundtrip is not None
+    assert {t.unique_name for t in roundtrip.to_runner_api().components.transforms.values()} == names
     p2 = beam.Pipeline(options=PipelineOptions(OPTS))
-    plans = stage2.plan_shards("o", {1: {"split": "train", "windows": 3, "members": [[100, 3]]}}, ("train",), 0)
-    stage2.build_stage2(p2, str(tmp_path), plans, 42)
+    plans = stage2.plan_shards("o", {1: marker(1, "train", 3, [[100, 3]])}, ("train",), 0)
+    stage2.build_stage2(p2, StageJob(2, str(tmp_path), Settings(), plans=plans))
     assert "WriteShards" in {t.unique_name for t in p2.to_runner_api().components.transforms.values()}
 
 
+def marker(cid, split, windows, members):
+    return DoneMarker.from_json({"case_id": cid, "split": split, "windows": windows, "members": members})
+
+
 def test_plan_shards_balances_and_is_deterministic():
-    done = {c: {"split": "train" if c % 3 else "test", "windows": 10 + c, "object": f"o{c}",
-                "members": [[500, 10], [300, c]]} for c in range(1, 31)}
+    done = {c: marker(c, "train" if c % 3 else "test", 10 + c, [[500, 10], [300, c]]) for c in range(1, 31)}
     a = stage2.plan_shards("o", done, ("train", "validation", "test"), num_shards=4)
     b = stage2.plan_shards("o", dict(reversed(list(done.items()))), ("train", "validation", "test"), num_shards=4)
     assert a == b
     train = [p for p in a if p.split == "train"]
     assert len(train) == 4 and sum(p.windows for p in train) == sum(10 + c for c in range(1, 31) if c % 3)
     assert max(p.windows for p in train) - min(p.windows for p in train) <= 40
-    assert sorted(c[0] for p in a for c in p.cases) == list(range(1, 31))
+    assert sorted(c.case_id for p in a for c in p.cases) == list(range(1, 31))
+    assert all(c.path == f"o/cases/{p.split}/{c.case_id}.tfrecord.gz" for p in a for c in p.cases)
     # Never more shards than cases.
     assert len([p for p in stage2.plan_shards("o", done, ("test",), num_shards=50)]) == 10
 

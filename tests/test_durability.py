@@ -1,6 +1,7 @@
-"""Nothing lost, nothing counted twice: kill -9 at many moments, SIGTERM with
-drain and with the grace period running out, all on S3 (moto's server),
-with real worker processes (multi_processing)."""
+"""Nothing lost, nothing counted twice: kill -9 at several moments (with real
+Beam worker processes, multi_processing), SIGTERM with drain and with the
+grace period running out, all on S3 (moto's server), through the console
+script as a user runs it."""
 import json
 import os
 import signal
@@ -11,31 +12,31 @@ import time
 import psutil
 import pytest
 
-from conftest import examples_by_key, read_examples
-from pipeline.cli import EXIT_INTERRUPTED, main
+from conftest import INMEM, examples_by_key, read_examples, run_cli
+from pipeline.options import EXIT_INTERRUPTED
 from s3util import beam_s3_args, boto_client, download_prefix, s3_env, sample_on_s3
 from transforms import spec
 
-N_CASES = 30
+N_CASES = 16
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
 
 @pytest.fixture(scope="module")
 def s3_thirty(moto_endpoint, tmp_path_factory):
-    """30 generated 40-minute cases on S3 and the examples of one uninterrupted run."""
-    local = str(tmp_path_factory.mktemp("thirty"))
-    src = sample_on_s3(moto_endpoint, local, "durability", N_CASES, 2400)
+    """16 generated 30-minute cases on S3 and the examples of one uninterrupted run."""
+    local = str(tmp_path_factory.mktemp("sixteen"))
+    src = sample_on_s3(moto_endpoint, local, "durability", N_CASES, 1800)
     ref_out = str(tmp_path_factory.mktemp("ref"))
-    assert main(["--input", local, "--output", ref_out, "--direct_running_mode=in_memory"]) == 0
+    assert run_cli("--input", local, "--output", ref_out, "--direct_running_mode=in_memory") == 0
     from pipeline import storage
     ref = examples_by_key(read_examples(
         [f for s in spec.SPLIT_NAMES for f in storage.list_files(f"{ref_out}/{s}/*.tfrecord.gz")]))
     return src, ref
 
 
-def start(src, out, endpoint, *extra):
+def start(src, out, endpoint, *extra, mode="--direct_num_workers=2"):
     return subprocess.Popen(
-        [CLI, "--input", src, "--output", out, "--direct_num_workers=2", "--progress-interval", "0.2", *extra]
+        [CLI, "--input", src, "--output", out, mode, "--progress-interval", "0.2", *extra]
         + beam_s3_args(endpoint),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, **s3_env()),
         start_new_session=True)
@@ -94,10 +95,7 @@ def test_kill_9_at_many_moments_then_rerun_equals_one_clean_run(moto_endpoint, s
     src, ref = s3_thirty
     out = "s3://durability/killed"
     kill_points = [("stage 1 running, no case done", lambda l: l.startswith("progress: 0/")),
-                   ("after >= 3 cases", done_at_least(3)),
-                   ("after >= 9 cases", done_at_least(9)),
-                   ("after >= 16 cases", done_at_least(16)),
-                   ("after >= 24 cases", done_at_least(24)),
+                   ("after >= 6 cases", done_at_least(6)),
                    ("during stage 2, one shard written", lambda l: l.startswith("stage 2: wrote"))]
     survived = []
     for name, pred in kill_points:
@@ -122,7 +120,7 @@ def test_sigterm_drains_and_a_rerun_completes(moto_endpoint, s3_thirty, tmp_path
     src, ref = s3_thirty
     out = "s3://durability/sigterm"
     log = []
-    proc = start(src, out, moto_endpoint, "--shutdown-grace", "30")
+    proc = start(src, out, moto_endpoint, "--shutdown-grace", "30", mode=INMEM)
     wait_for_line(proc, done_at_least(4), log)
     procs = family(proc)
     t = time.monotonic()
@@ -131,8 +129,9 @@ def test_sigterm_drains_and_a_rerun_completes(moto_endpoint, s3_thirty, tmp_path
     elapsed = time.monotonic() - t
     print(f"SIGTERM: exit {proc.returncode} after {elapsed:.1f} s")
     assert proc.returncode == EXIT_INTERRUPTED, rest[-3000:]
-    assert elapsed < 30
-    assert "received SIGTERM" in rest and "rerun the same command" in rest
+    # Drained, not killed: the cases in flight finished within the grace period.
+    assert "received SIGTERM" in rest and "stopped by SIGTERM; rerun the same command" in rest
+    assert "killed" not in rest
     psutil.wait_procs(procs, timeout=15)
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # no orphans
     c = boto_client(moto_endpoint)
@@ -144,7 +143,7 @@ def test_sigterm_drains_and_a_rerun_completes(moto_endpoint, s3_thirty, tmp_path
     for cid in committed:  # every committed case has its complete object
         m = json.loads(c.get_object(Bucket="durability", Key=f"sigterm/cases/_done/{cid}.json")["Body"].read())
         c.head_object(Bucket="durability", Key=m["object"].split("/", 3)[3])
-    proc = start(src, out, moto_endpoint)
+    proc = start(src, out, moto_endpoint, mode=INMEM)
     tail = proc.communicate()[0]
     assert proc.returncode == 0, tail[-3000:]
     assert f"{len(committed)} skipped" in tail
@@ -154,15 +153,14 @@ def test_sigterm_drains_and_a_rerun_completes(moto_endpoint, s3_thirty, tmp_path
 def test_sigterm_kills_the_pipeline_when_the_grace_period_runs_out(moto_endpoint, s3_thirty):
     src, _ = s3_thirty
     log = []
-    proc = start(src, "s3://durability/grace0", moto_endpoint, "--shutdown-grace", "0")
+    proc = start(src, "s3://durability/grace0", moto_endpoint, "--shutdown-grace", "0", mode=INMEM)
     wait_for_line(proc, done_at_least(1), log)
     procs = family(proc)
-    t = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     rest = proc.communicate(timeout=60)[0]
     assert proc.returncode == EXIT_INTERRUPTED, rest[-3000:]
-    assert time.monotonic() - t < 15
     assert "grace period over: killing the pipeline" in rest
+    assert "stopped by SIGTERM (pipeline killed after the grace period)" in rest
     psutil.wait_procs(procs, timeout=15)
     assert not [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     meta = json.loads(boto_client(moto_endpoint).get_object(

@@ -7,15 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import (ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
-                      NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, examples_by_key, read_examples)
+from conftest import (INMEM, ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
+                      NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, examples_by_key, read_examples, run_cli)
 from pipeline import storage
-from pipeline.cli import main
 from transforms import features, load, spec
-from transforms.case import Settings, process_case
+from transforms.case import process_case
+from transforms.settings import Settings
 from transforms.windows import assign_split
 
-INMEM = "--direct_running_mode=in_memory"
 EXPECTED_FAILURES = {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file", NOT_VITAL: "corrupt_file",
                      NO_TRACKS: "no_tracks", MISSING: "missing_file", DUPLICATE_ROW: "duplicate_clinical_row"}
 
@@ -53,7 +52,7 @@ def test_run_writes_correct_splits_metadata_and_schema(run_output):
     assert meta["cases"]["no_clinical_row"] == [NO_ROW]
     assert meta["cases"]["dose_weight_default"] == sorted([GOOD[1], NO_ROW, IMPLAUSIBLE])
     assert meta["cases"]["static_defaults"][str(GOOD[2])] == ["asa"]
-    assert [f["name"] for f in meta["spec"]["timeseries"]] == list(spec.FEATURE_NAMES)
+    assert [f["name"] for f in meta["spec"]["timeseries"]] == list(spec.DEFAULT_SPEC.feature_names)
     assert meta["settings"]["window"] == 300 and meta["settings"]["split_seed"] == 42
     schema = open(f"{out}/schema.pbtxt").read()
     assert 'name: "timeseries"' in schema and "size: 4800" in schema
@@ -81,7 +80,7 @@ def test_rerun_does_no_new_work_and_gives_the_same_examples(run_output, dataset,
     rc, out = run_output
     before = {s: examples_by_key(v) for s, v in all_examples(out).items()}
     done_mtimes = {p: os.path.getmtime(p) for p in storage.list_files(f"{out}/cases/_done/*.json")}
-    rc2 = main(["--input", dataset, "--output", out, "--cases", ",".join(map(str, ALL_CASES)),
+    rc2 = run_cli(*["--input", dataset, "--output", out, "--cases", ",".join(map(str, ALL_CASES)),
                 "--min-success-rate", "0", INMEM])
     assert rc2 == 0
     # 8 good + NO_ROW + SHORT + IMPLAUSIBLE have done markers; the 7 failed cases are tried again.
@@ -97,8 +96,8 @@ def test_rerun_does_no_new_work_and_gives_the_same_examples(run_output, dataset,
 
 def test_min_success_rate_exit_code(dataset, tmp_path):
     cases = f"{GOOD[0]},{EMPTY}"
-    assert main(["--input", dataset, "--output", str(tmp_path / "a"), "--cases", cases, INMEM]) == 1
-    assert main(["--input", dataset, "--output", str(tmp_path / "b"), "--cases", cases,
+    assert run_cli(*["--input", dataset, "--output", str(tmp_path / "a"), "--cases", cases, INMEM]) == 1
+    assert run_cli(*["--input", dataset, "--output", str(tmp_path / "b"), "--cases", cases,
                  "--min-success-rate", "0.5", INMEM]) == 0
     # What succeeded is written even when the rate is too low.
     assert os.path.exists(tmp_path / "a" / "preprocessing_metadata.json")
@@ -106,62 +105,62 @@ def test_min_success_rate_exit_code(dataset, tmp_path):
 
 def test_bad_cases_string_is_refused_before_any_work(dataset, tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["--input", dataset, "--output", str(out), "--cases", "1-5,x,9-3", INMEM]) == 2
+    assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1-5,x,9-3", INMEM]) == 2
     err = capsys.readouterr().err
     assert "'x'" in err and "'9-3'" in err
     assert not out.exists()
 
 
 def test_unreadable_input_and_clinical_are_refused_at_start(dataset, tmp_path, capsys):
-    assert main(["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), INMEM]) == 2
+    assert run_cli(*["--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), INMEM]) == 2
     assert "no <id>.vital files" in capsys.readouterr().err
-    assert main(["--input", dataset, "--clinical", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o"),
+    assert run_cli(*["--input", dataset, "--clinical", str(tmp_path / "none.csv"), "--output", str(tmp_path / "o"),
                  "--cases", "1", INMEM]) == 2
     assert "cannot read clinical table" in capsys.readouterr().err
     bad = tmp_path / "bad.csv"
     bad.write_text("id;age\n1;3\n")
-    assert main(["--input", dataset, "--clinical", str(bad), "--output", str(tmp_path / "o"), "--cases", "1",
+    assert run_cli(*["--input", dataset, "--clinical", str(bad), "--output", str(tmp_path / "o"), "--cases", "1",
                  INMEM]) == 2
     assert "no 'caseid' column" in capsys.readouterr().err
 
 
 def test_other_settings_into_the_same_output_are_refused(dataset, tmp_path, capsys):
     out = str(tmp_path / "o")
-    assert main(["--input", dataset, "--output", out, "--cases", "1", INMEM]) == 0
-    assert main(["--input", dataset, "--output", out, "--cases", "1", "--horizon", "5", INMEM]) == 2
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1", "--horizon", "5", INMEM]) == 2
     assert "other settings" in capsys.readouterr().err
-    assert main(["--input", dataset, "--output", out, "--cases", "1", "--horizon", "5", "--overwrite", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1", "--horizon", "5", "--overwrite", INMEM]) == 0
     meta = json.load(open(f"{out}/preprocessing_metadata.json"))
     assert meta["settings"]["horizon"] == 5
 
 
 def test_finalize_is_idempotent_and_verify_detects_damage(dataset, tmp_path, capsys):
     out = str(tmp_path / "o")
-    assert main(["--input", dataset, "--output", out, "--cases", "1-6", "--num-shards", "2", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1-6", "--num-shards", "2", INMEM]) == 0
     files = sorted(storage.list_files(f"{out}/*/*.tfrecord.gz"))
     blobs = {f: open(f, "rb").read() for f in files}
-    assert main(["finalize", "--output", out, "--num-shards", "2", INMEM]) == 0
+    assert run_cli(*["finalize", "--output", out, "--num-shards", "2", INMEM]) == 0
     assert {f: open(f, "rb").read() for f in files} == blobs  # byte-identical
-    assert main(["verify", "--output", out]) == 0
+    assert run_cli(*["verify", "--output", out]) == 0
     victim = files[0]
     data = blobs[victim]
     open(victim, "wb").write(data[: len(data) // 2])
     capsys.readouterr()
-    assert main(["verify", "--output", out]) == 1
+    assert run_cli(*["verify", "--output", out]) == 1
     assert "VERIFY FAILED" in capsys.readouterr().out
     # finalize repairs it from the committed cases; another shard count replaces the old files.
-    assert main(["finalize", "--output", out, "--num-shards", "1", INMEM]) == 0
+    assert run_cli(*["finalize", "--output", out, "--num-shards", "1", INMEM]) == 0
     assert all(f.endswith("-00000-of-00001.tfrecord.gz") for f in storage.list_files(f"{out}/*/*.tfrecord.gz"))
-    assert main(["verify", "--output", out]) == 0
+    assert run_cli(*["verify", "--output", out]) == 0
 
 
 def test_orphan_case_object_without_marker_is_never_counted(dataset, tmp_path):
     out = str(tmp_path / "o")
-    assert main(["--input", dataset, "--output", out, "--cases", "1,2", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1,2", INMEM]) == 0
     split = assign_split(3)
     orphan = storage.case_object(out, split, 3)
     storage.write_atomic(orphan, open(storage.case_object(out, assign_split(1), 1), "rb").read())
-    assert main(["finalize", "--output", out, INMEM]) == 0
+    assert run_cli(*["finalize", "--output", out, INMEM]) == 0
     ids = {int(e["case_id"][0]) for s in spec.SPLIT_NAMES for e in read_examples(split_files(out, s))}
     assert ids == {1, 2}
 
@@ -169,7 +168,7 @@ def test_orphan_case_object_without_marker_is_never_counted(dataset, tmp_path):
 def test_emit_mask_round_trips(dataset, tmp_path):
     import tensorflow as tf
     out = str(tmp_path / "o")
-    assert main(["--input", dataset, "--output", out, "--cases", "1", "--emit-mask", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1", "--emit-mask", INMEM]) == 0
     feats = {"observed": tf.io.FixedLenFeature([4800], tf.float32),
              "timeseries": tf.io.FixedLenFeature([4800], tf.float32)}
     ex = read_examples(split_files(out, assign_split(1)), feats)
@@ -250,34 +249,34 @@ def test_clinical_entry_errors_are_missing_listed_and_shown(run_output, capsys):
 
 def test_output_of_an_older_contract_is_refused_without_overwrite(dataset, tmp_path, capsys):
     out = tmp_path / "o"
-    assert main(["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 0
     settings = json.load(open(out / "cases" / "_settings.json"))
     json.dump(dict(settings, spec_version="1.0"), open(out / "cases" / "_settings.json", "w"))
-    assert main(["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 2
+    assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 2
     assert "spec_version" in capsys.readouterr().err
-    assert main(["--input", dataset, "--output", str(out), "--cases", "1", "--overwrite", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1", "--overwrite", INMEM]) == 0
 
 
 def test_damaged_files_are_named_and_a_rerun_heals_them(dataset, tmp_path, capsys):
     out = str(tmp_path / "o")
-    assert main(["--input", dataset, "--output", out, "--cases", "1-4", INMEM]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1-4", INMEM]) == 0
     shard = storage.list_files(f"{out}/train/*.tfrecord.gz")[0]
     data = bytearray(open(shard, "rb").read())
     data[len(data) // 2] ^= 0x01  # one flipped bit in a split file
     open(shard, "wb").write(bytes(data))
     capsys.readouterr()
-    assert main(["verify", "--output", out]) == 1
+    assert run_cli(*["verify", "--output", out]) == 1
     text = capsys.readouterr().out
     assert f"VERIFY FAILED: {shard}: damaged, unreadable:" in text and "Traceback" not in text
     # A changed byte in a case object: finalize copies it, verification names the
     # split file and the case object, the case becomes failed; a rerun recomputes it.
-    assert main(["finalize", "--output", out, INMEM]) == 0  # repaired from the case objects
+    assert run_cli(*["finalize", "--output", out, INMEM]) == 0  # repaired from the case objects
     victim = storage.case_object(out, assign_split(2), 2)
     data = bytearray(open(victim, "rb").read())
     data[len(data) // 3] ^= 0x01
     open(victim, "wb").write(bytes(data))
     capsys.readouterr()
-    assert main(["finalize", "--output", out, INMEM]) == 1
+    assert run_cli(*["finalize", "--output", out, INMEM]) == 1
     text = capsys.readouterr().out
     assert f"case 2: case object {victim} is damaged" in text
     assert storage.read_json(storage.marker_path(out, storage.FAILED, 2))["reason"] == "damaged_case_object"
@@ -285,12 +284,12 @@ def test_damaged_files_are_named_and_a_rerun_heals_them(dataset, tmp_path, capsy
     victim3 = storage.case_object(out, assign_split(3), 3)
     head = open(victim3, "rb").read()[:100]
     open(victim3, "wb").write(head)
-    assert main(["finalize", "--output", out, INMEM]) == 1
+    assert run_cli(*["finalize", "--output", out, INMEM]) == 1
     text = capsys.readouterr().out
     assert f"case object {victim3} has 100 bytes, its marker says" in text
     meta = json.load(open(f"{out}/preprocessing_metadata.json"))
     assert {f["case_id"]: f["reason"] for f in meta["cases"]["failed"]} == {2: "damaged_case_object",
                                                                            3: "damaged_case_object"}
-    assert main(["--input", dataset, "--output", out, "--cases", "1-4", INMEM]) == 0
-    assert main(["verify", "--output", out]) == 0
+    assert run_cli(*["--input", dataset, "--output", out, "--cases", "1-4", INMEM]) == 0
+    assert run_cli(*["verify", "--output", out]) == 0
     assert json.load(open(f"{out}/preprocessing_metadata.json"))["cases"]["ok"] == [1, 2, 3, 4]

@@ -1,4 +1,4 @@
-"""Pure per-case functions against hand-computed values (SPEC.md)."""
+"""Pure per-case functions against hand-computed values (the data contract, docs/data-contract.md)."""
 import numpy as np
 import pytest
 
@@ -11,13 +11,13 @@ NAN = np.nan
 def raw_with(track: str, values, T=None) -> np.ndarray:
     values = np.asarray(values, dtype=float)
     T = T or len(values)
-    raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan)
-    raw[: len(values), spec.SOURCE_TRACKS.index(track)] = values
+    raw = np.full((T, len(spec.DEFAULT_SPEC.source_tracks)), np.nan)
+    raw[: len(values), spec.DEFAULT_SPEC.source_tracks.index(track)] = values
     return raw
 
 
 def feature_col(values, name):
-    return values[:, spec.FEATURE_NAMES.index(name)]
+    return values[:, spec.DEFAULT_SPEC.feature_names.index(name)]
 
 
 def test_propofol_10_ml_h_at_50_kg_is_4_mg_kg_h():
@@ -47,7 +47,7 @@ def test_etco2_38_mmhg_is_5_066_kpa():
 
 def test_peep_hpa_to_cmh2o_and_tv_per_ibw():
     raw = raw_with("Primus/PEEP_MBAR", [5.0])
-    raw[0, spec.SOURCE_TRACKS.index("Primus/TV")] = 450.0
+    raw[0, spec.DEFAULT_SPEC.source_tracks.index("Primus/TV")] = 450.0
     v, _ = features.select_sources(raw, 70, ibw_kg=75.0)
     assert feature_col(v, "PEEP")[0] == pytest.approx(5.0986)
     assert feature_col(v, "TV")[0] == pytest.approx(6.0)
@@ -69,7 +69,7 @@ def test_dose_weight_default_is_recorded():
 
 def test_first_plausible_source_wins_and_implausible_is_missing():
     raw = raw_with("Solar8000/ART_SBP", [120.0, 400.0, NAN, 5.0])
-    raw[:, spec.SOURCE_TRACKS.index("Solar8000/NIBP_SBP")] = [110.0, 111.0, 112.0, 113.0]
+    raw[:, spec.DEFAULT_SPEC.source_tracks.index("Solar8000/NIBP_SBP")] = [110.0, 111.0, 112.0, 113.0]
     v, src = features.select_sources(raw, 70, 70)
     np.testing.assert_allclose(feature_col(v, "BP_SYS"), [120.0, 111.0, 112.0, 113.0])
     np.testing.assert_array_equal(feature_col(src, "BP_SYS"), [0, 1, 1, 1])
@@ -79,7 +79,7 @@ def test_first_plausible_source_wins_and_implausible_is_missing():
 
 
 def feat(name):
-    return spec.TIMESERIES[spec.FEATURE_NAMES.index(name)]
+    return spec.DEFAULT_SPEC.timeseries[spec.DEFAULT_SPEC.feature_names.index(name)]
 
 
 def test_impute_before_between_after_for_a_vital_sign():
@@ -153,20 +153,21 @@ def test_static_features_and_defaults():
 def test_case_stats_equal_a_direct_count():
     from transforms.case import HIST_BINS, case_stats
     rng = np.random.default_rng(7)
-    T, F = 97, spec.N_FEATURES
+    T, F = 97, spec.DEFAULT_SPEC.n_features
     rules = rng.integers(0, len(features.RULE_NAMES), (T, F)).astype(np.int8)
-    source = rng.integers(-1, 3, (T, F)).astype(np.int8)
+    source = np.stack([rng.integers(-1, len(f.sources), T) for f in spec.DEFAULT_SPEC.timeseries], 1).astype(np.int8)
     filled = rng.uniform(-50, 400, (T, F))
     norm = features.normalise_timeseries(filled)
     st = case_stats(filled, norm, rules, source)
     assert st["seconds"] == T
     for f in range(F):
         assert st["rules"][f] == [int((rules[:, f] == r).sum()) for r in range(len(features.RULE_NAMES))]
-        assert st["sources"][f] == [int((source[:, f] == k).sum()) for k in range(3)]
+        n_src = len(spec.DEFAULT_SPEC.timeseries[f].sources)
+        assert st["sources"][f] == [int((source[:, f] == k).sum()) for k in range(n_src)]
         assert sum(st["hist"][f]) == T
         assert st["hist"][f][0] == int((norm[:, f] < -1 + 2 / HIST_BINS).sum())
         assert st["hist"][f][-1] == int((norm[:, f] >= 1 - 2 / HIST_BINS).sum())
-        lo, hi = spec.TIMESERIES[f].norm
+        lo, hi = spec.DEFAULT_SPEC.timeseries[f].norm
         assert st["clipped"][f] == int(((filled[:, f] < lo) | (filled[:, f] > hi)).sum())
 
 

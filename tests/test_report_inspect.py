@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GOOD, NO_ROW
+from conftest import GOOD, INMEM, NO_ROW, run_cli
 from pipeline.cli import main
 from s3util import beam_s3_args, boto_client, upload_dir
 from transforms import spec
@@ -23,7 +23,7 @@ def test_quality_numbers_match_the_metadata(run_output):
         assert q["splits"][s]["windows"] == meta["splits"][s]["windows"]
         assert q["splits"][s]["cases"] == meta["splits"][s]["cases"]
     assert q["cases_in_two_splits"] == []
-    assert [f["name"] for f in q["features"]] == list(spec.FEATURE_NAMES)
+    assert [f["name"] for f in q["features"]] == list(spec.DEFAULT_SPEC.feature_names)
     for f in q["features"]:
         assert abs(sum(f["rules"].values()) - 1.0) < 1e-4
     hr = q["features"][0]
@@ -81,7 +81,7 @@ def test_inspect_s3_output(moto_endpoint, s3_bucket, dataset, capsys):
     c = boto_client(moto_endpoint)
     src = upload_dir(c, dataset, s3_bucket, "raw")
     out = f"s3://{s3_bucket}/out"
-    assert main(["--input", src, "--output", out, "--cases", ",".join(map(str, GOOD[:2])),
+    assert run_cli(*["--input", src, "--output", out, "--cases", ",".join(map(str, GOOD[:2])),
                  "--direct_running_mode=in_memory"] + beam_s3_args(moto_endpoint)) == 0
     capsys.readouterr()
     assert main(["inspect", out, "--examples", "1"] + beam_s3_args(moto_endpoint)) == 0

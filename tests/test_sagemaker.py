@@ -1,20 +1,21 @@
 """SageMaker: the launcher through the real SDK v3 against moto's server,
-and the bundled runner as two hosts sharing an S3 output."""
+and the bundled runner's entry point as SageMaker runs it."""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
-import psutil
 import pytest
 
-from conftest import examples_by_key, read_examples
+from conftest import examples_by_key, read_examples, run_cli
 from launch import entrypoint, launcher
+from pipeline import coordination
 from s3util import boto_client, download_prefix, s3_env, sample_on_s3
-from transforms import spec
 
 ROLE_TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
+BIN = os.path.dirname(sys.executable)
 
 
 def launch_args(job_name, output="s3://sm-out/processed"):
@@ -22,7 +23,8 @@ def launch_args(job_name, output="s3://sm-out/processed"):
             "--use-spot", "--max-run", "3600", "--max-wait", "7200",
             "--image-uri", "123456789012.dkr.ecr.us-east-1.amazonaws.com/master-poc:1.0.0",
             "--input", "s3://sm-in/vital", "--output", output, "--region", "us-east-1", "--job-name", job_name,
-            "--tags", "project=master-poc,data=patient", "--hyperparameter", "horizon=5"]
+            "--tags", "project=master-poc,data=patient", "--hyperparameter", "horizon=5", "--emit-mask",
+            "--subnets", "subnet-0a1,subnet-0b2", "--security-group-ids", "sg-0c3"]
 
 
 def test_launcher_creates_the_job_and_dry_run_shows_what_is_sent(moto_endpoint, monkeypatch, capsys):
@@ -41,14 +43,13 @@ def test_launcher_creates_the_job_and_dry_run_shows_what_is_sent(moto_endpoint, 
     assert d["StoppingCondition"]["MaxRuntimeInSeconds"] == 3600
     assert d["StoppingCondition"]["MaxWaitTimeInSeconds"] == 7200
     assert d["AlgorithmSpecification"]["TrainingImage"].endswith("master-poc:1.0.0")
-    assert d["HyperParameters"]["cases"] == "1-10,17,0022"
-    assert d["HyperParameters"]["input"] == "s3://sm-in/vital"
-    assert d["HyperParameters"]["output"] == "s3://sm-out/processed"
-    assert d["HyperParameters"]["horizon"] == "5"
+    assert d["HyperParameters"] == {"cases": "1-10,17,0022", "input": "s3://sm-in/vital",
+                                    "output": "s3://sm-out/processed", "horizon": "5", "emit_mask": "true"}
+    assert d["VpcConfig"] == {"Subnets": ["subnet-0a1", "subnet-0b2"], "SecurityGroupIds": ["sg-0c3"]}
     assert d["RoleArn"] == role
     # --dry-run printed exactly what was sent.
     for key in ("ResourceConfig", "StoppingCondition", "HyperParameters", "AlgorithmSpecification",
-                "EnableManagedSpotTraining", "RoleArn", "CheckpointConfig", "TrainingJobName"):
+                "EnableManagedSpotTraining", "RoleArn", "CheckpointConfig", "TrainingJobName", "VpcConfig"):
         sent = d[key]
         shown = request[key]
         if isinstance(shown, dict):
@@ -56,14 +57,21 @@ def test_launcher_creates_the_job_and_dry_run_shows_what_is_sent(moto_endpoint, 
         else:
             assert sent == shown, key
     assert {t["Key"]: t["Value"] for t in request["Tags"]} == {"project": "master-poc", "data": "patient"}
+    # What the container will read back is the request the launcher checked.
+    hp_req = entrypoint.request_for_host(d["HyperParameters"], "algo-2", ["algo-1", "algo-2", "algo-3"])
+    assert hp_req.settings.horizon == 5 and hp_req.settings.emit_mask and str(hp_req.options.share) == "2/3"
 
 
 @pytest.mark.parametrize("change,message", [
     ({"--max-wait": "3600"}, "must exceed --max-run"),
-    ({"--instance-count": "0"}, "--instance-count must be at least 1"),
+    ({"--instance-count": "0"}, "instance_count '0': must be a positive integer"),
     ({"--cases": "1-5,x"}, "'x'"),
     ({"--output": "/local/out"}, "--output must be an s3:// prefix"),
     ({"--job-name": "bad_name!"}, "--job-name"),
+    ({"--security-group-ids": ""}, "--subnets and --security-group-ids go together"),
+    ({"--hyperparameter": "windw=600"}, "unknown hyperparameter(s) ['windw']"),
+    ({"--hyperparameter": "window=0"}, "window '0': must be a positive integer"),
+    ({"--hyperparameter": "share=1/2"}, "unknown hyperparameter(s) ['share']"),
 ])
 def test_invalid_launcher_input_is_refused_before_any_aws_call(change, message, capsys, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: any call would fail
@@ -74,46 +82,112 @@ def test_invalid_launcher_input_is_refused_before_any_aws_call(change, message, 
     assert message in capsys.readouterr().err
 
 
-def test_launcher_config_file_and_flags_win(tmp_path):
+def test_launcher_config_file_takes_every_documented_key_and_flags_win(tmp_path, capsys, monkeypatch):
+    """Every key the README documents for launch.yaml, the job's options at
+    the top level and in a hyperparameters: block."""
+    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
     cfg = tmp_path / "launch.yaml"
-    cfg.write_text("cases: 1-200\ninstance_count: 2\nmax_run: 7200\nimage_uri: img\nrole: arn:r\n"
-                   "input: s3://a/in\noutput: s3://a/out\nregion: eu-north-1\n")
-    v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg), "--instance-count", "4"]))
-    assert v["instance_count"] == 4 and v["cases"] == "1-200" and v["max_wait"] == 14400 and v["use_spot"]
+    cfg.write_text("""
+cases: 1-200
+instance_count: 2
+instance_type: ml.m5.xlarge
+use_spot: true
+max_run: 7200
+max_wait: 10000
+volume_size: 80
+image_uri: 123456789012.dkr.ecr.eu-north-1.amazonaws.com/master-poc:1.0.0
+role: arn:aws:iam::123456789012:role/r
+region: eu-north-1
+job_name: mpp-config
+tags: {project: master-poc}
+volume_kms_key: kms-vol
+output_kms_key: kms-out
+subnets: [subnet-1, subnet-2]
+security_group_ids: sg-1
+input: s3://a/in
+clinical: s3://a/in/clinical_data.csv
+output: s3://a/out
+num_shards: 4
+window: 600
+hyperparameters:
+  crop_anaesthesia: true
+  emit_mask: true
+  leader_wait_s: 7200
+  beam_args: --direct_running_mode=multi_processing
+""")
+    v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg), "--instance-count", "4",
+                                                             "--window", "900"]))
+    lo = v["launch"]
+    assert (lo.instance_count, lo.instance_type, lo.use_spot, lo.max_run, v["max_wait"], lo.volume_size) == \
+        (4, "ml.m5.xlarge", True, 7200, 10000, 80)
+    assert (lo.job_name, lo.tags, lo.volume_kms_key, lo.output_kms_key) == ("mpp-config", {"project": "master-poc"},
+                                                                            "kms-vol", "kms-out")
+    assert lo.subnets == ("subnet-1", "subnet-2") and lo.security_group_ids == ("sg-1",)
+    assert v["hyperparameters"] == {"cases": "1-200", "input": "s3://a/in", "clinical": "s3://a/in/clinical_data.csv",
+                                    "output": "s3://a/out", "num_shards": "4", "window": "900",
+                                    "crop_anaesthesia": "true", "emit_mask": "true", "leader_wait_s": "7200.0",
+                                    "beam_args": "--direct_running_mode=multi_processing"}
     v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg), "--no-spot"]))
     assert v["max_wait"] is None
+    wire, _ = launcher.build_request(v)
+    assert wire["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
+    cfg.write_text(cfg.read_text() + "hyperparamters: {}\n")
+    assert launcher.main(["--config", str(cfg), "--dry-run"]) == 2
+    assert "unknown options ['hyperparamters']" in capsys.readouterr().err
 
 
-def test_host_share_partitions_by_position():
+def test_shares_partition_by_position():
     ids = [5, 1, 9, 22, 3, 7, 8]
-    shares = [entrypoint.host_share(ids, i, 3) for i in range(3)]
+    shares = [coordination.Share(i, 3).select(ids) for i in (1, 2, 3)]
     assert shares == [[5, 22, 8], [1, 3], [9, 7]]
     assert sorted(sum(shares, [])) == sorted(ids)
+    assert coordination.Share.parse(" 2/3 ") == coordination.Share(2, 3)
+    for bad in ("0/3", "4/3", "2", "a/b", "1/0"):
+        with pytest.raises(ValueError):
+            coordination.Share.parse(bad)
 
 
-# ---- two hosts ------------------------------------------------------------------
+def test_the_leaders_wait_is_bounded_and_stops_on_a_signal(tmp_path):
+    """The wait's clock and sleep are injected: no real waiting here."""
+    from pipeline import storage
+    out = str(tmp_path)
+    storage.write_json(storage.marker_path(out, storage.DONE, 1), {"case_id": 1})
+    storage.write_json(storage.marker_path(out, storage.FAILED, 2), {"case_id": 2, "reason": "x", "detail": ""})
+    now = [0.0]
+    slept = []
 
-N = 20
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+    said = []
+    missing = coordination.wait_for_markers(out, [1, 2, 3, 4], wait_s=100, poll_s=30, say=said.append,
+                                            clock=lambda: now[0], sleep=sleep)
+    assert missing == [3, 4] and slept == [30, 30, 30, 10] and said[0] == "leader: waiting for 2 cases from the other shares"
+    assert coordination.wait_for_markers(out, [1, 2, 3], 100, 30, stopping=lambda: True, say=said.append) == [3]
+    assert coordination.wait_for_markers(out, [1, 2], 100, 30, say=said.append) == []
+
+
+# ---- the bundled runner, as SageMaker starts it ------------------------------------
+
+N = 12
 
 
 @pytest.fixture(scope="module")
 def sm_data(moto_endpoint, tmp_path_factory):
-    return sample_on_s3(moto_endpoint, str(tmp_path_factory.mktemp("sm-vital")), "sm-hosts", N, 1800)
+    return sample_on_s3(moto_endpoint, str(tmp_path_factory.mktemp("sm-vital")), "sm-hosts", N, 1200)
 
 
-def host_root(tmp_path, host, hp):
+def host_root(tmp_path, host, hp, hosts=("algo-1", "algo-2")):
     root = tmp_path / host
     (root / "input/config").mkdir(parents=True)
     (root / "input/config/hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hp.items()}))
     (root / "input/config/resourceconfig.json").write_text(
-        json.dumps({"current_host": host, "hosts": ["algo-1", "algo-2"], "network_interface_name": "eth0"}))
+        json.dumps({"current_host": host, "hosts": list(hosts), "network_interface_name": "eth0"}))
     return root
 
 
-def start_host(root, moto_endpoint):
-    env = dict(os.environ, **s3_env(), MASTER_POC_SM_ROOT=str(root), AWS_ENDPOINT_URL_S3=moto_endpoint)
-    return subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "master-poc-sagemaker"), "train"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+def host_env(root, moto_endpoint):
+    return dict(os.environ, **s3_env(), MASTER_POC_SM_ROOT=str(root), AWS_ENDPOINT_URL_S3=moto_endpoint)
 
 
 def markers(c, prefix):
@@ -125,59 +199,36 @@ def markers(c, prefix):
     return out
 
 
-def test_two_hosts_split_the_cases_and_the_leader_finalizes(moto_endpoint, sm_data, tmp_path):
-    hp = {"cases": f"1-{N}", "input": sm_data, "output": "s3://sm-hosts/two", "leader_wait_s": 300,
-          "poll_s": 0.5, "num_shards": 2}
-    procs = {h: start_host(host_root(tmp_path, h, hp), moto_endpoint) for h in ("algo-1", "algo-2")}
-    outs = {h: p.communicate(timeout=600)[0] for h, p in procs.items()}
-    assert procs["algo-1"].returncode == 0, outs["algo-1"][-3000:]
-    assert procs["algo-2"].returncode == 0, outs["algo-2"][-3000:]
-    assert "host algo-1 (1 of 2): 10 of 20 cases" in outs["algo-1"]
-    assert "progress:" in outs["algo-1"] and "progress:" in outs["algo-2"]
+def test_a_leader_without_its_second_host_names_the_missing_cases_and_the_command_that_completes_the_job(
+        moto_endpoint, sm_data, tmp_path, monkeypatch, capsys):
+    """algo-2 never ran (a host lost before its first commit): algo-1
+    commits its share, does not wait (leader_wait_s 0), and its failure
+    message names algo-2's cases and the command that finishes the job; the
+    command, run as printed, completes it."""
+    hp = {"cases": f"1-{N}", "input": sm_data, "output": "s3://sm-hosts/lost", "leader_wait_s": 0,
+          "horizon": 2, "beam_args": "--direct_running_mode=in_memory"}
+    root = host_root(tmp_path, "algo-1", hp)
+    res = subprocess.run([os.path.join(BIN, "master-poc-sagemaker"), "train"], capture_output=True, text=True,
+                         env=host_env(root, moto_endpoint), timeout=600)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"host algo-1 (1 of 2): {N // 2} of {N} cases" in res.stdout
+    failure = (root / "output/failure").read_text()
+    even = list(range(2, N + 1, 2))
+    assert f"{len(even)} cases have no marker after 0 s: {even}" in failure
     c = boto_client(moto_endpoint)
-    m = markers(c, "two")
-    assert sorted(m) == list(range(1, N + 1))
-    # Each case committed once, by the host that owns its position.
-    assert all(m[cid]["host"] == ("algo-1" if (cid - 1) % 2 == 0 else "algo-2") for cid in m)
-    assert "10 of 10 cases committed (0 were already)" in outs["algo-2"]
-    meta = json.loads(c.get_object(Bucket="sm-hosts", Key="two/preprocessing_metadata.json")["Body"].read())
+    assert sorted(markers(c, "lost")) == list(range(1, N + 1, 2))
+    assert all(m["host"] == "algo-1" for m in markers(c, "lost").values())
+    cmd = failure.split("To complete the job (committed cases are skipped): ", 1)[1]
+    assert "--horizon 2" in cmd  # the job's data settings, or the output would refuse the run
+    argv = shlex.split(cmd)
+    assert argv[0] == "master-poc-preprocess"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)
+    assert run_cli(*argv[1:], "--direct_running_mode=in_memory") == 0  # the command as printed, in this process
+    assert f"{N // 2} skipped (already committed)" in capsys.readouterr().out
+    meta = json.loads(c.get_object(Bucket="sm-hosts", Key="lost/preprocessing_metadata.json")["Body"].read())
     assert meta["status"] == "complete" and meta["verification"]["ok"] and meta["cases"]["requested"] == N
-    assert sum(meta["splits"][s]["windows"] for s in spec.SPLIT_NAMES) == sum(x["windows"] for x in m.values())
-
-
-def test_a_killed_host_is_reported_and_a_restart_completes(moto_endpoint, sm_data, tmp_path):
-    hp = {"cases": f"1-{N}", "input": sm_data, "output": "s3://sm-hosts/killed", "leader_wait_s": 8,
-          "poll_s": 0.5, "progress_interval": 0.2}
-    roots = {h: host_root(tmp_path / "first", h, hp) for h in ("algo-1", "algo-2")}
-    p2 = start_host(roots["algo-2"], moto_endpoint)
-    for line in p2.stdout:  # kill algo-2 (main, stage job, workers) once it has committed cases
-        if line.startswith("progress:") and int(line.split()[1].split("/")[0]) >= 2:
-            break
-    fam = [psutil.Process(p2.pid)] + psutil.Process(p2.pid).children(recursive=True)
-    for p in fam:
-        p.kill()
-    psutil.wait_procs(fam, timeout=30)
-    p2.communicate()
-    p1 = start_host(roots["algo-1"], moto_endpoint)
-    out1 = p1.communicate(timeout=600)[0]
-    assert p1.returncode == 1, out1[-3000:]
-    failure = (roots["algo-1"] / "output/failure").read_text()
-    assert "cases have no marker" in failure and "finalize" in failure
-    c = boto_client(moto_endpoint)
-    missing = sorted(set(range(1, N + 1)) - set(markers(c, "killed")))
-    assert missing and all(cid % 2 == 0 for cid in missing) and len(missing) <= 8  # algo-2's unfinished cases
-    assert str(missing[0]) in failure
-    # Spot restart: both hosts run again and the job completes.
-    hp["leader_wait_s"] = 300
-    roots = {h: host_root(tmp_path / "again", h, hp) for h in ("algo-1", "algo-2")}
-    procs = {h: start_host(roots[h], moto_endpoint) for h in roots}
-    outs = {h: p.communicate(timeout=600)[0] for h, p in procs.items()}
-    assert all(p.returncode == 0 for p in procs.values()), outs
-    assert "10 were already" in outs["algo-1"]
-    assert f"{10 - len(missing)} were already" in outs["algo-2"]
-    meta = json.loads(c.get_object(Bucket="sm-hosts", Key="killed/preprocessing_metadata.json")["Body"].read())
-    assert meta["status"] == "complete" and meta["verification"]["ok"]
-    files = download_prefix(c, "sm-hosts", "killed/", str(tmp_path), ".tfrecord.gz")
+    assert meta["settings"]["horizon"] == 2
+    files = download_prefix(c, "sm-hosts", "lost/", str(tmp_path), ".tfrecord.gz")
     ex = examples_by_key(read_examples([f for f in files if "__cases__" not in f]))
     assert sorted({k[0] for k in ex}) == list(range(1, N + 1))
 
@@ -187,3 +238,8 @@ def test_bad_job_configuration_writes_the_failure_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_POC_SM_ROOT", str(root))
     assert entrypoint.main(["train"]) == 2
     assert "'x'" in (root / "output/failure").read_text()
+    root = host_root(tmp_path / "b", "algo-1", {"cases": "1-3", "input": "s3://a/in", "output": "s3://a/out",
+                                                 "windows": "600"})
+    monkeypatch.setenv("MASTER_POC_SM_ROOT", str(root))
+    assert entrypoint.main(["train"]) == 2
+    assert "unknown option(s) windows" in (root / "output/failure").read_text()

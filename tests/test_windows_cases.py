@@ -7,7 +7,8 @@ import pytest
 
 from transforms import spec
 from transforms.cases import CaseSpecError, case_file_candidates, parse_cases
-from transforms.windows import assign_split, make_windows, parse_split, split_bucket, window_count
+from transforms.settings import parse_split
+from transforms.windows import assign_split, make_windows, split_bucket, window_count
 
 
 def test_parse_cases_mixed_padding_duplicates_order():
@@ -41,16 +42,16 @@ def test_window_count_formula():
 
 
 def test_windows_and_target_position():
-    T, F = 400, spec.N_FEATURES
+    T, F = 400, spec.DEFAULT_SPEC.n_features
     norm = (np.arange(T * F, dtype=np.float32) / (T * F)).reshape(T, F)
     starts, ts, tg = make_windows(norm, 300, 30, 1)
     assert list(starts) == [0, 30, 60, 90]
     assert ts.shape == (4, 300 * F)
     np.testing.assert_array_equal(ts[1].reshape(300, F), norm[30:330])  # row-major (time, feature)
-    np.testing.assert_array_equal(tg[1], norm[30 + 299 + 1, spec.TARGET_INDEX])
+    np.testing.assert_array_equal(tg[1], norm[30 + 299 + 1, spec.DEFAULT_SPEC.target_index])
     starts, _, tg = make_windows(norm, 300, 30, horizon=10)
     assert len(starts) == 4  # (400 - 300 - 10) // 30 + 1; the last target is second 399
-    np.testing.assert_array_equal(tg[3], norm[90 + 299 + 10, spec.TARGET_INDEX])
+    np.testing.assert_array_equal(tg[3], norm[90 + 299 + 10, spec.DEFAULT_SPEC.target_index])
     assert len(make_windows(norm[:309], 300, 30, horizon=10)[0]) == 0
 
 

@@ -17,7 +17,8 @@ import numpy as np
 from apache_beam import pvalue
 
 from transforms import encode
-from transforms.case import CaseWindows, Settings, process_case
+from transforms.case import CaseWindows, process_case
+from transforms.settings import Settings
 from transforms.load import CaseError, ClinicalTable, RawCase, load_case
 
 NAMESPACE = "master_poc"
@@ -70,14 +71,18 @@ class LoadCase(beam.DoFn):
     FileSystems, parsed by vitaldb, with the case's clinical row. A case with
     two different clinical rows fails before its file is read."""
 
-    def __init__(self, input_dir: str):
+    def __init__(self, input_dir: str, settings: Settings):
         self._input = input_dir
+        self._settings = settings
+
+    def setup(self):
+        self._spec = self._settings.feature_spec()
 
     def process(self, case_id: int, clinical: ClinicalTable):
         try:
             if case_id in clinical.duplicates:
                 raise CaseError("duplicate_clinical_row", clinical.duplicates[case_id])
-            rc = load_case(self._input, case_id)
+            rc = load_case(self._input, case_id, self._spec)
             rc.row = clinical.row(case_id)
             yield rc
         except CaseError as e:
@@ -93,24 +98,27 @@ class TransformCase(beam.DoFn):
     def __init__(self, settings: Settings):
         self._settings = settings
 
+    def setup(self):
+        self._spec = self._settings.feature_spec()
+
     def process(self, raw_case):
         try:
             t = time.perf_counter()
-            cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings)
-            cw.info["timings"] = dict(raw_case.timings, transform=time.perf_counter() - t)
+            cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings, self._spec)
+            cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
             yield cw
         except Exception as e:  # dead letter, see _internal
             yield _internal(raw_case.case_id, "TransformCase", e)
 
 
 class EncodeCase(beam.DoFn):
-    """CaseWindows -> (info, serialized tf.train.Examples)."""
+    """CaseWindows -> (CaseFacts, serialized tf.train.Examples)."""
 
     def process(self, cw):
         try:
             t = time.perf_counter()
             examples = encode.encode_examples(cw.case_id, cw.starts, cw.example_floats())
-            cw.info.setdefault("timings", {})["encode"] = time.perf_counter() - t
-            yield cw.info, examples
+            cw.facts.timings["encode"] = time.perf_counter() - t
+            yield cw.facts, examples
         except Exception as e:  # dead letter, see _internal
             yield _internal(cw.case_id, "EncodeCase", e)

@@ -1,43 +1,41 @@
 """One case from raw tracks to windows: the pure per-case pipeline.
 
 raw tracks (T, tracks) + clinical row -> features in clinical units ->
-smart forward fill -> normalised (T, 16) -> windows + targets, plus the
-per-case statistics the quality report and metadata are built from.
+smart forward fill -> normalised (T, F) -> windows + targets, plus the
+per-case facts and statistics the quality report and metadata are built from.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
 from transforms import features, spec, windows
+from transforms.settings import Settings
 
 HIST_BINS = 20
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything that shapes the data (its fingerprint guards an output)."""
+@dataclass
+class CaseFacts:
+    """What one case's processing found out, JSON-able: the core of its done
+    marker, and what the metadata and quality report are built from."""
 
-    window: int = spec.WINDOW_S
-    step: int = spec.STEP_S
-    horizon: int = spec.HORIZON_S
-    split: tuple[int, int, int] = spec.SPLIT_PERCENT
-    split_seed: int = spec.SPLIT_SEED
-    crop_anaesthesia: bool = False
-    emit_mask: bool = False
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["split"] = list(self.split)
-        d["spec_version"] = spec.SPEC_VERSION
-        return d
-
-    def validate(self) -> None:
-        if self.window < 1 or self.step < 1 or self.horizon < 1:
-            raise ValueError("--window, --step and --horizon must be positive integers")
+    case_id: int
+    split: str = ""
+    windows: int = 0
+    duration_s: int = 0  # recording length
+    used_from_s: int = 0  # first second used (cropping)
+    used_seconds: int = 0
+    no_clinical_row: bool = False
+    static_defaults: list = field(default_factory=list)  # static features that took their default
+    static_implausible: dict = field(default_factory=dict)  # clinical entry errors, {column: value as entered}
+    dose_weight_kg: float = 0.0
+    dose_weight_default: bool = False
+    ibw_kg: float = 0.0
+    stats: dict = field(default_factory=dict)  # per-feature counts for the quality report (case_stats)
+    timings: dict = field(default_factory=dict)  # seconds per step of stage 1
 
 
 @dataclass
@@ -45,11 +43,11 @@ class CaseWindows:
     case_id: int
     split: str
     starts: np.ndarray
-    timeseries: np.ndarray  # (n, window*16) float32
-    targets: np.ndarray  # (n, 8) float32
+    timeseries: np.ndarray  # (n, window*F) float32
+    targets: np.ndarray  # (n, targets) float32
     static: np.ndarray  # (6,) float32
-    observed: Optional[np.ndarray]  # (n, window*16) float32 or None
-    info: dict = field(default_factory=dict)  # JSON-able per-case facts and stats
+    observed: Optional[np.ndarray]  # (n, window*F) float32 or None
+    facts: CaseFacts
 
     def example_floats(self) -> dict[str, np.ndarray]:
         """The float features of this case's examples, by name (the schema)."""
@@ -68,27 +66,32 @@ def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
     return (lo, hi) if hi > lo else (0, 0)
 
 
-def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: np.ndarray) -> dict:
-    """Per-feature counts for the quality report (summed over cases later)."""
-    F, R = spec.N_FEATURES, len(features.RULE_NAMES)
+def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: np.ndarray,
+               fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
+    """Per-feature counts for the quality report (summed over cases later):
+    seconds per imputation rule, per source track (each feature's own
+    sources, any number), a histogram of normalised values, clipped seconds."""
+    F, R, S = fs.n_features, len(features.RULE_NAMES), fs.max_sources + 1
     col = np.arange(F)
     # One bincount per table over (value + feature * width), not a pass per value.
     rule_counts = np.bincount((rules + col * R).ravel(), minlength=F * R).reshape(F, R)
-    src_counts = np.bincount((source + 1 + col * 4).ravel(), minlength=F * 4).reshape(F, 4)[:, 1:]  # -1 = none
+    src_counts = np.bincount((source.astype(np.int64) + 1 + col * S).ravel(), minlength=F * S).reshape(F, S)[:, 1:]
     bins = np.clip(((norm.astype(np.float64) + 1.0) / 2.0 * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
     hist = np.bincount((bins + col * HIST_BINS).ravel(), minlength=F * HIST_BINS).reshape(F, HIST_BINS)
     # Clipped: the clinical value lay outside (lo, hi) and was cut to -1 or +1
     # (a drug at 0 with lo = 0 is exactly -1, not clipped).
-    clipped = ((filled < spec.NORM_LO) | (filled > spec.NORM_HI)).sum(axis=0)
-    return {"seconds": int(norm.shape[0]), "rules": rule_counts.tolist(), "sources": src_counts.tolist(),
+    clipped = ((filled < fs.norm_lo) | (filled > fs.norm_hi)).sum(axis=0)
+    return {"seconds": int(norm.shape[0]), "rules": rule_counts.tolist(),
+            "sources": [src_counts[j, :len(f.sources)].tolist() for j, f in enumerate(fs.timeseries)],
             "hist": hist.tolist(), "clipped": clipped.tolist()}
 
 
-def _jsonable(v):
+def _jsonable(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
-def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings: Settings) -> CaseWindows:
+def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings: Settings,
+                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> CaseWindows:
     """The whole per-case transform, pure: numpy in, numpy out."""
     cv = features.clean_clinical(row)  # entry errors are missing values from here on
     weight, weight_default = features.dose_weight(cv)
@@ -97,29 +100,23 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     T_full = raw.shape[0]
     lo, hi = crop_bounds(T_full, row) if settings.crop_anaesthesia else (0, T_full)
     raw = raw[lo:hi]
-    values, source = features.select_sources(raw, weight, ibw)
-    filled, rules = features.impute_all(values)
-    norm = features.normalise_timeseries(filled)
-    starts, ts, targets = windows.make_windows(norm, settings.window, settings.step, settings.horizon)
+    values, source = features.select_sources(raw, weight, ibw, fs)
+    filled, rules = features.impute_all(values, fs)
+    norm = features.normalise_timeseries(filled, fs)
+    starts, ts, targets = windows.make_windows(norm, settings.window, settings.step, settings.horizon,
+                                               fs.target_index)
     observed = None
     if settings.emit_mask:
         measured = (rules == features.MEASURED).astype(np.float32)
-        observed = windows.make_windows(measured, settings.window, settings.step, settings.horizon)[1]
+        observed = windows.make_windows(measured, settings.window, settings.step, settings.horizon,
+                                        fs.target_index)[1]
     starts = starts + lo  # seconds from the recording start, also when cropped
     split = windows.assign_split(case_id, settings.split, settings.split_seed)
-    info = {
-        "case_id": case_id,
-        "split": split,
-        "windows": int(len(starts)),
-        "duration_s": int(T_full),
-        "used_from_s": int(lo),
-        "used_seconds": int(raw.shape[0]),
-        "no_clinical_row": row is None,
-        "static_defaults": static_defaults,
-        "static_implausible": {k: _jsonable(v) for k, v in cv.implausible.items()},
-        "dose_weight_kg": weight,
-        "dose_weight_default": weight_default,
-        "ibw_kg": ibw,
-        "stats": case_stats(filled, norm, rules, source),
-    }
-    return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, info)
+    facts = CaseFacts(
+        case_id=case_id, split=split, windows=int(len(starts)), duration_s=int(T_full), used_from_s=int(lo),
+        used_seconds=int(raw.shape[0]), no_clinical_row=row is None, static_defaults=static_defaults,
+        static_implausible={k: _jsonable(v) for k, v in cv.implausible.items()},
+        dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,
+        stats=case_stats(filled, norm, rules, source, fs))
+    return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts)
+

@@ -18,7 +18,7 @@ def parse_cases(text: str) -> list[int]:
     letters, negative numbers and 0 are refused, all bad parts named at once.
     """
     if text is None or not text.strip():
-        raise CaseSpecError("--cases is empty: give ids and ranges like '1-10,17,0022'")
+        raise CaseSpecError("empty: give ids and ranges like '1-10,17,0022'")
     ids: list[int] = []
     bad: list[str] = []
     for raw in text.split(","):
@@ -42,7 +42,7 @@ def parse_cases(text: str) -> list[int]:
         else:
             bad.append(f"'{part}' (not an id or a range a-b)")
     if bad:
-        raise CaseSpecError(f"invalid --cases {text!r}: bad part(s) " + ", ".join(bad))
+        raise CaseSpecError("bad part(s) " + ", ".join(bad))
     return list(dict.fromkeys(ids))
 
 

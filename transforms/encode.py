@@ -22,6 +22,18 @@ import numpy as np
 from tfx_bsl.coders import example_coder
 
 
+# The bytes an output is made of; part of its fingerprint (an output keeps one
+# format). 2: deterministic example serialization; each case compressed once,
+# zlib level 6, as gzip members of up to 32 windows (stage 2 interleaves
+# members of different patients by copying bytes).
+FORMAT_VERSION = "2"
+GZIP_LEVEL = 6
+WINDOWS_PER_MEMBER = 32
+FORMAT = {"version": FORMAT_VERSION, "files": "GZIP TFRecord of tf.train.Example",
+          "example_bytes": "protobuf deterministic serialization (features sorted by name)",
+          "compression": f"gzip members of up to {WINDOWS_PER_MEMBER} examples, deflate level {GZIP_LEVEL} (zlib)"}
+
+
 def _varint(v: int) -> bytes:
     v &= 0xFFFFFFFFFFFFFFFF  # int64 as protobuf writes it (two's complement)
     out = bytearray()

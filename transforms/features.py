@@ -122,10 +122,9 @@ def denormalise(norm: np.ndarray, lo, hi) -> np.ndarray:
     return lo + (np.asarray(norm, dtype=np.float64) + 1.0) * (hi - lo) / 2.0
 
 
-def denormalise_feature(norm: np.ndarray, name: str) -> np.ndarray:
+def denormalise_feature(norm: np.ndarray, name: str, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> np.ndarray:
     """De-normalise a time-series or target feature by its name."""
-    f = spec.TIMESERIES[spec.FEATURE_NAMES.index(name)]
-    return denormalise(norm, *f.norm)
+    return denormalise(norm, *fs.feature(name).norm)
 
 
 def static_features(row) -> tuple[np.ndarray, list[str]]:
@@ -146,8 +145,9 @@ def static_features(row) -> tuple[np.ndarray, list[str]]:
     return out, defaulted
 
 
-def select_sources(raw: np.ndarray, weight_kg: float, ibw_kg: float) -> tuple[np.ndarray, np.ndarray]:
-    """Raw tracks (T, len(SOURCE_TRACKS)) -> features (T, 16) in feature units.
+def select_sources(raw: np.ndarray, weight_kg: float, ibw_kg: float,
+                   fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> tuple[np.ndarray, np.ndarray]:
+    """Raw tracks (T, len(fs.source_tracks)) -> features (T, F) in feature units.
 
     Per feature and second, the first source with a plausible value wins;
     implausible raw values are missing. Returns the values (NaN = missing) and
@@ -155,21 +155,22 @@ def select_sources(raw: np.ndarray, weight_kg: float, ibw_kg: float) -> tuple[np
     """
     T = raw.shape[0]
     per = {spec.PER_NONE: 1.0, spec.PER_WEIGHT: weight_kg, spec.PER_IBW: ibw_kg}
-    # Feature-major (16, T) arrays: every track and feature series is
-    # contiguous (half the time of working on the columns of (T, 16)).
+    column = {t: i for i, t in enumerate(fs.source_tracks)}
+    # Feature-major (F, T) arrays: every track and feature series is
+    # contiguous (half the time of working on the columns of (T, F)).
     tracks = np.ascontiguousarray(raw.T)
-    values = np.full((spec.N_FEATURES, T), np.nan, dtype=np.float64)
-    source = np.full((spec.N_FEATURES, T), -1, dtype=np.int8)
-    for j, feat in enumerate(spec.TIMESERIES):
+    values = np.full((fs.n_features, T), np.nan, dtype=np.float64)
+    source = np.full((fs.n_features, T), -1, dtype=np.int8)
+    for j, feat in enumerate(fs.timeseries):
         lo, hi = feat.plausible
         # Last source first, so earlier sources overwrite: first source wins.
         for k in range(len(feat.sources) - 1, -1, -1):
             src = feat.sources[k]
-            col = tracks[spec.SOURCE_TRACKS.index(src.track)]
+            col = tracks[column[src.track]]
             ok = (col >= lo) & (col <= hi)  # NaN compares False
             np.multiply(col, src.factor / per[src.per], out=values[j], where=ok)
             source[j][ok] = k
-    return values.T, source.T  # (T, 16) views of the feature-major arrays
+    return values.T, source.T  # (T, F) views of the feature-major arrays
 
 
 def impute(x: np.ndarray, feat: spec.Feature) -> tuple[np.ndarray, np.ndarray]:
@@ -209,16 +210,16 @@ def impute(x: np.ndarray, feat: spec.Feature) -> tuple[np.ndarray, np.ndarray]:
     return out, rule
 
 
-def impute_all(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Impute every feature column of (T, 16) values; returns (filled, rules)."""
+def impute_all(values: np.ndarray, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> tuple[np.ndarray, np.ndarray]:
+    """Impute every feature column of (T, F) values; returns (filled, rules)."""
     filled = np.empty_like(values)
     rules = np.empty(values.shape, dtype=np.int8)
-    for j, feat in enumerate(spec.TIMESERIES):
+    for j, feat in enumerate(fs.timeseries):
         filled[:, j], rules[:, j] = impute(values[:, j], feat)
     return filled, rules
 
 
-def normalise_timeseries(filled: np.ndarray) -> np.ndarray:
-    """(T, 16) clinical values -> float32 normalised to [-1, 1]."""
+def normalise_timeseries(filled: np.ndarray, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> np.ndarray:
+    """(T, F) clinical values -> float32 normalised to [-1, 1]."""
     # Row-major (time, feature) float32, the layout windows are cut from.
-    return normalise(filled, spec.NORM_LO, spec.NORM_HI).astype(np.float32, order="C")
+    return normalise(filled, fs.norm_lo, fs.norm_hi).astype(np.float32, order="C")

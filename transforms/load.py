@@ -47,7 +47,7 @@ class CaseError(Exception):
 class RawCase:
     case_id: int
     path: str
-    raw: np.ndarray  # (T, len(SOURCE_TRACKS)) float, NaN = no record in that second
+    raw: np.ndarray  # (T, len(spec.source_tracks)) float, NaN = no record in that second
     tracks_found: list[str]
     file_bytes: int
     # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
@@ -192,20 +192,21 @@ def describe_tracks(local: str) -> str:
     return f"the file has {len(names)} track(s): {shown}{more}"
 
 
-def load_case(input_dir: str, case_id: int) -> RawCase:
-    """Reads one case's numeric source tracks on the 1 s grid.
+def load_case(input_dir: str, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> RawCase:
+    """Reads one case's numeric source tracks (those of `fs`) on the 1 s grid.
 
     Raises CaseError for a missing, corrupt or empty file, or one with none of
     the wanted tracks.
     """
     t0 = time.perf_counter()
     path = find_case_file(input_dir, case_id)
+    tracks = fs.source_tracks
     with local_file(path) as (local, size):
         t1 = time.perf_counter()
-        vf = parse_vital(local, spec.SOURCE_TRACKS)
+        vf = parse_vital(local, tracks)
         parse = time.perf_counter() - t1
         # Only exact names: vitaldb matches by suffix and could hand us another track.
-        found = [t for t in spec.SOURCE_TRACKS if t in vf.trks]
+        found = [t for t in tracks if t in vf.trks]
         if not found:
             raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file; "
                             + describe_tracks(local))
@@ -217,14 +218,14 @@ def load_case(input_dir: str, case_id: int) -> RawCase:
         raise CaseError("corrupt_file", f"implausible recording length {vf.dtend - vf.dtstart:.0f} s "
                         f"(dtstart {vf.dtstart}, dtend {vf.dtend}; at most {MAX_RECORDING_S} s)")
     T = int(math.ceil(vf.dtend - vf.dtstart))
-    raw = np.full((T, len(spec.SOURCE_TRACKS)), np.nan, dtype=np.float64)
+    raw = np.full((T, len(tracks)), np.nan, dtype=np.float64)
     t1 = time.perf_counter()
     cols = vf.to_numpy(found, 1)
     del vf  # freeing vitaldb's parsed records (many small objects) is part of parsing too
     parse += time.perf_counter() - t1
     if cols.ndim == 1:
         cols = cols[:, None]
-    idx = [spec.SOURCE_TRACKS.index(t) for t in found]
+    idx = [tracks.index(t) for t in found]
     raw[:, idx] = cols[:T]
     return RawCase(case_id, path, raw, found, size,
                    {"load": time.perf_counter() - t0, "parse": parse})

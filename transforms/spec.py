@@ -1,4 +1,4 @@
-"""The feature spec: SPEC.md's data contract as data.
+"""The feature spec: the data contract (docs/data-contract.md) as data.
 
 Every number of the contract (feature order, units, source tracks and their
 conversion factors, plausible ranges, imputation rules, normalisation ranges,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import numpy as np
@@ -133,37 +134,77 @@ SPLIT_NAMES = ("train", "validation", "test")
 SPLIT_PERCENT = (70, 15, 15)
 SPLIT_SEED = 42
 
-FEATURE_NAMES: tuple[str, ...] = tuple(f.name for f in TIMESERIES)
-TARGET_INDEX = np.array([FEATURE_NAMES.index(n) for n in TARGETS], dtype=np.int64)
-N_FEATURES = len(TIMESERIES)
 N_STATIC = len(STATIC)
-N_TARGETS = len(TARGETS)
-
-# Every track the loader asks vitaldb for, each once, in a fixed order.
-SOURCE_TRACKS: tuple[str, ...] = tuple(dict.fromkeys(s.track for f in TIMESERIES for s in f.sources))
-
-# Columns of the per-second norm ranges, for vectorised normalisation.
-NORM_LO = np.array([f.norm[0] for f in TIMESERIES], dtype=np.float64)
-NORM_HI = np.array([f.norm[1] for f in TIMESERIES], dtype=np.float64)
 
 
-def spec_as_dict() -> dict:
+@dataclass(frozen=True)
+class FeatureSpec:
+    """The time-series features of a run and its targets: the built-in table
+    above (DEFAULT_SPEC), or one with other source tracks (a track map).
+    Consumers take it as an argument and assume no fixed number of features
+    or sources."""
+
+    timeseries: tuple[Feature, ...]
+    targets: tuple[str, ...]
+
+    @cached_property
+    def feature_names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.timeseries)
+
+    @cached_property
+    def target_index(self) -> np.ndarray:
+        return np.array([self.feature_names.index(n) for n in self.targets], dtype=np.int64)
+
+    @property
+    def n_features(self) -> int:
+        return len(self.timeseries)
+
+    @property
+    def n_targets(self) -> int:
+        return len(self.targets)
+
+    @cached_property
+    def source_tracks(self) -> tuple[str, ...]:
+        """Every track the loader asks vitaldb for, each once, in a fixed order."""
+        return tuple(dict.fromkeys(s.track for f in self.timeseries for s in f.sources))
+
+    @property
+    def max_sources(self) -> int:
+        return max((len(f.sources) for f in self.timeseries), default=0)
+
+    @cached_property
+    def norm_lo(self) -> np.ndarray:
+        return np.array([f.norm[0] for f in self.timeseries], dtype=np.float64)
+
+    @cached_property
+    def norm_hi(self) -> np.ndarray:
+        return np.array([f.norm[1] for f in self.timeseries], dtype=np.float64)
+
+    def feature(self, name: str) -> Feature:
+        return self.timeseries[self.feature_names.index(name)]
+
+    def timeseries_as_dict(self) -> list[dict]:
+        def feat(i: int, f: Feature) -> dict:
+            d = dataclasses.asdict(f)
+            d["norm"] = {"lo": f.norm[0], "hi": f.norm[1]}
+            d["plausible_raw"] = list(d.pop("plausible"))
+            d["after_last_valid"] = {"carry_s": d.pop("after_carry_s"), "then": d.pop("after")}
+            return dict(index=i, **d)
+        return [feat(i, f) for i, f in enumerate(self.timeseries)]
+
+
+DEFAULT_SPEC = FeatureSpec(TIMESERIES, TARGETS)
+
+
+def spec_as_dict(fs: FeatureSpec = DEFAULT_SPEC) -> dict:
     """The whole contract as JSON-able data (written into the metadata)."""
-    def feat(f: Feature) -> dict:
-        d = dataclasses.asdict(f)
-        d["norm"] = {"lo": f.norm[0], "hi": f.norm[1]}
-        d["plausible_raw"] = list(d.pop("plausible"))
-        d["after_last_valid"] = {"carry_s": d.pop("after_carry_s"), "then": d.pop("after")}
-        return d
-
     return {
         "spec_version": SPEC_VERSION,
         "normalisation": "norm = clip((v - lo) / (hi - lo) * 2 - 1, -1, 1); v = lo + (norm + 1) * (hi - lo) / 2",
-        "timeseries": [dict(index=i, **feat(f)) for i, f in enumerate(TIMESERIES)],
-        "targets": [{"index": i, "name": n, "feature_index": int(TARGET_INDEX[i]),
-                     "unit": TIMESERIES[TARGET_INDEX[i]].unit,
-                     "norm": {"lo": TIMESERIES[TARGET_INDEX[i]].norm[0], "hi": TIMESERIES[TARGET_INDEX[i]].norm[1]}}
-                    for i, n in enumerate(TARGETS)],
+        "timeseries": fs.timeseries_as_dict(),
+        "targets": [{"index": i, "name": n, "feature_index": int(fs.target_index[i]),
+                     "unit": fs.feature(n).unit, "norm": {"lo": fs.feature(n).norm[0], "hi": fs.feature(n).norm[1]}}
+                    for i, n in enumerate(fs.targets)],
         "static": [{"index": i, "name": s.name, "column": s.column, "default": s.default,
                     "norm": ({"lo": s.norm[0], "hi": s.norm[1]} if s.norm else None),
                     "plausible": list(s.plausible) if s.plausible else None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Optional
 
 import numpy as np
 
@@ -17,20 +18,23 @@ def window_count(T: int, window: int = spec.WINDOW_S, step: int = spec.STEP_S,
 
 
 def make_windows(norm: np.ndarray, window: int = spec.WINDOW_S, step: int = spec.STEP_S,
-                 horizon: int = spec.HORIZON_S) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 horizon: int = spec.HORIZON_S, target_index: Optional[np.ndarray] = None,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cut (T, F) normalised series into windows.
 
     Returns starts (n,), timeseries (n, window * F) row-major (time, feature),
-    and targets (n, 8): the target features at second start + window - 1 + horizon.
+    and targets (n, len(target_index)): the target features (default: the
+    built-in spec's) at second start + window - 1 + horizon.
     """
+    target_index = spec.DEFAULT_SPEC.target_index if target_index is None else target_index
     n = window_count(norm.shape[0], window, step, horizon)
     starts = np.arange(n, dtype=np.int64) * step
     F = norm.shape[1]
     if n == 0:
-        return starts, np.empty((0, window * F), norm.dtype), np.empty((0, spec.N_TARGETS), norm.dtype)
+        return starts, np.empty((0, window * F), norm.dtype), np.empty((0, len(target_index)), norm.dtype)
     view = np.lib.stride_tricks.sliding_window_view(norm, window, axis=0)[::step][:n]  # (n, F, window)
     timeseries = np.ascontiguousarray(view.transpose(0, 2, 1)).reshape(n, window * F)
-    targets = norm[starts + window - 1 + horizon][:, spec.TARGET_INDEX]
+    targets = norm[starts + window - 1 + horizon][:, target_index]
     return starts, timeseries, targets
 
 
@@ -49,14 +53,3 @@ def assign_split(case_id: int, percent: tuple[int, ...] = spec.SPLIT_PERCENT,
         if bucket < edge:
             return name
     return names[-1]
-
-
-def parse_split(text: str) -> tuple[int, int, int]:
-    parts = [p.strip() for p in str(text).split(",")]
-    try:
-        vals = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"--split {text!r}: expected three integers like 70,15,15") from None
-    if len(vals) != 3 or any(v < 0 for v in vals) or sum(vals) != 100:
-        raise ValueError(f"--split {text!r}: expected three non-negative percentages summing to 100")
-    return vals  # type: ignore[return-value]

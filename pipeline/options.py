@@ -1,0 +1,129 @@
+"""What a run is asked to do: the run options (declared once, like the data
+settings in transforms.settings) and the typed request the command line,
+the SageMaker entry point and tests hand to `pipeline.api.run`.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from pipeline.coordination import Share
+from transforms.cases import parse_cases
+from transforms.settings import (OptionError, Settings, declared, dump_value, fraction, from_mapping, is_switch,
+                                 non_negative_float, non_negative_int, option, parse_bool, positive_int)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
+COMMANDS = ("run", "finalize", "verify")
+
+
+def _cases(value) -> str:
+    text = str(value)
+    parse_cases(text)  # refuses a bad string, naming every bad part
+    return text
+
+
+def _optional_text(value) -> Optional[str]:
+    text = str(value).strip()
+    return text or None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where the data is and how to run; not part of the data's fingerprint."""
+
+    input: Optional[str] = option(None, "folder or s3:// prefix with <id>.vital files (default: generate a sample)",
+                                  parse=_optional_text)
+    clinical: Optional[str] = option(None, "clinical_data.csv (default: <input>/clinical_data.csv)",
+                                     parse=_optional_text)
+    output: str = option("output", "output folder or s3:// prefix")
+    cases: Optional[str] = option(None, 'case ids, e.g. "1-10,17,0022" (default: every case in --input)',
+                                  parse=_cases)
+    share: Optional[Share] = option(None, "I/N: run stage 1 on this process's share of the cases (positions "
+                                          "congruent to I-1 mod N); share 1 then waits for every case's marker "
+                                          "and finalizes", parse=Share.parse, dump=str, metavar="I/N")
+    num_shards: int = option(0, "files per split (0: about 20000 windows per file)", parse=non_negative_int)
+    min_success_rate: float = option(0.95, "exit 1 if ok/(ok+failed) is below this; too-short cases count "
+                                           "neither way", parse=fraction)
+    no_finalize: bool = option(False, "run stage 1 only (one host's share of a multi-host job); finalize later",
+                               parse=parse_bool)
+    overwrite: bool = option(False, "discard an existing output made with other settings and start over",
+                             parse=parse_bool)
+    sample_cases: int = option(20, "cases to generate when --input is not given", parse=positive_int)
+    sample_dir: Optional[str] = option(None, "where to generate the sample (default: a new temp folder)",
+                                       parse=_optional_text)
+    leader_wait_s: float = option(3600.0, "with --share: how long share 1 waits for the other shares' markers",
+                                  parse=non_negative_float)
+    poll_s: float = option(30.0, "with --share: seconds between share 1's looks at the markers",
+                           parse=non_negative_float)
+    shutdown_grace: float = option(30.0, "seconds to drain after SIGTERM/SIGINT before the pipeline is killed",
+                                   parse=non_negative_float)
+    progress_interval: float = option(30.0, "seconds between progress lines", parse=non_negative_float)
+    s3_max_attempts: int = option(10, "attempts per S3 call, Beam's and ours (botocore retries)",
+                                  parse=positive_int)
+    s3_retry_mode: str = option("standard", "botocore retry mode", choices=("standard", "adaptive"))
+    verbose: bool = option(False, "log Beam's INFO messages too", parse=parse_bool, short="-v")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One invocation: a command, the data settings, the run options and the
+    Beam flags, which go to Beam untouched."""
+
+    command: str = "run"  # run: stage 1 + stage 2; finalize: stage 2 alone; verify: check an output
+    settings: Settings = field(default_factory=Settings)
+    options: RunOptions = field(default_factory=RunOptions)
+    beam_args: tuple[str, ...] = ()
+    # Each stage in a child process group, so SIGTERM can drain and then kill
+    # it (Beam's DirectRunner cannot be cancelled from inside). False runs
+    # the stages in this process: for embedding and tests, no signal handling.
+    supervised: bool = True
+
+    def case_ids(self) -> Optional[list[int]]:
+        if self.options.cases is None:
+            return None
+        try:
+            return parse_cases(self.options.cases)
+        except ValueError as e:
+            raise OptionError(f"--cases {self.options.cases!r}: {e}") from None
+
+
+def request_from_mapping(values: Mapping[str, Any], source: str, command: str = "run",
+                         beam_args: tuple[str, ...] = ()) -> RunRequest:
+    """A request from {option name: value} (a config file, SageMaker
+    hyperparameters): data settings and run options by their declared names;
+    an unknown name is refused, naming it."""
+    values = dict(values)
+    beam = values.pop("beam_args", None)
+    setting_names = {f.name for f in fields(Settings)}
+    settings = from_mapping(Settings, {k: v for k, v in values.items() if k in setting_names}, source)
+    opts = from_mapping(RunOptions, {k: v for k, v in values.items() if k not in setting_names}, source)
+    extra = tuple(shlex.split(beam)) if isinstance(beam, str) else tuple(beam or ())
+    return RunRequest(command, settings, opts, extra + tuple(beam_args))
+
+
+def option_names() -> set[str]:
+    """Every declared name a config file or hyperparameter may use."""
+    return {f.name for f in fields(Settings)} | {f.name for f in fields(RunOptions)} | {"beam_args"}
+
+
+def settings_flags(settings: Settings) -> list[str]:
+    """The flags that reproduce `settings` (only those not at their default)."""
+    out: list[str] = []
+    for f in declared(Settings):
+        value = getattr(settings, f.name)
+        if value == f.default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if is_switch(f):
+            if value:
+                out.append(flag)
+        else:
+            dumped = dump_value(f, value)
+            out += [flag, ",".join(map(str, dumped)) if isinstance(dumped, list) else str(dumped)]
+    return out
+
+
+__all__ = ["RunOptions", "RunRequest", "request_from_mapping", "option_names", "settings_flags", "OptionError",
+           "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "COMMANDS"]

@@ -1,0 +1,58 @@
+"""The documents a user reads are true: the data contract's tables equal the
+feature spec the code runs."""
+import pathlib
+import re
+
+from transforms import spec
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONTRACT = (ROOT / "docs" / "data-contract.md").read_text()
+
+
+def table_rows(text: str, header_start: str) -> list[list[str]]:
+    lines = text[text.index(header_start):].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def num(text: str) -> float:
+    return float(text)
+
+
+def test_the_contracts_feature_table_is_the_spec():
+    rows = table_rows(CONTRACT, "| # | name | unit | sources")
+    assert len(rows) == spec.DEFAULT_SPEC.n_features
+    for row, f in zip(rows, spec.DEFAULT_SPEC.timeseries):
+        idx, name, unit, sources, plausible, before, after, lo, hi = row
+        assert (name, unit) == (f.name, f.unit)
+        assert re.findall(r"[A-Za-z0-9]+/[A-Z0-9_]+", sources) == [s.track for s in f.sources], name
+        assert tuple(map(num, plausible.split(".."))) == f.plausible, name
+        assert num(before) == f.before and (num(lo), num(hi)) == f.norm, name
+        if f.after_carry_s:
+            assert after == f"carry {f.after_carry_s} s, then {f.after:g}", name
+        else:
+            assert num(after) == f.after, name
+        if any(s.per == spec.PER_WEIGHT for s in f.sources):
+            assert "/ weight" in sources
+        if any(s.per == spec.PER_IBW for s in f.sources):
+            assert "/ IBW" in sources
+    assert "Noradrenalin_INF: a gap of\n   more than 10 missing seconds" in CONTRACT
+    assert spec.DEFAULT_SPEC.feature("Noradrenalin_INF").max_gap_s == 10
+
+
+def test_the_contracts_static_table_is_the_spec():
+    rows = table_rows(CONTRACT, "| # | name | column of clinical_data.csv")
+    assert [r[1] for r in rows] == [s.name for s in spec.STATIC]
+    for row, s in zip(rows, spec.STATIC):
+        _, name, column, default, lo, hi, plausible = row
+        assert column.startswith(s.column)
+        if s.norm:
+            assert (num(lo), num(hi)) == s.norm and num(default) == s.default
+            assert tuple(map(num, plausible.split(".."))) == s.plausible
+    targets = re.search(r"Its target is the 8 features ([^(]+)\(", CONTRACT).group(1)
+    assert [t.strip() for t in re.split(r",\s*|\s+and\s+|\n\s*", targets) if t.strip()] == list(spec.TARGETS)
+    assert f"version {spec.SPEC_VERSION}" in CONTRACT.splitlines()[0]

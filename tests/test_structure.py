@@ -1,0 +1,77 @@
+"""The code's shape: no import cycle among the project's modules (imports
+inside functions included), transforms never imports pipeline or launch, and
+no module of the product refers to files outside the repository."""
+import ast
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("pipeline", "transforms", "launch")
+
+
+def project_imports() -> dict[str, set[str]]:
+    graph = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).glob("*.py"):
+            mod = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
+            deps = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                else:
+                    continue
+                deps |= {n for n in names if n.split(".")[0] in PACKAGES and n.count(".") == 1}
+            graph[mod] = deps - {mod}
+    return {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+
+
+def find_cycle(graph):
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                return stack[stack.index(d):] + [d]
+            if d not in state:
+                found = visit(d)
+                if found:
+                    return found
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state:
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = project_imports()
+    assert len(graph) > 20 and graph["pipeline.cli"]  # the graph really was read
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    # and the check finds one when there is one
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_transforms_is_the_bottom_layer():
+    graph = project_imports()
+    upward = {m: sorted(d for d in deps if not d.startswith("transforms")) for m, deps in graph.items()
+              if m.startswith("transforms")}
+    assert all(not v for v in upward.values()), upward
+
+
+def test_no_reference_to_files_outside_the_repository():
+    offenders = []
+    for path in list(ROOT.glob("*/*.py")) + [ROOT / "README.md", ROOT / "Dockerfile", ROOT / "setup.py"] + \
+            list((ROOT / "docs").glob("*.md")):
+        text = path.read_text()
+        for pattern in (r"\.\./shared", r"\b(SPEC|DESIGN|VITALDB|BEAM_NOTES|IMAGE_NOTES|STYLE)\.md\b"):
+            offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(pattern, text)]
+    assert offenders == []
