@@ -2,7 +2,14 @@
 
 Also what Beam ships to remote workers: `--setup_file ./setup.py`.
 """
+import pathlib
+
 from setuptools import setup
+
+HERE = pathlib.Path(__file__).resolve().parent
+# One list of run-time requirements, shared with the Dockerfile's dependency layer.
+REQUIRES = [line.strip() for line in (HERE / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]
 
 setup(
     name="master-poc-preprocessing",
@@ -11,18 +18,7 @@ setup(
     python_requires=">=3.11,<3.12",
     # Exactly the project's packages: never tests/.
     packages=["pipeline", "transforms", "launch"],
-    install_requires=[
-        "apache-beam[aws]==2.77.0",
-        "tensorflow-metadata",
-        "tfx-bsl==1.21.0",
-        "numpy",
-        "pandas",
-        "pyarrow",
-        "boto3",
-        "google-crc32c",
-        "matplotlib",  # the quality report written with every output
-        "vitaldb==1.7.2",
-    ],
+    install_requires=REQUIRES,
     extras_require={
         # TensorFlow reads the output back (tests, users); the pipeline and inspect do not import it.
         "tf": ["tensorflow==2.21.0"],

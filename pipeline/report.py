@@ -82,6 +82,11 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def hist_grid(n_features: int, ncols: int = 4) -> tuple[int, int]:
+    """Rows and columns of the histogram panels: one per feature, four to a row."""
+    return max(1, math.ceil(n_features / ncols)), ncols
+
+
 def _charts(q: dict) -> dict[str, str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -102,9 +107,7 @@ def _charts(q: dict) -> dict[str, str]:
 
     edges = np.array(q["hist_bins"])
     centers = (edges[:-1] + edges[1:]) / 2
-    # As many panels as features, four to a row.
-    ncols = 4
-    nrows = max(1, math.ceil(len(q["features"]) / ncols))
+    nrows, ncols = hist_grid(len(q["features"]))
     fig, axes = plt.subplots(nrows, ncols, figsize=(12, 2.25 * nrows), sharex=True, squeeze=False)
     for ax in axes.ravel()[len(q["features"]):]:
         ax.set_visible(False)

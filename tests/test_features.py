@@ -223,3 +223,38 @@ def test_bmi_is_derived_only_from_plausible_weight_and_height_and_checked():
     # Both plausible but the derived bmi is not (300 kg at 60 cm): checked too.
     cv = features.clean_clinical({"weight": 300, "height": 60})
     assert cv.get("bmi") is None and cv.implausible == {"bmi (from weight and height)": round(300 / 0.36, 2)}
+
+
+def test_consumers_take_any_number_of_features_and_sources():
+    """A spec with a 17th feature and a 4th source runs through the per-case
+    transform, its statistics and the quality report."""
+    import dataclasses
+
+    from pipeline import report
+    from pipeline.contracts import DoneMarker
+    from transforms.case import process_case
+    from transforms.settings import Settings
+    base = spec.DEFAULT_SPEC
+    bp_map = base.feature("BP_MAP")
+    bp_map4 = dataclasses.replace(bp_map, sources=bp_map.sources + (spec.Source("Intellivue/ABP_MEAN", "mmHg"),))
+    temp = spec.Feature("TEMP", "degC", (spec.Source("Intellivue/TEMP", "degC"),), (25, 45), 36.5, 600, 36.5, (30, 42))
+    fs = spec.FeatureSpec(tuple(bp_map4 if f.name == "BP_MAP" else f for f in base.timeseries) + (temp,),
+                          base.targets)
+    assert fs.n_features == 17 and fs.max_sources == 4
+    T = 700
+    raw = np.full((T, len(fs.source_tracks)), np.nan)
+    raw[::2, fs.source_tracks.index("Intellivue/ABP_MEAN")] = 85.0  # only the 4th source of BP_MAP
+    raw[::5, fs.source_tracks.index("Intellivue/TEMP")] = 36.0
+    cw = process_case(1, raw, {"weight": 70}, Settings(), fs)
+    assert cw.timeseries.shape == (cw.facts.windows, 300 * 17)
+    ts = cw.timeseries.reshape(-1, 300, 17)
+    assert features.denormalise(ts[0, 10, 16], 30, 42) == pytest.approx(36.0, abs=1e-4)
+    assert features.denormalise(ts[0, 10, 3], 40, 180) == pytest.approx(85.0, abs=1e-4)
+    st = cw.facts.stats
+    assert st["sources"][3] == [0, 0, 0, T // 2] and st["sources"][16] == [T // 5]
+    q = report.combine({1: DoneMarker(**dataclasses.asdict(cw.facts))}, {}, fs)
+    assert [f["name"] for f in q["features"]][-1] == "TEMP" and len(q["features"]) == 17
+    assert q["features"][3]["sources"]["Intellivue/ABP_MEAN"] == 1.0
+    html = report.render_html(q, "out", "complete")
+    assert html.count("<tr><td class='l'>TEMP</td>") == 1
+    assert report.hist_grid(17) == (5, 4) and report.hist_grid(16) == (4, 4)
