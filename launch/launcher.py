@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launch.entrypoint import NOT_HYPERPARAMETERS
-from pipeline.options import RunOptions, request_from_mapping
+from pipeline.options import HYPERPARAMETERS_BLOCK, SAGEMAKER_SECTION, RunOptions, request_from_mapping
 from transforms.settings import (OptionError, Settings, declared, dump_value, flag_name, from_mapping, is_switch,
                                  option, parse_bool, positive_int)
 
@@ -135,9 +135,16 @@ def resolve(args: argparse.Namespace) -> dict:
     Returns {"launch": LaunchOptions, "hyperparameters": {name: text}, "max_wait": ...}."""
     cfg = _read_config(args.config) if args.config else {}
     src = f"--config {args.config}" if args.config else ""
-    block = cfg.pop("hyperparameters", None) or {}
+    block = cfg.pop(HYPERPARAMETERS_BLOCK, None) or {}
     if not isinstance(block, dict):
-        raise LaunchError(f"{src}: hyperparameters: expected a mapping of name: value")
+        raise LaunchError(f"{src}: {HYPERPARAMETERS_BLOCK}: expected a mapping of name: value")
+    section = cfg.pop(SAGEMAKER_SECTION, None) or {}  # the file the main command reads too
+    if not isinstance(section, dict):
+        raise LaunchError(f"{src}: {SAGEMAKER_SECTION}: expected a mapping of the launcher's options")
+    bad = sorted(set(section) - LAUNCH_NAMES)
+    if bad:
+        raise LaunchError(f"{src}: {SAGEMAKER_SECTION}: unknown options {bad} (the launcher's: {sorted(LAUNCH_NAMES)})")
+    cfg.update(section)
     unknown = sorted(set(cfg) - LAUNCH_NAMES - JOB_NAMES)
     if unknown:
         raise LaunchError(f"{src}: unknown options {unknown} (the job's options: {sorted(JOB_NAMES)}; "
@@ -165,7 +172,7 @@ def resolve(args: argparse.Namespace) -> dict:
         job = {k: v for k, v in job.items() if k in JOB_NAMES}
     try:  # the container parses them with the same declaration
         req = request_from_mapping(job, "job options")
-    except OptionError as e:
+    except (OptionError, ValueError) as e:  # a track map's own errors are ValueErrors too
         problems.append(str(e))
         req = None
     for key in ("cases", "input", "output"):
@@ -195,20 +202,37 @@ def resolve(args: argparse.Namespace) -> dict:
     return {"launch": lo, "max_wait": max_wait, "hyperparameters": hyperparameters(req, job)}
 
 
+HYPERPARAMETER_MAX = 2500  # characters per value, SageMaker's limit
+
+
+def _portable(name: str, given) -> bool:
+    """A value the container can read as given: an s3:// path or a shipped track map's name."""
+    from transforms import trackmap
+    return name == "tracks" and isinstance(given, str) and (given.startswith("s3://") or given in trackmap.shipped())
+
+
 def hyperparameters(req, given: dict) -> dict[str, str]:
     """The given job options as SageMaker hyperparameters (strings), in the
-    form the container's declaration reads back."""
+    form the container's declaration reads back. A track map from a local
+    file travels as its content (JSON)."""
     hp = {}
     by_name = {f.name: f for f in JOB_FIELDS}
-    for name in given:
+    for name, raw in given.items():
         if name == "beam_args":
             hp[name] = " ".join(req.beam_args)
+            continue
+        if _portable(name, raw):
+            hp[name] = raw
             continue
         f = by_name[name]
         value = getattr(req.settings if name in {x.name for x in declared(Settings)} else req.options, name)
         dumped = dump_value(f, value)
-        hp[name] = (",".join(map(str, dumped)) if isinstance(dumped, list) else
+        hp[name] = (json.dumps(dumped, separators=(",", ":")) if isinstance(dumped, dict) else
+                    ",".join(map(str, dumped)) if isinstance(dumped, list) else
                     str(dumped).lower() if isinstance(dumped, bool) else str(dumped))
+        if len(hp[name]) > HYPERPARAMETER_MAX:
+            raise LaunchError(f"{name} is {len(hp[name])} characters as a hyperparameter (SageMaker takes "
+                              f"{HYPERPARAMETER_MAX}): put the file on S3 and give its s3:// path")
     return hp
 
 

@@ -12,6 +12,7 @@ and the tests all call this; it holds no state between calls.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -28,7 +29,7 @@ from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.progress import Progress
 from pipeline.supervisor import Supervisor
 from transforms import spec
-from transforms.cases import case_id_from_path
+from transforms.cases import case_id_from_path, format_cases
 from transforms.load import ClinicalTableError, read_clinical
 from transforms.settings import Settings
 
@@ -103,7 +104,8 @@ def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
     path = storage.settings_path(output)
     new = metadata.fingerprint(settings)
     if storage.exists(path):
-        old = storage.read_json(path)
+        # A setting added after the output was made reads as its default there.
+        old = dict(metadata.fingerprint(Settings()), **storage.read_json(path))
         if old == new:
             return
         if not overwrite:
@@ -113,7 +115,7 @@ def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
         _LOG.warning("--overwrite: removing %s made with other settings", output)
         for part in storage.output_parts(output, spec.SPLIT_NAMES):
             storage.delete_tree(part)
-        storage.delete([storage.metadata_path(output), storage.schema_path(output)])
+        storage.delete([storage.metadata_path(output), storage.schema_path(output), storage.config_path(output)])
     storage.write_json(path, new)
 
 
@@ -140,6 +142,15 @@ class _Run:
         self.requested: Optional[list[int]] = None
         self.input_dir: Optional[str] = self.o.input
         self.clinical_path: Optional[str] = self.o.clinical
+
+    def config(self) -> dict:
+        """The effective configuration, in the form --config reads: giving it
+        back rebuilds the same dataset."""
+        o = self.o
+        cfg = self.req.settings.as_json()
+        cfg.update(input=self.input_dir, clinical=self.clinical_path, output=o.output,
+                   cases=format_cases(self.requested) if self.requested else o.cases, num_shards=o.num_shards)
+        return {k: v for k, v in cfg.items() if v is not None}
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -240,7 +251,7 @@ class _Run:
                                           flags)
         meta = metadata.write_outputs(o.output, settings, "incomplete", requested=self.requested,
                                       started=self.started, input_dir=self.input_dir,
-                                      clinical_path=self.clinical_path, timings=self.timings)
+                                      clinical_path=self.clinical_path, timings=self.timings, config=self.config())
         return self.result(EXIT_FAILED, "incomplete", metadata=meta, counters=counts,
                            message=f"{len(missing)} cases have no marker after {o.leader_wait_s:.0f} s: "
                                    f"{missing[:30]}{' ...' if len(missing) > 30 else ''}; finalize is still owed. "
@@ -286,11 +297,16 @@ class _Run:
         return metadata.write_outputs(o.output, settings, "complete" if verification["ok"] else "verification_failed",
                                       requested=self.requested, verification=verification, started=self.started,
                                       input_dir=self.input_dir, clinical_path=self.clinical_path, done=done,
-                                      timings=self.timings)
+                                      timings=self.timings, config=self.config())
 
     def finalize_command(self, stages) -> RunResult:
         settings = load_settings(self.o.output)
         self.requested = self.req.case_ids()
+        # Where the data came from is what the run that made the output recorded.
+        if self.input_dir is None and storage.exists(storage.metadata_path(self.o.output)):
+            previous = storage.read_json(storage.metadata_path(self.o.output))
+            self.input_dir, self.clinical_path = previous.get("input"), self.clinical_path or previous.get("clinical")
+        self.req = dataclasses.replace(self.req, settings=settings)
         meta = self.finalize(stages, settings)
         code = EXIT_OK if meta["status"] == "complete" else EXIT_FAILED
         return self.result(code, meta["status"], metadata=meta)
@@ -310,7 +326,7 @@ class _Run:
             meta = metadata.write_outputs(self.o.output, load_settings(self.o.output), "incomplete",
                                           requested=self.requested, started=self.started,
                                           input_dir=self.input_dir, clinical_path=self.clinical_path,
-                                          timings=self.timings)
+                                          timings=self.timings, config=self.config())
         killed = " (pipeline killed after the grace period)" if stages.child_killed else ""
         return self.result(EXIT_INTERRUPTED, "interrupted", metadata=meta, stopped_by=name,
                            message=f"stopped by {name}{killed}; rerun the same command to continue: "

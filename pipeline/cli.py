@@ -23,7 +23,7 @@ import sys
 from typing import Optional
 
 from pipeline.api import RunResult, run
-from pipeline.options import COMMANDS, EXIT_USAGE, RunOptions, RunRequest, request_from_mapping
+from pipeline.options import COMMANDS, EXIT_USAGE, RunOptions, RunRequest, load_config, request_from_mapping
 from transforms import spec
 from transforms.settings import COMMAND_LINE, OptionError, Settings, declared, flag_name, is_switch
 
@@ -50,17 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
                                  usage=f"{PROG} [{'|'.join(COMMANDS)}] [options] [Beam flags]\n"
                                        f"       {PROG} inspect PATH [--examples N] [Beam flags]",
                                  allow_abbrev=False)  # a Beam flag must never match one of ours by prefix
+    ap.add_argument("--config", metavar="FILE", help="YAML or JSON file with any option below by its name "
+                                                     "(split_seed: 7, tracks: ...); flags win. Every output's "
+                                                     "config.yaml is such a file")
     _add_declared(ap, "data settings (fingerprinted: an output keeps one set)", Settings)
     _add_declared(ap, "run options", RunOptions)
     return ap
 
 
 def parse_request(argv: list[str]) -> RunRequest:
-    """argv -> RunRequest. Raises OptionError for a bad value (naming the flag)."""
+    """argv -> RunRequest: a --config file's options, then the flags over
+    them. Raises OptionError for a bad value (naming the flag or the file's key)."""
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     args, beam_args = build_parser().parse_known_args(argv)
-    given = {k: v for k, v in vars(args).items() if v is not None}
+    given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
+    if args.config:
+        from_file = load_config(args.config)
+        request_from_mapping(from_file, f"--config {args.config}")  # its own keys and values, named as in the file
+        given = {**from_file, **given}
     return request_from_mapping(given, COMMAND_LINE, command, tuple(beam_args))
 
 
@@ -107,6 +115,9 @@ def summary_lines(res: RunResult) -> list[str]:
     lines += [f"  failed case {f['case_id']}: {f['reason']}: {f['detail']}" for f in c["failed"]]
     if c["too_short"]:
         lines.append(f"  too short for one window (not an error): {c['too_short']}")
+    if res.counters.get("cases_input_changed"):
+        lines.append(f"  {res.counters['cases_input_changed']} committed case(s) processed again because their "
+                     f"input file changed since the commit (all such cases: {c['changed_inputs']})")
     if c["not_done"]:
         lines.append(f"  not done yet: {c['not_done'][:50]}{' ...' if len(c['not_done']) > 50 else ''}")
     for s in spec.SPLIT_NAMES:

@@ -9,7 +9,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import storage
 from transforms import encode, spec
-from transforms.features import denormalise
+from transforms.features import SINCE_MEASURED_CAP_S as SINCE_CAP_S, denormalise
 
 
 def locate(path: str) -> tuple[list[str], str]:
@@ -70,11 +70,26 @@ def inspect(path: str, n_examples: int = 2, seconds=None, out=None) -> int:
                 else:
                     static.append(f"{st['name']}={denorm(v, st['norm']):.1f}")
             print("  static: " + ", ".join(static), file=out)
-            print("  " + "feature".ljust(18) + "unit".ljust(11) + "".join(f"t+{s}s".rjust(10) for s in secs), file=out)
+            observed = row["observed"].reshape(window, n_feat) if "observed" in row else None
+            since = row["since_measured"].reshape(window, n_feat) * SINCE_CAP_S if "since_measured" in row else None
+            width = 10 + (8 if since is not None else 0) + (2 if observed is not None else 0)
+            if observed is not None or since is not None:
+                print("  (" + ", ".join(x for x in ("* = imputed (observed 0)" if observed is not None else "",
+                                                     "[N s] = seconds since measured (600 = never or more)"
+                                                     if since is not None else "") if x) + ")", file=out)
+            print("  " + "feature".ljust(18) + "unit".ljust(11) + "".join(f"t+{s}s".rjust(width) for s in secs),
+                  file=out)
             for j, feat in enumerate(sp["timeseries"]):
                 vals = denorm(ts[secs, j], feat["norm"])
-                print("  " + feat["name"].ljust(18) + feat["unit"].ljust(11) + "".join(f"{v:10.3f}" for v in vals),
-                      file=out)
+                cells = []
+                for k, s_ in enumerate(secs):
+                    cell = f"{vals[k]:10.3f}"
+                    if observed is not None:
+                        cell += " *" if observed[s_, j] == 0 else "  "
+                    if since is not None:
+                        cell += f" [{since[s_, j]:3.0f} s]"
+                    cells.append(cell.rjust(width))
+                print("  " + feat["name"].ljust(18) + feat["unit"].ljust(11) + "".join(cells), file=out)
             tg = ", ".join(f"{t['name']}={denorm(v, t['norm']):.3f} {t['unit']}"
                            for t, v in zip(sp["targets"], row["targets"]))
             print(f"  targets (second {fmt['target_second']}): {tg}", file=out)

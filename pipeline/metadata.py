@@ -11,7 +11,7 @@ from typing import Optional
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from pipeline import report, storage
+from pipeline import provenance, report, storage
 from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import encode, spec
 from transforms.settings import Settings
@@ -30,6 +30,8 @@ def example_features(settings: Settings) -> list[tuple[str, int, int]]:
              ("window_start", schema_pb2.INT, 1)]
     if settings.emit_mask:
         feats.append(("observed", schema_pb2.FLOAT, settings.window * fs.n_features))
+    if settings.emit_delta:
+        feats.append(("since_measured", schema_pb2.FLOAT, settings.window * fs.n_features))
     return feats
 
 
@@ -75,7 +77,7 @@ def case_step_seconds(done: dict[int, DoneMarker]) -> dict[str, float]:
 def build_metadata(*, settings: Settings, status: str, requested: list[int], done: dict[int, DoneMarker],
                    failed: dict[int, FailedMarker], verification: Optional[dict], started: str,
                    input_dir: Optional[str], clinical: Optional[str], output: str,
-                   not_done: Optional[list[int]] = None) -> dict:
+                   not_done: Optional[list[int]] = None, config: Optional[dict] = None) -> dict:
     fs = settings.feature_spec()
     splits = {}
     for s in spec.SPLIT_NAMES:
@@ -116,17 +118,22 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
                                    if m.static_implausible},
             "dose_weight_default": sorted(c for c, m in done.items() if m.dose_weight_default),
             "no_clinical_row": sorted(c for c, m in done.items() if m.no_clinical_row),
+            # Processed again because the input file changed after an earlier commit.
+            "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
         },
         "verification": verification,
         "versions": versions(),
+        "provenance": provenance.build(done),
+        "config": config,
     }
 
 
 def write_outputs(output: str, settings: Settings, status: str, *, requested: Optional[list[int]] = None,
                   verification: Optional[dict] = None, started: Optional[str] = None, input_dir: Optional[str] = None,
                   clinical_path: Optional[str] = None, done: Optional[dict[int, DoneMarker]] = None,
-                  timings: Optional[dict] = None) -> dict:
-    """Metadata, schema and quality report from the markers; returns the metadata."""
+                  timings: Optional[dict] = None, config: Optional[dict] = None) -> dict:
+    """Metadata, schema, the run's configuration file and the quality report,
+    from the markers; returns the metadata."""
     done = storage.read_done(output) if done is None else done
     failed = {c: f for c, f in storage.read_failed(output).items() if c not in done}
     requested = requested if requested is not None else sorted(set(done) | set(failed))
@@ -136,10 +143,22 @@ def write_outputs(output: str, settings: Settings, status: str, *, requested: Op
     t = time.time()
     meta = build_metadata(settings=settings, status=status, requested=requested, done=done, failed=failed,
                           verification=verification, started=started or utcnow(),
-                          input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done)
+                          input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done,
+                          config=config)
     report.write_report(output, done, failed, meta["status"], settings.feature_spec())
     timings = dict(timings or {}, metadata_report_s=round(time.time() - t, 3))
     meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
     storage.write_json(storage.metadata_path(output), meta)
     storage.write_atomic(storage.schema_path(output), schema_text(settings).encode())
+    if config is not None:
+        storage.write_atomic(storage.config_path(output), config_text(config).encode())
     return meta
+
+
+def config_text(config: dict) -> str:
+    """The run's effective configuration as a --config file."""
+    import yaml
+    head = ("# The effective configuration of the run that made this output: give it back to\n"
+            "#   master-poc-preprocess --config config.yaml --output ANOTHER_OUTPUT\n"
+            "# to rebuild the same dataset (flags win over the file).\n")
+    return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=110)

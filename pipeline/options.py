@@ -4,6 +4,7 @@ the SageMaker entry point and tests hand to `pipeline.api.run`.
 """
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
@@ -101,6 +102,39 @@ def request_from_mapping(values: Mapping[str, Any], source: str, command: str = 
     opts = from_mapping(RunOptions, {k: v for k, v in values.items() if k not in setting_names}, source)
     extra = tuple(shlex.split(beam)) if isinstance(beam, str) else tuple(beam or ())
     return RunRequest(command, settings, opts, extra + tuple(beam_args))
+
+
+# A config file's section for the SageMaker launcher (master-poc-launch reads
+# it; the main command leaves it alone), and the launcher's block of extra
+# hyperparameters, which are job options like the file's top level.
+SAGEMAKER_SECTION = "sagemaker"
+HYPERPARAMETERS_BLOCK = "hyperparameters"
+
+
+def load_config(path: str) -> dict:
+    """A --config file (YAML or JSON, local or s3://): {option name: value}
+    with the hyperparameters block merged and the sagemaker section set aside."""
+    from pipeline import storage
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except Exception as e:  # any filesystem's "cannot open"
+        raise OptionError(f"--config {path}: cannot read it ({e})") from None
+    try:
+        if path.endswith(".json"):
+            doc = json.loads(text)
+        else:
+            import yaml
+            doc = yaml.safe_load(text)
+    except Exception as e:  # YAML or JSON syntax
+        raise OptionError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+    doc = doc or {}
+    if not isinstance(doc, dict):
+        raise OptionError(f"--config {path}: expected a mapping of option: value")
+    doc.pop(SAGEMAKER_SECTION, None)
+    block = doc.pop(HYPERPARAMETERS_BLOCK, None) or {}
+    if not isinstance(block, dict):
+        raise OptionError(f"--config {path}: {HYPERPARAMETERS_BLOCK}: expected a mapping of option: value")
+    return {**doc, **block}
 
 
 def option_names() -> set[str]:

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from pipeline import storage
+from pipeline import provenance, storage
 from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import features, spec
 from transforms.case import HIST_BINS
@@ -71,6 +71,8 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].has_windows),
                        "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
         "cases_in_two_splits": overlap,
+        "provenance": provenance.build(done),
+        "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
 
 
@@ -146,7 +148,7 @@ th{{background:#f3f3f3}}td.l,th.l{{text-align:left}}.warn{{color:#a00;font-weigh
 <p>Output <code>{title}</code>, status <b>{status}</b>. Numbers: <a href="quality.json">quality.json</a>;
 metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</a>.</p>
 <p>Sections: <a href="#splits">splits</a> · <a href="#features">features</a> · <a href="#cases">cases</a> ·
-<a href="#failed">failed cases</a></p>
+<a href="#provenance">provenance</a> · <a href="#failed">failed cases</a></p>
 <h2 id="splits">Splits</h2>
 <table><tr><th class="l">split</th><th>cases</th><th>windows</th></tr>{split_rows}</table>
 <p>{overlap}</p>
@@ -162,6 +164,11 @@ metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</
 Static defaults used: {defaults}. Clinical entry errors (implausible values, treated as missing): {implausible}.</p>
 <table><tr><th>case</th><th class="l">split</th><th class="l">status</th><th>windows</th><th>minutes</th>
 <th class="l">static defaults</th><th class="l">clinical entry errors</th></tr>{case_rows}</table>
+<h2 id="provenance">Provenance</h2>
+<p>Made by {package} (commit <code>{commit}</code>) with vitaldb {vitaldb}, Apache Beam {beam}, tfx-bsl {tfxbsl}.
+Clinical table: {clinical}. {n_inputs} input files, each with its size and content identity (sha256; on an object
+store also its ETag) in <a href="../preprocessing_metadata.json">the metadata</a> (<code>provenance.inputs</code>).
+{changed}</p>
 <h2 id="failed">Failed cases</h2>
 <table><tr><th>case</th><th class="l">reason</th><th class="l">detail</th></tr>{failed_rows}</table>
 <p>By reason: {failed_by_reason}</p>
@@ -215,7 +222,22 @@ def render_html(q: dict, title: str, status: str) -> str:
         n_short=sum(1 for c in q["cases"] if c["status"] == "too_short"), n_failed=len(q["failed"]),
         defaults=f"{defaults} cases", implausible=f"{sum(1 for c in q['cases'] if c['static_implausible'])} cases",
         case_rows=case_rows, failed_rows=failed_rows,
-        failed_by_reason=e(json.dumps(q["failed_by_reason"])) or "none")
+        failed_by_reason=e(json.dumps(q["failed_by_reason"])) or "none",
+        **_provenance_fields(q))
+
+
+def _provenance_fields(q: dict) -> dict:
+    e = html.escape
+    p = q["provenance"]
+    v = p["versions"]
+    tables = "; ".join(f"{e(str(t.get('path')))} ({t.get('bytes')} bytes, sha256 <code>{e(str(t.get('sha256')))}"
+                       f"</code>, {t['cases']} cases)" for t in p["clinical"]) or "none"
+    changed = (f"<span class='warn'>Processed again because their input file changed after an earlier commit: "
+               f"{q['changed_inputs']}</span>" if q["changed_inputs"] else "")
+    return dict(package=e(f"{p['package']['name']} {p['package']['version']}"),
+                commit=e(str(p["package"]["commit"] or "unknown")), vitaldb=e(str(v.get("vitaldb"))),
+                beam=e(str(v.get("apache-beam"))), tfxbsl=e(str(v.get("tfx-bsl"))), clinical=tables,
+                n_inputs=len(p["inputs"]), changed=changed)
 
 
 def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,

@@ -64,8 +64,11 @@ def case_profile(case_id: int) -> dict:
     }
 
 
-def generate_case(case_id: int, duration_s: int, waveforms: bool = False) -> tuple[vitaldb.VitalFile, dict]:
-    """One synthetic case as a VitalFile plus its clinical-table row."""
+def generate_case(case_id: int, duration_s: int, waveforms: bool = False,
+                  rename: Optional[dict[str, str]] = None) -> tuple[vitaldb.VitalFile, dict]:
+    """One synthetic case as a VitalFile plus its clinical-table row; `rename`
+    records tracks under other names ({VitalDB name: the other device's})."""
+    rename = rename or {}
     rng = np.random.default_rng(case_id)
     p = case_profile(case_id)
     T = int(duration_s)
@@ -96,6 +99,7 @@ def generate_case(case_id: int, duration_s: int, waveforms: bool = False) -> tup
     vf.dtstart, vf.dtend = DT0 + case_id * 86400.0, DT0 + case_id * 86400.0 + T
 
     def add(name, unit, times, vals):
+        name = rename.get(name, name)
         if len(times):
             vf.add_track(name, [{"dt": vf.dtstart + float(a), "val": float(b)} for a, b in zip(times, vals)],
                          unit=unit)
@@ -185,10 +189,11 @@ def _add_waveforms(vf, rng, T, hr):
 def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = None, waveforms: bool = False,
                  short_case: Optional[int] = None, missing_weight: Optional[int] = None,
                  missing_asa: Optional[int] = None, no_clinical_row: Optional[int] = None,
-                 implausible_weight: Optional[int] = None) -> str:
+                 implausible_weight: Optional[int] = None, rename: Optional[dict[str, str]] = None) -> str:
     """Writes <id:04d>.vital files and clinical_data.csv to `output` (any Beam
     filesystem); returns the clinical table's path. Durations vary 40-90 min
-    unless `duration_s` is given; `short_case` is shorter than one window."""
+    unless `duration_s` is given; `short_case` is shorter than one window;
+    `rename` writes tracks under another device's names."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cid in case_ids:
@@ -196,7 +201,7 @@ def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = N
             dur = duration_s or int(rng.integers(40, 91) * 60)
             if cid == short_case:
                 dur = 240
-            vf, row = generate_case(cid, dur, waveforms)
+            vf, row = generate_case(cid, dur, waveforms, rename)
             local = os.path.join(tmp, f"{cid:04d}.vital")
             vf.to_vital(local, compresslevel=6)  # gzip like VitalDB's; 9 is 7x slower to write
             with open(local, "rb") as fh:

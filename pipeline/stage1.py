@@ -21,25 +21,30 @@ from apache_beam.metrics import Metrics
 
 from pipeline import s3, storage
 from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
-from transforms import encode
+from transforms import encode, load
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
 from transforms.case import CaseFacts, CaseWindows
-from transforms.load import RawCase
+from transforms.load import CaseTodo, RawCase
 from transforms.settings import Settings
 
 _LOG = logging.getLogger(__name__)
 
 
 class SkipCommitted(beam.DoFn):
-    """Drops cases that already have a done marker (resume), and every case
-    once the stop file exists (a shutdown was asked for: drain, start nothing
-    new). The stop file is local to the machine that was signalled; on
-    remote workers it never exists and this check is a no-op."""
+    """Drops cases that already have a done marker (resume) whose input file
+    is still the one they were committed from; a case whose input changed
+    since (another size or mtime, another ETag) is processed again, as a
+    CaseTodo that remembers the old identity. Drops every case once the stop
+    file exists (a shutdown was asked for: drain, start nothing new). The stop
+    file is local to the machine that was signalled; on remote workers it
+    never exists and this check is a no-op."""
 
-    def __init__(self, output: str, stop_file: Optional[str] = None):
+    def __init__(self, input_dir: str, output: str, stop_file: Optional[str] = None):
+        self._input = input_dir
         self._out = output
         self._stop_file = stop_file
         self._skipped = Metrics.counter(NAMESPACE, "cases_skipped")
+        self._changed = Metrics.counter(NAMESPACE, "cases_input_changed")
         self._deferred = Metrics.counter(NAMESPACE, "cases_deferred")
 
     def setup(self):
@@ -50,10 +55,22 @@ class SkipCommitted(beam.DoFn):
         if self._stop_file and os.path.exists(self._stop_file):
             self._deferred.inc()
             return
-        if storage.exists(storage.marker_path(self._out, storage.DONE, case_id)):
+        marker = storage.marker_path(self._out, storage.DONE, case_id)
+        if not storage.exists(marker):
+            yield case_id
+            return
+        committed = DoneMarker.from_json(storage.read_json(marker)).input
+        try:
+            current = load.input_state(load.find_case_file(self._input, case_id))
+        except load.CaseError:
+            current = None  # the file is gone: the committed case stands
+        if current is None or not committed or load.same_input(committed, current):
             self._skipped.inc()
             return
-        yield case_id
+        _LOG.warning("case %s: its input file changed since its commit (%s -> %s): processing it again",
+                     case_id, committed, current)
+        self._changed.inc()
+        yield CaseTodo(case_id, committed)
 
 
 def commit_case(output: str, facts: CaseFacts, examples: list[bytes]) -> DoneMarker:
@@ -113,7 +130,7 @@ def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clin
     """case ids -> committed cases; returns (committed, failed) PCollections."""
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
-            | "SkipCommitted" >> beam.ParDo(SkipCommitted(output, stop_file)))
+            | "SkipCommitted" >> beam.ParDo(SkipCommitted(input_dir, output, stop_file)))
     loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir, settings), clinical).with_output_types(RawCase)
               .with_outputs(FAILED, main="ok"))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))

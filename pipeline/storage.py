@@ -94,6 +94,11 @@ def schema_path(out: str) -> str:
     return join(out, SCHEMA_NAME)
 
 
+def config_path(out: str) -> str:
+    """The run's effective configuration, a --config file that rebuilds the output."""
+    return join(out, "config.yaml")
+
+
 def report_path(out: str, name: str = "index.html") -> str:
     """The quality report: index.html and quality.json."""
     return join(out, "report", name)

@@ -52,6 +52,7 @@ class Supervisor:
         self.stop_signal: Optional[int] = None
         self._stop_at: Optional[float] = None
         self.child_killed = False
+        self._child: Optional["_StageChild"] = None
         self._old = {}
 
     def __enter__(self):
@@ -78,12 +79,14 @@ class Supervisor:
         open(self.stop_file, "w").close()
         print(f"received {signal.Signals(signum).name}: finishing the cases in flight, starting no new one "
               f"(grace {self.grace_s:.0f} s)", flush=True)
+        if self.grace_s <= 0 and self._child is not None:  # no grace: the pipeline goes at once
+            self._kill_child(self._child)
 
     def run_job(self, job: StageJob) -> tuple[int, dict[str, int]]:
         """Runs one stage in a child process group; returns (exit code, its counters)."""
         result = os.path.join(self._dir, f"job-{job.stage}.result.json")
         job.stop_file = self.stop_file
-        proc = _StageChild(job, result)
+        proc = self._child = _StageChild(job, result)
         next_progress = time.monotonic() + self.progress_interval_s
         try:
             while True:
@@ -91,15 +94,15 @@ class Supervisor:
                 if self.stopping:
                     left = self._stop_at + self.grace_s - now
                     if left <= 0:
-                        print(f"grace period over: killing the pipeline (pid {proc.pid} and its workers)", flush=True)
-                        self._kill(proc)
-                        self.child_killed = True
+                        self._kill_child(proc)
                         return KILLED, {}
                     wait = min(left, 1.0)
                 else:
                     wait = max(0.05, next_progress - now)
                 stopping_before = self.stopping
                 rc = proc.wait(timeout=wait, until=lambda: self.stopping != stopping_before)
+                if self.child_killed:
+                    return KILLED, {}
                 if rc is not None:
                     break
                 if self.progress and not self.stopping and time.monotonic() >= next_progress:
@@ -108,11 +111,18 @@ class Supervisor:
         except BaseException:
             self._kill(proc)
             raise
+        finally:
+            self._child = None
         counts = {}
         if os.path.exists(result):
             with open(result) as fh:
                 counts = json.load(fh).get("counters", {})
         return rc, counts
+
+    def _kill_child(self, proc: "_StageChild") -> None:
+        print(f"grace period over: killing the pipeline (pid {proc.pid} and its workers)", flush=True)
+        self.child_killed = True
+        self._kill(proc)
 
     @staticmethod
     def _kill(proc: "_StageChild") -> None:

@@ -7,7 +7,7 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' \
   || { echo "Python 3.11 is required (found $("$PY" --version))" >&2; exit 1; }
-stamp=$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
+stamp=$(cat setup.py requirements.txt constraints.txt | sha256sum | cut -c1-16)
 if [ ! -f .venv/.stamp ] || [ "$(cat .venv/.stamp)" != "$stamp" ]; then
   echo "setting up .venv (first time: several minutes, TensorFlow/Beam/tfx-bsl are large)" >&2
   "$PY" -m venv .venv

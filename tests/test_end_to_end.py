@@ -1,8 +1,8 @@
 """End to end: the real CLI on generated cases, outputs read back with TensorFlow."""
 import json
 import os
+import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -179,24 +179,42 @@ def test_emit_mask_round_trips(dataset, tmp_path):
     assert 'name: "observed"' in open(f"{out}/schema.pbtxt").read()
 
 
-def test_multi_process_run_via_the_console_script(tmp_path):
-    """The real command line, real worker processes, embedded sample."""
-    out = tmp_path / "o"
-    res = subprocess.run([os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess"),
-                          "--sample-cases", "4", "--sample-dir", str(tmp_path / "in"), "--output", str(out),
-                          "--direct_num_workers=2"], capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert "complete" in res.stdout and "3 ok, 1 too short" in res.stdout
-    assert "progress: 4/4 cases done, 0 failed" in res.stdout
-    assert os.path.exists(out / "report" / "index.html")
+def repo_copy(tmp_path):
+    """The repository's files (tracked and new, as a user's clone has them)
+    in a temporary folder, sharing this checkout's .venv."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                           capture_output=True, text=True, check=True).stdout.split()
+    copy = tmp_path / "repo"
+    for f in files:
+        if os.path.exists(os.path.join(root, f)):
+            os.makedirs(copy / os.path.dirname(f), exist_ok=True)
+            shutil.copy2(os.path.join(root, f), copy / f)
+    os.symlink(os.path.join(root, ".venv"), copy / ".venv")
+    return copy
+
+
+def test_the_readmes_first_command_runs_the_sample_job(tmp_path):
+    """`./run.sh`, exactly as the README prints it: 20 generated cases in all
+    three splits, real worker processes, the report; then inspect as printed."""
+    repo = repo_copy(tmp_path)
+    res = subprocess.run(["./run.sh"], cwd=repo, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = res.stdout
+    assert "no --input: generating 20 VitalDB-format sample cases" in text and "complete" in text
+    assert "19 ok, 1 too short" in text and "progress: 20/20 cases done, 0 failed" in text
+    assert "clinical entry error(s) treated as missing: weight=900.0" in text
+    out = repo / "output"
     meta = json.load(open(out / "preprocessing_metadata.json"))
+    assert all(meta["splits"][s]["cases"] > 0 for s in spec.SPLIT_NAMES)  # train, validation and test
+    assert os.path.exists(out / "report" / "index.html") and os.path.exists(out / "config.yaml")
     markers = [json.load(open(p)) for p in storage.list_files(f"{out}/cases/_done/*.json")]
     assert sum(meta["splits"][s]["windows"] for s in spec.SPLIT_NAMES) == sum(m["windows"] for m in markers)
     # Each case's steps are timed where they ran (a worker process, not this
     # one) and summed into the metadata; stage 2 reports its shard writing.
     steps = ("load", "parse", "transform", "encode", "compress", "write")
     ok = [m for m in markers if m["status"] == "ok"]
-    assert len(ok) == 3 and all(m["worker"] != os.getpid() and isinstance(m["worker"], int) for m in ok)
+    assert len(ok) == 19 and all(m["worker"] != os.getpid() and isinstance(m["worker"], int) for m in ok)
     for m in ok:
         t = m["timings"]
         assert set(t) == set(steps) and all(v >= 0 for v in t.values())
@@ -205,6 +223,10 @@ def test_multi_process_run_via_the_console_script(tmp_path):
     for k in steps:
         assert total[k] == pytest.approx(sum(m["timings"].get(k, 0) for m in markers), abs=0.01)
     assert 0 < meta["timings"]["stage2_shard_write_s"] <= meta["timings"]["stage2_s"]
+    shown = subprocess.run([".venv/bin/master-poc-preprocess", "inspect", "output/", "--examples", "3"], cwd=repo,
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert shown.stdout.count("example: case") == 3 and "Propofol_INF" in shown.stdout
 
 
 def test_other_monitors_files_fail_as_no_tracks_naming_their_tracks(dataset, tmp_path):

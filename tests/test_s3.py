@@ -58,13 +58,13 @@ def test_transient_s3_faults_are_absorbed(moto_endpoint, s3_bucket, dataset, run
     c = boto_client(moto_endpoint)
     src = upload_dir(c, dataset, s3_bucket, "raw")
     port = int(moto_endpoint.rsplit(":", 1)[1])
-    cases = GOOD[:4]
+    cases = GOOD[:3]
     with FaultProxy(port, rate=0.15, seed=11) as proxy:
         rc = run_cli(*["--input", src, "--output", f"s3://{s3_bucket}/out", "--cases", ",".join(map(str, cases)),
                        INMEM] + beam_s3_args(proxy.endpoint))
     print(f"fault proxy: {proxy.counts}")
     assert rc == 0
-    assert proxy.faults >= 15, proxy.counts  # the run really went through faults
+    assert proxy.faults >= 10, proxy.counts  # the run really went through faults
     ref = local_examples(run_output[1])
     assert_same_examples(s3_examples(c, s3_bucket, "out", tmp_path), {k: v for k, v in ref.items() if k[0] in cases})
 

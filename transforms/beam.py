@@ -19,7 +19,7 @@ from apache_beam import pvalue
 from transforms import encode
 from transforms.case import CaseWindows, process_case
 from transforms.settings import Settings
-from transforms.load import CaseError, ClinicalTable, RawCase, load_case
+from transforms.load import CaseError, CaseTodo, ClinicalTable, RawCase, load_case
 
 NAMESPACE = "master_poc"
 FAILED = "failed"
@@ -78,12 +78,16 @@ class LoadCase(beam.DoFn):
     def setup(self):
         self._spec = self._settings.feature_spec()
 
-    def process(self, case_id: int, clinical: ClinicalTable):
+    def process(self, todo, clinical: ClinicalTable):
+        todo = todo if isinstance(todo, CaseTodo) else CaseTodo(int(todo))
+        case_id = todo.case_id
         try:
             if case_id in clinical.duplicates:
                 raise CaseError("duplicate_clinical_row", clinical.duplicates[case_id])
             rc = load_case(self._input, case_id, self._spec)
             rc.row = clinical.row(case_id)
+            rc.previous_input = todo.previous_input
+            rc.clinical = clinical.identity
             yield rc
         except CaseError as e:
             yield pvalue.TaggedOutput(FAILED, failure(case_id, e.code, e.detail))
@@ -106,6 +110,10 @@ class TransformCase(beam.DoFn):
             t = time.perf_counter()
             cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings, self._spec)
             cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
+            cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
+            previous = raw_case.previous_input
+            if previous and previous.get("sha256") != raw_case.input.get("sha256"):
+                cw.facts.changed_input = previous
             yield cw
         except Exception as e:  # dead letter, see _internal
             yield _internal(raw_case.case_id, "TransformCase", e)

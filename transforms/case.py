@@ -36,6 +36,10 @@ class CaseFacts:
     ibw_kg: float = 0.0
     stats: dict = field(default_factory=dict)  # per-feature counts for the quality report (case_stats)
     timings: dict = field(default_factory=dict)  # seconds per step of stage 1
+    input: dict = field(default_factory=dict)  # the input file's identity (transforms.load.RawCase.input)
+    # An earlier commit's input identity, when the input file changed since then.
+    changed_input: Optional[dict] = None
+    clinical: dict = field(default_factory=dict)  # the clinical table's identity (path, bytes, sha256)
 
 
 @dataclass
@@ -48,12 +52,15 @@ class CaseWindows:
     static: np.ndarray  # (6,) float32
     observed: Optional[np.ndarray]  # (n, window*F) float32 or None
     facts: CaseFacts
+    since_measured: Optional[np.ndarray] = None  # (n, window*F) float32 or None
 
     def example_floats(self) -> dict[str, np.ndarray]:
         """The float features of this case's examples, by name (the schema)."""
         out = {"timeseries": self.timeseries, "static": self.static, "targets": self.targets}
         if self.observed is not None:
             out["observed"] = self.observed
+        if self.since_measured is not None:
+            out["since_measured"] = self.since_measured
         return out
 
 
@@ -105,11 +112,14 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     norm = features.normalise_timeseries(filled, fs)
     starts, ts, targets = windows.make_windows(norm, settings.window, settings.step, settings.horizon,
                                                fs.target_index)
-    observed = None
+    observed = since = None
     if settings.emit_mask:
         measured = (rules == features.MEASURED).astype(np.float32)
         observed = windows.make_windows(measured, settings.window, settings.step, settings.horizon,
                                         fs.target_index)[1]
+    if settings.emit_delta:
+        since = windows.make_windows(features.since_measured(rules == features.MEASURED), settings.window,
+                                     settings.step, settings.horizon, fs.target_index)[1]
     starts = starts + lo  # seconds from the recording start, also when cropped
     split = windows.assign_split(case_id, settings.split, settings.split_seed)
     facts = CaseFacts(
@@ -118,5 +128,5 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
         static_implausible={k: _jsonable(v) for k, v in cv.implausible.items()},
         dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,
         stats=case_stats(filled, norm, rules, source, fs))
-    return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts)
+    return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts, since)
 

@@ -46,6 +46,20 @@ def parse_cases(text: str) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
+def format_cases(ids: list[int]) -> str:
+    """The --cases text of a list of ids, runs written as ranges, order kept:
+    [1, 2, 3, 5, 9, 8] -> "1-3,5,9,8"; parse_cases reads it back."""
+    parts: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if j == i else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
 def case_file_candidates(input_dir: str, case_id: int) -> list[str]:
     """Where a case's file may be, in the order tried: <id:04d>.vital, <id>.vital."""
     base = input_dir.rstrip("/")

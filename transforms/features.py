@@ -210,6 +210,20 @@ def impute(x: np.ndarray, feat: spec.Feature) -> tuple[np.ndarray, np.ndarray]:
     return out, rule
 
 
+SINCE_MEASURED_CAP_S = 600
+
+
+def since_measured(measured: np.ndarray, cap_s: int = SINCE_MEASURED_CAP_S) -> np.ndarray:
+    """(T, F) bool measured -> float32 (T, F): seconds since the feature's last
+    plausible measured value (0 at a measured second), capped at `cap_s`,
+    divided by `cap_s`; 1.0 also when nothing was measured before."""
+    T = measured.shape[0]
+    t = np.arange(T)[:, None]
+    last = np.maximum.accumulate(np.where(measured, t, -1), axis=0)
+    delta = np.where(last >= 0, t - last, cap_s)
+    return (np.minimum(delta, cap_s) / cap_s).astype(np.float32)
+
+
 def impute_all(values: np.ndarray, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> tuple[np.ndarray, np.ndarray]:
     """Impute every feature column of (T, F) values; returns (filled, rules)."""
     filled = np.empty_like(values)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import logging
 import math
@@ -43,6 +44,15 @@ class CaseError(Exception):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class CaseTodo:
+    """A case to process; `previous_input` when it is processed again because
+    its input file changed since its commit."""
+
+    case_id: int
+    previous_input: Optional[dict] = None
+
+
 @dataclass
 class RawCase:
     case_id: int
@@ -53,6 +63,11 @@ class RawCase:
     # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
     timings: dict = field(default_factory=dict)
     row: Optional[dict] = None  # the case's clinical row, None if the table has none
+    # The input file's identity: path, bytes, sha256 (of the bytes read), and
+    # mtime (local) or etag (object store): provenance, and change detection.
+    input: dict = field(default_factory=dict)
+    previous_input: Optional[dict] = None  # the identity of an earlier commit of this case, if any
+    clinical: dict = field(default_factory=dict)  # the clinical table's identity
 
 
 def find_case_file(input_dir: str, case_id: int) -> str:
@@ -95,7 +110,52 @@ class _TrackedGzipFile(gzip.GzipFile):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.mode == gzip.READ:
+            hasher = getattr(_READ_ERRORS, "hasher", None)
+            if hasher is not None:  # the file's content identity, hashed as vitaldb reads it
+                self.fileobj = hasher.wrap(self.fileobj)
             self._buffer = io.BufferedReader(_TrackedGzipReader(self.fileobj))
+
+
+class FileHasher:
+    """sha256 of a file's bytes, computed while they are read for parsing
+    (not in a second pass): `wrap` the raw file object vitaldb reads, then
+    `finish` hashes only what vitaldb did not read (it stops after the last
+    wanted track of a packed file); a seek falls back to a whole-file pass."""
+
+    def __init__(self):
+        self._h = hashlib.sha256()
+        self._consumed = 0
+        self._seeked = False
+
+    def update(self, data: bytes) -> None:
+        self._h.update(data)
+        self._consumed += len(data)
+
+    def wrap(self, raw):
+        hasher = self
+
+        class _Reading:
+            def read(self, n=-1):
+                data = raw.read(n)
+                hasher.update(data)
+                return data
+
+            def seek(self, *a):
+                hasher._seeked = True
+                return raw.seek(*a)
+
+            def __getattr__(self, name):
+                return getattr(raw, name)
+        return _Reading()
+
+    def finish(self, local: str) -> str:
+        if self._seeked:
+            self._h, self._consumed = hashlib.sha256(), 0
+        with open(local, "rb") as fh:
+            fh.seek(self._consumed)
+            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+                self._h.update(chunk)
+        return self._h.hexdigest()
 
 
 _READ_ERRORS = threading.local()
@@ -116,25 +176,44 @@ def is_local(path: str) -> bool:
     return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
 
 
-@contextlib.contextmanager
-def local_file(path: str) -> Iterator[tuple[str, int]]:
-    """(a local path to parse, file size): the file itself, or a worker-local
-    copy of a remote one (s3://, gs://), streamed without decompressing and
-    removed afterwards."""
+def input_state(path: str) -> dict:
+    """What tells whether a case's input file changed, cheaply (no read):
+    size and modification time locally, the object's checksum (S3: its ETag)
+    on an object store."""
     if is_local(path):
-        yield path, os.path.getsize(path)
+        st = os.stat(path)
+        return {"path": path, "bytes": st.st_size, "mtime": st.st_mtime}
+    return {"path": path, "etag": FileSystems.checksum(path)}
+
+
+def same_input(committed: dict, current: dict) -> bool:
+    """Whether the file a case was committed from is still the same file."""
+    keys = [k for k in ("path", "bytes", "mtime", "etag") if k in current]
+    return bool(committed) and all(committed.get(k) == current[k] for k in keys)
+
+
+@contextlib.contextmanager
+def local_file(path: str) -> Iterator[tuple[str, dict, Optional[FileHasher]]]:
+    """(a local path to parse, the input's identity so far, a hasher for the
+    parse to feed or None): the file itself, or a worker-local copy of a
+    remote one (s3://, gs://), streamed without decompressing, hashed while
+    copied, and removed afterwards."""
+    if is_local(path):
+        yield path, input_state(path), FileHasher()
         return
+    identity = input_state(path)
     with tempfile.TemporaryDirectory(prefix="master-poc-case-") as tmpdir:
         dst = os.path.join(tmpdir, "case.vital")
-        size = 0
+        size, h = 0, hashlib.sha256()
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(dst, "wb") as out:
             while True:
                 chunk = src.read(_CHUNK)
                 if not chunk:
                     break
                 size += len(chunk)
+                h.update(chunk)
                 out.write(chunk)
-        yield dst, size
+        yield dst, dict(identity, bytes=size, sha256=h.hexdigest()), None
 
 
 def _check_signature(local: str) -> None:
@@ -154,15 +233,18 @@ def _check_signature(local: str) -> None:
         raise CaseError("corrupt_file", "a gzip file, but not a .vital file (no VITA signature)")
 
 
-def _vitaldb_parse(local: str, **kwargs) -> vitaldb.VitalFile:
+def _vitaldb_parse(local: str, hasher: Optional[FileHasher] = None, **kwargs) -> vitaldb.VitalFile:
     """vitaldb.VitalFile(local, **kwargs); CaseError if the gzip stream is
     damaged where vitaldb read it (see _TrackedGzipFile)."""
     with _PARSE_LOCK:
         _READ_ERRORS.error = None
+        _READ_ERRORS.hasher = hasher
         try:
             vf = vitaldb.VitalFile(local, **kwargs)
         except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
             raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(e).__name__}: {e})") from None
+        finally:
+            _READ_ERRORS.hasher = None
         err = _READ_ERRORS.error
     if isinstance(err, EOFError):
         raise CaseError("corrupt_file", "truncated file (gzip stream ends early)")
@@ -171,10 +253,11 @@ def _vitaldb_parse(local: str, **kwargs) -> vitaldb.VitalFile:
     return vf
 
 
-def parse_vital(local: str, tracks: list[str]) -> vitaldb.VitalFile:
-    """vitaldb parse of the given tracks (full Device/TRACK names)."""
+def parse_vital(local: str, tracks: list[str], hasher: Optional[FileHasher] = None) -> vitaldb.VitalFile:
+    """vitaldb parse of the given tracks (full Device/TRACK names), feeding
+    `hasher` with the file's bytes as they are read."""
     _check_signature(local)
-    return _vitaldb_parse(local, track_names=list(tracks))
+    return _vitaldb_parse(local, hasher, track_names=list(tracks))
 
 
 SHOW_TRACKS = 12
@@ -201,10 +284,12 @@ def load_case(input_dir: str, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
     t0 = time.perf_counter()
     path = find_case_file(input_dir, case_id)
     tracks = fs.source_tracks
-    with local_file(path) as (local, size):
+    with local_file(path) as (local, identity, hasher):
         t1 = time.perf_counter()
-        vf = parse_vital(local, tracks)
+        vf = parse_vital(local, tracks, hasher)
         parse = time.perf_counter() - t1
+        if hasher is not None:
+            identity["sha256"] = hasher.finish(local)
         # Only exact names: vitaldb matches by suffix and could hand us another track.
         found = [t for t in tracks if t in vf.trks]
         if not found:
@@ -227,8 +312,8 @@ def load_case(input_dir: str, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
         cols = cols[:, None]
     idx = [tracks.index(t) for t in found]
     raw[:, idx] = cols[:T]
-    return RawCase(case_id, path, raw, found, size,
-                   {"load": time.perf_counter() - t0, "parse": parse})
+    return RawCase(case_id, path, raw, found, identity["bytes"],
+                   {"load": time.perf_counter() - t0, "parse": parse}, input=identity)
 
 
 # ---- clinical table -----------------------------------------------------------
@@ -249,18 +334,19 @@ class ClinicalTable:
     path: str
     rows: dict  # case id -> {column: value}
     duplicates: dict = field(default_factory=dict)  # case id -> detail naming the rows
+    identity: dict = field(default_factory=dict)  # {"path", "bytes", "sha256"} of the table as read
 
     def row(self, case_id: int) -> Optional[dict]:
         return self.rows.get(case_id)
 
     def to_json(self) -> dict:
         return {"path": self.path, "rows": {str(k): v for k, v in self.rows.items()},
-                "duplicates": {str(k): v for k, v in self.duplicates.items()}}
+                "duplicates": {str(k): v for k, v in self.duplicates.items()}, "identity": self.identity}
 
     @staticmethod
     def from_json(d: dict) -> "ClinicalTable":
         return ClinicalTable(d["path"], {int(k): v for k, v in d["rows"].items()},
-                             {int(k): v for k, v in d.get("duplicates", {}).items()})
+                             {int(k): v for k, v in d.get("duplicates", {}).items()}, d.get("identity") or {})
 
 
 def _plain(v):
@@ -312,4 +398,5 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> ClinicalTa
     rows: dict[int, dict] = {}
     for rec in df[~df["caseid"].isin(set(duplicates))][cols].to_dict("records"):
         rows[int(rec["caseid"])] = {k: _plain(v) for k, v in rec.items()}
-    return ClinicalTable(path, rows, duplicates)
+    return ClinicalTable(path, rows, duplicates,
+                         {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from transforms import spec
+from transforms import spec, trackmap
 
 
 class OptionError(ValueError):
@@ -168,13 +168,20 @@ class Settings:
                                            "(default: the whole recording)", parse=parse_bool)
     emit_mask: bool = option(False, "add feature 'observed' (1 = measured second, 0 = imputed)",
                              parse=parse_bool)
+    emit_delta: bool = option(False, "add feature 'since_measured' (seconds since the feature's last measured "
+                                     "value, capped at 600, / 600; 1 = never measured yet)", parse=parse_bool)
+    tracks: Optional[trackmap.TrackMap] = option(
+        None, "track map (YAML or JSON, or a shipped map's name: " + ", ".join(trackmap.shipped())
+              + "): source tracks of other monitors, added to or replacing the built-in ones",
+        parse=trackmap.load, dump=trackmap.TrackMap.as_json, metavar="FILE")
 
     def as_json(self) -> dict:
         return as_json(self)
 
     def feature_spec(self) -> spec.FeatureSpec:
-        """The time-series features these settings produce."""
-        return spec.DEFAULT_SPEC
+        """The time-series features these settings produce (the built-in
+        spec, with the track map's sources in place)."""
+        return self.tracks.apply() if self.tracks is not None else spec.DEFAULT_SPEC
 
     @staticmethod
     def from_json(d: Mapping[str, Any]) -> "Settings":

@@ -1,0 +1,55 @@
+"""Where a dataset came from: the code that made it and the inputs it was
+made from, as the metadata and the quality report record them."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections import Counter
+from importlib import metadata as importlib_metadata
+from typing import Optional
+
+from pipeline.contracts import DoneMarker
+
+PACKAGE = "master-poc-preprocessing"
+VERSIONED = ("vitaldb", "apache-beam", "tfx-bsl", "numpy", "pyarrow", "boto3")
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def commit() -> Optional[str]:
+    """The commit the code was built from: the image's build argument
+    (MASTER_POC_COMMIT), else the git checkout the package runs from."""
+    env = os.environ.get("MASTER_POC_COMMIT")
+    if env and env != "unknown":
+        return env
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.isdir(os.path.join(here, ".git")):
+        return None
+    try:
+        head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def build(done: dict[int, DoneMarker]) -> dict:
+    """The provenance block of the metadata: package, its commit, library
+    versions, the clinical table(s) and every input file's identity."""
+    tables = Counter(tuple(sorted(m.clinical.items())) for m in done.values() if m.clinical)
+    return {
+        "package": {"name": PACKAGE, "version": _version(PACKAGE), "commit": commit()},
+        "versions": {"python": platform.python_version(), **{d: _version(d) for d in VERSIONED}},
+        # One entry per distinct table the committed cases were made with (normally one).
+        "clinical": [dict(t, cases=n) for t, n in tables.most_common()],
+        "inputs": {str(c): m.input for c, m in sorted(done.items()) if m.input},
+    }
