@@ -238,10 +238,12 @@ class _Run:
         done = sorted(storage.marker_ids(out, storage.DONE) & set(mine))
         failed = storage.read_failed(out, sorted((storage.marker_ids(out, storage.FAILED) & set(mine)) - set(done)))
         report = Stage1Report(mine, done, failed)
-        owed = ("share 1 finalizes" if self.o.share and not self.o.share.leader
-                else "finalize is still owed")
-        return self.result(EXIT_OK if report.complete else EXIT_FAILED, "stage1_done", counters=counts,
-                           stage1=report, message=owed)
+        if not report.complete:
+            missing = len(mine) - len(done) - len(failed)
+            return self.result(EXIT_FAILED, "stage1_done", counters=counts, stage1=report,
+                               message=f"{missing} of these cases have no marker: rerun the same command to continue")
+        owed = "share 1 finalizes" if self.o.share and not self.o.share.leader else "finalize is still owed"
+        return self.result(EXIT_OK, "stage1_done", counters=counts, stage1=report, message=owed)
 
     def leader_gave_up(self, settings: Settings, missing: list[int], counts: dict) -> RunResult:
         o = self.o
@@ -278,7 +280,7 @@ class _Run:
             counts = self.run_stage(stages, self.stage_job(2, settings, plans=plans))
             self.timings["stage2_shard_write_s"] = round(counts.get("shard_write_us", 0) / 1e6, 6)
         stage2.remove_stale_shards(o.output, plans, spec.SPLIT_NAMES)
-        storage.delete(storage.list_files(storage.join(storage.tmp_dir(o.output), "*")))
+        storage.delete(storage.list_files(storage.tmp_glob(o.output)))
         if stages.stopping:
             raise Interrupted()
         t3 = time.time()

@@ -50,6 +50,10 @@ def tmp_dir(out: str) -> str:
     return join(out, "cases", "_tmp")
 
 
+def tmp_glob(out: str) -> str:
+    return join(tmp_dir(out), "*")
+
+
 def case_object(out: str, split: str, case_id: int) -> str:
     return join(out, "cases", split, f"{case_id}{SUFFIX}")
 

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import google_crc32c
 import pytest
 
 from conftest import INMEM, run_cli
@@ -64,7 +65,7 @@ def test_provenance_names_the_code_and_every_input(dataset, tmp_path):
     for cid in (1, 2):
         path = f"{dataset}/{cid:04d}.vital"
         got = p["inputs"][str(cid)]
-        assert got["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest()
+        assert got["crc32c"] == f"{google_crc32c.value(open(path, 'rb').read()):08x}"
         assert got["bytes"] == os.path.getsize(path) and got["mtime"] == os.stat(path).st_mtime
     clinical = f"{dataset}/clinical_data.csv"
     assert p["clinical"] == [{"path": clinical, "bytes": os.path.getsize(clinical), "cases": 2,
@@ -92,10 +93,10 @@ def test_a_changed_input_is_processed_again_and_listed(dataset, tmp_path, capsys
     after = {c: storage.read_json(storage.marker_path(out, storage.DONE, c)) for c in (1, 2, 3)}
     assert after[3] == before[3]
     assert after[1]["changed_input"] is None  # same bytes: recomputed, not a change
-    assert after[2]["changed_input"]["sha256"] == before[2]["input"]["sha256"] != after[2]["input"]["sha256"]
+    assert after[2]["changed_input"]["crc32c"] == before[2]["input"]["crc32c"] != after[2]["input"]["crc32c"]
     meta = json.load(open(f"{out}/preprocessing_metadata.json"))
     assert meta["cases"]["changed_inputs"] == [2]
-    assert meta["provenance"]["inputs"]["2"]["sha256"] == hashlib.sha256(open(src / "0002.vital", "rb").read()).hexdigest()
+    assert meta["provenance"]["inputs"]["2"]["crc32c"] == f"{google_crc32c.value(open(src / '0002.vital', 'rb').read()):08x}"
     # Its windows are the new file's.
     assert after[2]["windows"] == json.load(open(f"{out}/cases/_done/2.json"))["windows"]
     assert run_cli("--input", str(src), "--output", out, "--cases", "1-3", INMEM) == 0

@@ -17,15 +17,15 @@ from pipeline.options import EXIT_INTERRUPTED
 from s3util import beam_s3_args, boto_client, download_prefix, s3_env, sample_on_s3
 from transforms import spec
 
-N_CASES = 16
+N_CASES = 12
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
 
 @pytest.fixture(scope="module")
 def s3_thirty(moto_endpoint, tmp_path_factory):
-    """16 generated 30-minute cases on S3 and the examples of one uninterrupted run."""
-    local = str(tmp_path_factory.mktemp("sixteen"))
-    src = sample_on_s3(moto_endpoint, local, "durability", N_CASES, 1800)
+    """12 generated 25-minute cases on S3 and the examples of one uninterrupted run."""
+    local = str(tmp_path_factory.mktemp("twelve"))
+    src = sample_on_s3(moto_endpoint, local, "durability", N_CASES, 1500)
     ref_out = str(tmp_path_factory.mktemp("ref"))
     assert run_cli("--input", local, "--output", ref_out, "--direct_running_mode=in_memory") == 0
     from pipeline import storage
@@ -95,7 +95,7 @@ def test_kill_9_at_many_moments_then_rerun_equals_one_clean_run(moto_endpoint, s
     src, ref = s3_thirty
     out = "s3://durability/killed"
     kill_points = [("stage 1 running, no case done", lambda l: l.startswith("progress: 0/")),
-                   ("after >= 6 cases", done_at_least(6)),
+                   ("after >= 5 cases", done_at_least(5)),
                    ("during stage 2, one shard written", lambda l: l.startswith("stage 2: wrote"))]
     survived = []
     for name, pred in kill_points:

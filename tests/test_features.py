@@ -257,4 +257,5 @@ def test_consumers_take_any_number_of_features_and_sources():
     assert q["features"][3]["sources"]["Intellivue/ABP_MEAN"] == 1.0
     html = report.render_html(q, "out", "complete")
     assert html.count("<tr><td class='l'>TEMP</td>") == 1
-    assert report.hist_grid(17) == (5, 4) and report.hist_grid(16) == (4, 4)
+    assert report.hist_shares(q, "train").shape == (17, 20)  # the report's distribution chart: a row per feature
+    assert report.hist_shares(q, cw.split)[16].sum() == pytest.approx(1.0)

@@ -1,14 +1,195 @@
-"""The README's TensorFlow snippet works on a real output, as written."""
+"""The README is true: its TensorFlow snippet runs on a real output, and every
+command block either runs here, as printed (cloud commands through
+--dry-run), or is listed below as not runnable here, with the reason. A new
+block without an entry fails the suite."""
+import json
+import os
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
+import pytest
+
+from conftest import INMEM
+from pipeline import cli, sample, storage
+from transforms import spec
+
 README = Path(__file__).resolve().parent.parent / "README.md"
+TEXT = README.read_text()
+
+# Blocks that run elsewhere or cannot run here, and why.
+ELSEWHERE = {
+    "two-commands": "./run.sh runs exactly as printed in test_end_to_end::test_the_readmes_first_command_runs_the_sample_job; "
+                    "./test.sh is this suite (CI runs it)",
+    "inspect": "runs exactly as printed, on ./run.sh's output, in test_end_to_end::test_the_readmes_first_command_runs_the_sample_job",
+    "image-build": "builds the image (minutes): test_image runs these two scripts (./test.sh -m image)",
+    "image-push": "needs AWS credentials, an ECR registry and docker; neither is reachable here",
+    "resume": "needs the real bucket; the same command, as a failed leader prints it, completes a job in "
+              "test_sagemaker::test_a_leader_without_its_second_host_names_the_missing_cases_and_the_command_that_completes_the_job",
+    "bench": "a benchmark (minutes, prints figures): run by hand, its figures are in this README",
+    "scale": "a benchmark (minutes, prints figures): run by hand, its figures are in this README",
+    "runners": "needs a GCP project (Dataflow) or a Flink cluster; test_runner_blocks_pass_their_beam_flags_through "
+               "parses both commands here",
+}
+
+
+def blocks() -> dict[str, tuple[str, str]]:
+    """{id: (language, body)} of the README's marked blocks."""
+    found = re.findall(r"<!-- block: ([\w-]+) -->\s*```(\w+)\n(.*?)```", TEXT, re.S)
+    return {name: (lang, body) for name, lang, body in found}
+
+
+def commands(body: str) -> list[str]:
+    """The block's command lines, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", body)
+    lines = [re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_every_command_block_is_run_or_has_a_reason():
+    code_blocks = re.findall(r"```(bash|sh|console)\n", TEXT)
+    marked = blocks()
+    assert len([b for b in marked.values() if b[0] == "bash"]) == len(code_blocks)  # every bash block is marked
+    runnable = {n for n, (lang, _) in marked.items() if lang == "bash"} - set(ELSEWHERE)
+    assert runnable == set(RUN_HERE), runnable ^ set(RUN_HERE)
+    assert set(ELSEWHERE) <= set(marked)
+
+
+def run_readme_line(line: str) -> int:
+    """`./run.sh ARGS` or `master-poc-preprocess ARGS` as printed, in this
+    process (the same parsing and code; no stage process)."""
+    argv = shlex.split(line)
+    assert argv[0] in ("./run.sh", "master-poc-preprocess", ".venv/bin/master-poc-preprocess"), line
+    return cli.main(argv[1:] + [INMEM], supervised=False)
+
+
+def split_bytes(out: str) -> dict:
+    return {os.path.relpath(f, out): open(f, "rb").read()
+            for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(out, s))}
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A folder laid out as the README's commands expect it."""
+    monkeypatch.chdir(tmp_path)
+    ids = list(range(1, 11)) + [17, 22]
+    sample.write_sample("data/vital-files", ids, 1200)
+    os.replace("data/vital-files/clinical_data.csv", "data/clinical_data.csv")
+    return tmp_path
+
+
+def run_real_data(workdir, capsys):
+    (line,) = commands(blocks()["real-data"][1])
+    assert run_readme_line(line) == 0
+    meta = json.load(open("out/preprocessing_metadata.json"))
+    assert meta["cases"]["requested"] == 12 and len(meta["cases"]["ok"]) == 12
+
+
+def run_config(workdir, capsys):
+    Path("run.yaml").write_text(blocks()["config-file"][1])
+    first, second = commands(blocks()["config-run"][1])
+    assert run_readme_line(first) == 0
+    meta = json.load(open("out-v2/preprocessing_metadata.json"))
+    assert meta["settings"]["emit_delta"] is True and meta["settings"]["tracks"]["name"].startswith("Philips")
+    assert meta["config"]["cases"] == "1-10,17,22"
+    assert run_readme_line(second) == 0
+    assert json.load(open("out-h5/preprocessing_metadata.json"))["settings"]["horizon"] == 5
+    (rebuild,) = commands(blocks()["rebuild"][1])
+    assert run_readme_line(rebuild) == 0
+    assert split_bytes("out-v2-rebuilt") == split_bytes("out-v2")
+
+
+def run_trackmap(workdir, capsys):
+    from test_trackmap_delta import TO_INTELLIVUE
+    sample.write_sample("data/intellivue-files", [1, 2, 3], 1200, rename=TO_INTELLIVUE)
+    (line,) = commands(blocks()["trackmap"][1])
+    assert run_readme_line(line) == 0
+    q = json.load(open("out-icu/report/quality.json"))
+    assert q["features"][0]["sources"]["Intellivue/HR"] == 1.0
+
+
+def run_portable(workdir, capsys):
+    (line,) = commands(blocks()["portable"][1])
+    assert run_readme_line(line) == 0
+    assert json.load(open("out-portable/preprocessing_metadata.json"))["status"] == "complete"
+
+
+def run_shares(workdir, capsys):
+    """Each scheduler's index, converted as the recipe does, gives shares 1..6."""
+    for name, var, first in (("share-kubernetes", "JOB_COMPLETION_INDEX", 0),
+                             ("share-batch", "AWS_BATCH_JOB_ARRAY_INDEX", 0), ("share-slurm", "SLURM_ARRAY_TASK_ID", 0)):
+        (line,) = commands(blocks()[name][1])
+        shares = []
+        for index in range(first, first + 6):
+            env = dict(os.environ, **{var: str(index)}, SLURM_ARRAY_TASK_MIN="0", SLURM_ARRAY_TASK_COUNT="6")
+            echoed = subprocess.run(["bash", "-c", "echo " + line], capture_output=True, text=True, env=env).stdout
+            argv = shlex.split(echoed)
+            req = cli.parse_request(argv[1:])
+            shares.append(str(req.options.share))
+        assert shares == [f"{i}/6" for i in range(1, 7)], name
+
+
+def run_launch(workdir, capsys):
+    """The launch commands through --dry-run, with the README's variables."""
+    env = dict(os.environ, REPO="123456789012.dkr.ecr.eu-north-1.amazonaws.com/master-poc-preprocess",
+               ACCOUNT="123456789012", REGION="eu-north-1", KMS="arn:aws:kms:eu-north-1:123456789012:key/k",
+               SAGEMAKER_VALIDATE_ROLE="false")
+    from launch import launcher
+    Path("run.yaml").write_text(blocks()["config-file"][1])
+    lines = commands(blocks()["launch"][1]) + commands(blocks()["launch-config"][1])
+    common = next(line for line in lines if line.startswith("COMMON="))
+    requests = []
+    for line in lines:
+        if line.startswith("COMMON="):
+            continue
+        expanded = subprocess.run(["bash", "-c", f"{common}; echo {line}"], capture_output=True, text=True,
+                                  env=env).stdout
+        argv = shlex.split(expanded)
+        assert argv[0] == ".venv/bin/master-poc-launch"
+        argv = [a for a in argv[1:] if a != "--wait"] + (["--dry-run"] if "--dry-run" not in argv else [])
+        capsys.readouterr()
+        assert launcher.main(argv) == 0, capsys.readouterr().err
+        requests.append(json.loads(capsys.readouterr().out))
+    assert [r["ResourceConfig"]["InstanceCount"] for r in requests] == [2, 2, 6, 6]
+    assert requests[2]["VpcConfig"] == {"Subnets": ["subnet-0123abcd", "subnet-4567ef01"],
+                                        "SecurityGroupIds": ["sg-0a1b2c3d"]}
+    assert requests[3]["HyperParameters"]["tracks"] == "intellivue"
+
+
+RUN_HERE = {"real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
+            "portable": run_portable, "share-kubernetes": run_shares, "share-batch": run_shares,
+            "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch}
+
+
+@pytest.mark.parametrize("runner", sorted(set(RUN_HERE.values()), key=lambda f: f.__name__),
+                         ids=lambda f: f.__name__)
+def test_readme_block_runs_as_printed(runner, workdir, capsys):
+    runner(workdir, capsys)
+
+
+def test_runner_blocks_pass_their_beam_flags_through():
+    dataflow, flink = commands(blocks()["runners"][1])
+    req = cli.parse_request(shlex.split(dataflow)[1:])
+    assert list(req.beam_args) == ["--runner", "DataflowRunner", "--project", "my-project", "--region",
+                                   "europe-west1", "--temp_location", "gs://bucket/tmp", "--setup_file", "./setup.py"]
+    req = cli.parse_request(shlex.split(flink)[1:])
+    assert list(req.beam_args) == ["--runner", "FlinkRunner", "--flink_master", "localhost:8081",
+                                   "--environment_type", "LOOPBACK", "--setup_file", "./setup.py"]
+
+
+def test_every_declared_option_is_in_the_readme():
+    from dataclasses import fields
+
+    from pipeline.options import RunOptions
+    from transforms.settings import Settings, flag_name
+    for f in list(fields(Settings)) + list(fields(RunOptions)):
+        assert f"`{flag_name(f.name)}`" in TEXT, f.name
 
 
 def test_readme_reading_snippet_runs(run_output, capsys):
     _, out = run_output
-    text = README.read_text()
-    block = re.search(r"<!-- snippet:read -->\s*```python\n(.*?)```", text, re.S).group(1)
+    block = re.search(r"<!-- snippet:read -->\s*```python\n(.*?)```", TEXT, re.S).group(1)
     assert 'out = "output"' in block
     ns = {}
     exec(compile(block.replace('out = "output"', f"out = {out!r}"), "README", "exec"), ns)

@@ -112,7 +112,7 @@ class TransformCase(beam.DoFn):
             cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
             cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
             previous = raw_case.previous_input
-            if previous and previous.get("sha256") != raw_case.input.get("sha256"):
+            if previous and previous.get("crc32c") != raw_case.input.get("crc32c"):
                 cw.facts.changed_input = previous
             yield cw
         except Exception as e:  # dead letter, see _internal

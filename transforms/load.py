@@ -18,6 +18,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+import google_crc32c
 import numpy as np
 import pandas as pd
 import vitaldb
@@ -63,7 +64,7 @@ class RawCase:
     # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
     timings: dict = field(default_factory=dict)
     row: Optional[dict] = None  # the case's clinical row, None if the table has none
-    # The input file's identity: path, bytes, sha256 (of the bytes read), and
+    # The input file's identity: path, bytes, crc32c (of the bytes read), and
     # mtime (local) or etag (object store): provenance, and change detection.
     input: dict = field(default_factory=dict)
     previous_input: Optional[dict] = None  # the identity of an earlier commit of this case, if any
@@ -117,13 +118,16 @@ class _TrackedGzipFile(gzip.GzipFile):
 
 
 class FileHasher:
-    """sha256 of a file's bytes, computed while they are read for parsing
-    (not in a second pass): `wrap` the raw file object vitaldb reads, then
-    `finish` hashes only what vitaldb did not read (it stops after the last
-    wanted track of a packed file); a seek falls back to a whole-file pass."""
+    """CRC-32C of a file's bytes (the checksum cloud object stores keep, e.g.
+    GCS), computed while they are read for parsing, not in a second pass:
+    `wrap` the raw file object vitaldb reads, then `finish` hashes only what
+    vitaldb did not read (it stops after the last wanted track of a packed
+    file); a seek falls back to a whole-file pass. CRC-32C, not SHA-256: on a
+    4-hour file with waveforms (12.8 MB) it took 1.0 ms against 7.2 ms, i.e.
+    5 % of the parse, measured."""
 
     def __init__(self):
-        self._h = hashlib.sha256()
+        self._h = _Crc32c()
         self._consumed = 0
         self._seeked = False
 
@@ -150,12 +154,25 @@ class FileHasher:
 
     def finish(self, local: str) -> str:
         if self._seeked:
-            self._h, self._consumed = hashlib.sha256(), 0
-        with open(local, "rb") as fh:
+            self._h, self._consumed = _Crc32c(), 0
+        # Unbuffered 1 MiB reads: 1.3 ms for the 12 MB a 4-hour case leaves
+        # unread, against 5.4 ms in 8 MiB reads (allocation), measured.
+        with open(local, "rb", buffering=0) as fh:
             fh.seek(self._consumed)
-            for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
                 self._h.update(chunk)
         return self._h.hexdigest()
+
+
+class _Crc32c:
+    def __init__(self):
+        self._c = google_crc32c.Checksum()
+
+    def update(self, data: bytes) -> None:
+        self._c.update(data)
+
+    def hexdigest(self) -> str:
+        return self._c.hexdigest().decode()
 
 
 _READ_ERRORS = threading.local()
@@ -204,7 +221,7 @@ def local_file(path: str) -> Iterator[tuple[str, dict, Optional[FileHasher]]]:
     identity = input_state(path)
     with tempfile.TemporaryDirectory(prefix="master-poc-case-") as tmpdir:
         dst = os.path.join(tmpdir, "case.vital")
-        size, h = 0, hashlib.sha256()
+        size, h = 0, _Crc32c()
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(dst, "wb") as out:
             while True:
                 chunk = src.read(_CHUNK)
@@ -213,7 +230,7 @@ def local_file(path: str) -> Iterator[tuple[str, dict, Optional[FileHasher]]]:
                 size += len(chunk)
                 h.update(chunk)
                 out.write(chunk)
-        yield dst, dict(identity, bytes=size, sha256=h.hexdigest()), None
+        yield dst, dict(identity, bytes=size, crc32c=h.hexdigest()), None
 
 
 def _check_signature(local: str) -> None:
@@ -289,7 +306,7 @@ def load_case(input_dir: str, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
         vf = parse_vital(local, tracks, hasher)
         parse = time.perf_counter() - t1
         if hasher is not None:
-            identity["sha256"] = hasher.finish(local)
+            identity["crc32c"] = hasher.finish(local)
         # Only exact names: vitaldb matches by suffix and could hand us another track.
         found = [t for t in tracks if t in vf.trks]
         if not found:
