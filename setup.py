@@ -18,6 +18,7 @@ setup(
     python_requires=">=3.11,<3.12",
     # Exactly the project's packages: never tests/.
     packages=["pipeline", "transforms", "launch"],
+    package_data={"transforms": ["trackmaps/*.yaml"]},  # the shipped track maps, usable by name
     install_requires=REQUIRES,
     extras_require={
         # TensorFlow reads the output back (tests, users); the pipeline and inspect do not import it.

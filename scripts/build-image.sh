@@ -26,7 +26,20 @@ if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
   docker build "${ARGS[@]}"
 elif command -v buildah >/dev/null 2>&1; then
   echo "building $TAG with buildah from $BASE (commit $COMMIT)" >&2
-  buildah bud --layers --isolation chroot --network host "${ARGS[@]}"
+  log=$(mktemp)
+  trap 'rm -f "$log"' EXIT
+  for attempt in 1 2; do
+    if buildah bud --layers --isolation chroot --network host "${ARGS[@]}" 2>&1 | tee "$log"; then
+      exit 0
+    fi
+    # Seen once here: the runtime failed to seal its memfd copy (EBUSY) in a
+    # RUN step; a second attempt, with the finished layers cached, went through.
+    if [ "$attempt" -eq 1 ] && grep -q "sealing memfd copy" "$log"; then
+      echo "buildah: transient runtime error (sealing memfd copy), building again" >&2
+      continue
+    fi
+    exit 1
+  done
 else
   echo "neither a docker daemon nor buildah: install one (Debian: apt-get install buildah)" >&2
   exit 1

@@ -141,6 +141,8 @@ def test_finalize_is_idempotent_and_verify_detects_damage(dataset, tmp_path, cap
     blobs = {f: open(f, "rb").read() for f in files}
     assert run_cli(*["finalize", "--output", out, "--num-shards", "2", INMEM]) == 0
     assert {f: open(f, "rb").read() for f in files} == blobs  # byte-identical
+    # The same process ran the job and then finalize: the metadata holds only finalize's times.
+    assert "stage1_s" not in json.load(open(f"{out}/preprocessing_metadata.json"))["timings"]
     assert run_cli(*["verify", "--output", out]) == 0
     victim = files[0]
     data = blobs[victim]

@@ -75,3 +75,26 @@ def test_no_reference_to_files_outside_the_repository():
         for pattern in (r"\.\./shared", r"\b(SPEC|DESIGN|VITALDB|BEAM_NOTES|IMAGE_NOTES|STYLE)\.md\b"):
             offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(pattern, text)]
     assert offenders == []
+
+
+def test_the_package_carries_what_it_reads_at_run_time(tmp_path):
+    """What pip installs (the image) and what --setup_file ships to remote
+    workers hold the shipped track maps and requirements.txt, not only the
+    code (an installed package without them failed at import)."""
+    import subprocess
+    import sys
+    import tarfile
+    import zipfile
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                          "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "transforms/trackmaps/intellivue.yaml" in names and "pipeline/api.py" in names
+    assert not [n for n in names if n.startswith("tests/")]
+    res = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (sdist,) = (tmp_path / "sdist").glob("*.tar.gz")
+    members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
+    assert {"requirements.txt", "transforms/trackmaps/intellivue.yaml", "setup.py"} <= members

@@ -1,5 +1,6 @@
 """Recordings from other monitors (track maps) and time since measurement."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -114,7 +115,7 @@ def test_since_measured_against_hand_computed_values():
     assert features.since_measured(measured).dtype == np.float32
 
 
-def test_emit_delta_through_the_pipeline(dataset, tmp_path):
+def test_emit_delta_through_the_pipeline(dataset, tmp_path, capsys):
     import tensorflow as tf
     out = str(tmp_path / "o")
     assert run_cli("--input", dataset, "--output", out, "--cases", "1", "--emit-delta", "--emit-mask", INMEM) == 0
@@ -133,3 +134,10 @@ def test_emit_delta_through_the_pipeline(dataset, tmp_path):
     assert 'name: "since_measured"' in schema
     meta = json.load(open(f"{out}/preprocessing_metadata.json"))
     assert meta["settings"]["emit_delta"] is True and meta["format"]["features"]["since_measured"]["length"] == 4800
+    from pipeline.cli import main
+    capsys.readouterr()
+    assert main(["inspect", out, "--examples", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "[N s] = seconds since measured" in shown and "* = imputed" in shown
+    hr_row = next(line for line in shown.splitlines() if line.strip().startswith("HR "))
+    assert re.search(r"\[\s*[01] s\]", hr_row)  # HR is at most a second old
