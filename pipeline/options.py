@@ -137,11 +137,6 @@ def load_config(path: str) -> dict:
     return {**doc, **block}
 
 
-def option_names() -> set[str]:
-    """Every declared name a config file or hyperparameter may use."""
-    return {f.name for f in fields(Settings)} | {f.name for f in fields(RunOptions)} | {"beam_args"}
-
-
 def settings_flags(settings: Settings) -> list[str]:
     """The flags that reproduce `settings` (only those not at their default)."""
     out: list[str] = []
@@ -159,5 +154,5 @@ def settings_flags(settings: Settings) -> list[str]:
     return out
 
 
-__all__ = ["RunOptions", "RunRequest", "request_from_mapping", "option_names", "settings_flags", "OptionError",
+__all__ = ["RunOptions", "RunRequest", "request_from_mapping", "settings_flags", "OptionError",
            "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "COMMANDS"]

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import json
-import math
 
 import numpy as np
 

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from conftest import INMEM, run_cli
 from pipeline.cli import parse_request
 from transforms.settings import OptionError
 

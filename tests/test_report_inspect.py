@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GOOD, INMEM, NO_ROW, run_cli
+from conftest import GOOD, NO_ROW, run_cli
 from pipeline.cli import main
 from s3util import beam_s3_args, boto_client, upload_dir
 from transforms import spec

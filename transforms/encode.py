@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import BinaryIO, Iterable, Iterator, Mapping, Optional
+from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import deflate
 import google_crc32c

@@ -33,7 +33,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from transforms import spec
 
@@ -190,10 +190,3 @@ def parse(doc: Any, where: str = "track map") -> TrackMap:
                                     "use add: replace to reorder the built-in sources)")
         entries.append(FeatureSources(name, mode, tuple(sources)))
     return TrackMap(str(doc.get("name") or ""), tuple(entries))
-
-
-def describe(tm: Optional[TrackMap]) -> str:
-    if tm is None:
-        return "built-in sources"
-    return f"track map {tm.name or '(unnamed)'}: " + ", ".join(
-        f"{e.feature} {e.mode} {[s.track for s in e.sources]}" for e in tm.features)
