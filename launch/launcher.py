@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launch.entrypoint import NOT_HYPERPARAMETERS
-from pipeline.options import HYPERPARAMETERS_BLOCK, SAGEMAKER_SECTION, RunOptions, request_from_mapping
-from transforms.settings import (OptionError, Settings, declared, dump_value, flag_name, from_mapping, is_switch,
-                                 option, parse_bool, positive_int)
+from pipeline.options import SAGEMAKER_SECTION, RunOptions, read_config, request_from_mapping
+from transforms.settings import (OptionError, Settings, add_flags, declared, from_mapping, option, parse_bool,
+                                 positive_int, text_value)
 
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
@@ -101,14 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                               help=f.metadata["help"])
             spot.add_argument("--no-spot", dest="use_spot", action="store_const", const=False)
         else:
-            g.add_argument(flag_name(f.name), dest=f.name, default=None, help=f.metadata["help"])
+            add_flags(g, [f])
     j = ap.add_argument_group("the job's options (as master-poc-preprocess; sent as hyperparameters)")
-    for f in JOB_FIELDS:
-        if is_switch(f):
-            j.add_argument(flag_name(f.name), dest=f.name, action="store_const", const=True, default=None,
-                           help=f.metadata["help"])
-        else:
-            j.add_argument(flag_name(f.name), dest=f.name, default=None, help=f.metadata["help"])
+    add_flags(j, JOB_FIELDS)
     j.add_argument("--beam-args", dest="beam_args", default=None, help="extra Beam flags for every host, one string")
     ap.add_argument("--hyperparameter", action="append", default=[], metavar="KEY=VALUE",
                     help="a job option by name (window=600, num_shards=4, ...)")
@@ -117,30 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _read_config(path: str) -> dict:
-    import yaml
-    try:
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise LaunchError(f"--config {path}: {e}") from None
-    if not isinstance(cfg, dict):
-        raise LaunchError(f"--config {path}: expected a mapping of option: value")
-    return cfg
-
-
 def resolve(args: argparse.Namespace) -> dict:
     """Flags over the YAML config over defaults; validated. Raises LaunchError.
 
     Returns {"launch": LaunchOptions, "hyperparameters": {name: text}, "max_wait": ...}."""
-    cfg = _read_config(args.config) if args.config else {}
     src = f"--config {args.config}" if args.config else ""
-    block = cfg.pop(HYPERPARAMETERS_BLOCK, None) or {}
-    if not isinstance(block, dict):
-        raise LaunchError(f"{src}: {HYPERPARAMETERS_BLOCK}: expected a mapping of name: value")
-    section = cfg.pop(SAGEMAKER_SECTION, None) or {}  # the file the main command reads too
-    if not isinstance(section, dict):
-        raise LaunchError(f"{src}: {SAGEMAKER_SECTION}: expected a mapping of the launcher's options")
+    try:  # the file the main command reads too; the launcher's own options also at its top level
+        cfg, section = read_config(args.config) if args.config else ({}, {})
+    except OptionError as e:
+        raise LaunchError(str(e)) from None
     bad = sorted(set(section) - LAUNCH_NAMES)
     if bad:
         raise LaunchError(f"{src}: {SAGEMAKER_SECTION}: unknown options {bad} (the launcher's: {sorted(LAUNCH_NAMES)})")
@@ -154,7 +134,6 @@ def resolve(args: argparse.Namespace) -> dict:
     launch_values = {k: v for k, v in cfg.items() if k in LAUNCH_NAMES}
     launch_values.update({k: v for k, v in flags.items() if k in LAUNCH_NAMES})
     job: dict[str, Any] = {k: v for k, v in cfg.items() if k in JOB_NAMES}
-    job.update(block)
     for item in args.hyperparameter:
         if "=" not in item:
             problems.append(f"--hyperparameter {item!r} is not KEY=VALUE")
@@ -224,12 +203,8 @@ def hyperparameters(req, given: dict) -> dict[str, str]:
         if _portable(name, raw):
             hp[name] = raw
             continue
-        f = by_name[name]
         value = getattr(req.settings if name in {x.name for x in declared(Settings)} else req.options, name)
-        dumped = dump_value(f, value)
-        hp[name] = (json.dumps(dumped, separators=(",", ":")) if isinstance(dumped, dict) else
-                    ",".join(map(str, dumped)) if isinstance(dumped, list) else
-                    str(dumped).lower() if isinstance(dumped, bool) else str(dumped))
+        hp[name] = text_value(by_name[name], value)
         if len(hp[name]) > HYPERPARAMETER_MAX:
             raise LaunchError(f"{name} is {len(hp[name])} characters as a hyperparameter (SageMaker takes "
                               f"{HYPERPARAMETER_MAX}): put the file on S3 and give its s3:// path")

@@ -25,24 +25,9 @@ from typing import Optional
 from pipeline.api import RunResult, run
 from pipeline.options import COMMANDS, EXIT_USAGE, RunOptions, RunRequest, load_config, request_from_mapping
 from transforms import spec
-from transforms.settings import COMMAND_LINE, OptionError, Settings, declared, flag_name, is_switch
+from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
 PROG = "master-poc-preprocess"
-
-
-def _add_declared(ap: argparse.ArgumentParser, title: str, cls) -> None:
-    """One flag per declared option. Values stay text here; the declaration
-    parses them (as it does config files and SageMaker hyperparameters)."""
-    g = ap.add_argument_group(title)
-    for f in declared(cls):
-        names = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
-        if is_switch(f):
-            g.add_argument(*names, dest=f.name, action="store_const", const=True, default=None,
-                           help=f.metadata["help"])
-        else:
-            default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-            g.add_argument(*names, dest=f.name, default=None, metavar=f.metadata["metavar"] or f.name.upper(),
-                           help=f"{f.metadata['help']} (default {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", metavar="FILE", help="YAML or JSON file with any option below by its name "
                                                      "(split_seed: 7, tracks: ...); flags win. Every output's "
                                                      "config.yaml is such a file")
-    _add_declared(ap, "data settings (fingerprinted: an output keeps one set)", Settings)
-    _add_declared(ap, "run options", RunOptions)
+    add_flags(ap.add_argument_group("data settings (fingerprinted: an output keeps one set)"), declared(Settings))
+    add_flags(ap.add_argument_group("run options"), declared(RunOptions))
     return ap
 
 

@@ -3,9 +3,7 @@ the quality report, from the markers."""
 from __future__ import annotations
 
 import datetime
-import platform
 import time
-from importlib import metadata as importlib_metadata
 from typing import Optional
 
 from google.protobuf import text_format
@@ -15,10 +13,6 @@ from pipeline import provenance, report, storage
 from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import encode, spec
 from transforms.settings import Settings
-
-PACKAGES = ("master-poc-preprocessing", "apache-beam", "tfx-bsl", "tensorflow-metadata", "numpy", "pandas",
-            "pyarrow", "vitaldb", "boto3")
-
 
 def example_features(settings: Settings) -> list[tuple[str, int, int]]:
     """(name, schema type, length) of every example feature, in the contract's order."""
@@ -49,16 +43,6 @@ def utcnow() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for p in PACKAGES:
-        try:
-            out[p] = importlib_metadata.version(p)
-        except importlib_metadata.PackageNotFoundError:
-            out[p] = None
-    return out
-
-
 def fingerprint(settings: Settings) -> dict:
     """What an output keeps: the data settings, the contract and the format."""
     return dict(settings.as_json(), spec_version=spec.SPEC_VERSION, format_version=encode.FORMAT_VERSION)
@@ -79,6 +63,7 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
                    input_dir: Optional[str], clinical: Optional[str], output: str,
                    not_done: Optional[list[int]] = None, config: Optional[dict] = None) -> dict:
     fs = settings.feature_spec()
+    prov = provenance.build(done)
     splits = {}
     for s in spec.SPLIT_NAMES:
         cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
@@ -122,8 +107,8 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
             "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
         },
         "verification": verification,
-        "versions": versions(),
-        "provenance": provenance.build(done),
+        "versions": prov["versions"],  # also in provenance; kept here for readers of earlier outputs
+        "provenance": prov,
         "config": config,
     }
 
@@ -145,7 +130,7 @@ def write_outputs(output: str, settings: Settings, status: str, *, requested: Op
                           verification=verification, started=started or utcnow(),
                           input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done,
                           config=config)
-    report.write_report(output, done, failed, meta["status"], settings.feature_spec())
+    report.write_report(output, done, failed, meta["status"], settings.feature_spec(), meta["provenance"])
     timings = dict(timings or {}, metadata_report_s=round(time.time() - t, 3))
     meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
     storage.write_json(storage.metadata_path(output), meta)

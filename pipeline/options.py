@@ -4,15 +4,15 @@ the SageMaker entry point and tests hand to `pipeline.api.run`.
 """
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from pipeline.coordination import Share
 from transforms.cases import parse_cases
-from transforms.settings import (OptionError, Settings, declared, dump_value, fraction, from_mapping, is_switch,
-                                 non_negative_float, non_negative_int, option, parse_bool, positive_int)
+from transforms.documents import DocumentError, read_document
+from transforms.settings import (OptionError, Settings, declared, flag_name, fraction, from_mapping, is_switch,
+                                 non_negative_float, non_negative_int, option, parse_bool, positive_int, text_value)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
@@ -111,30 +111,27 @@ SAGEMAKER_SECTION = "sagemaker"
 HYPERPARAMETERS_BLOCK = "hyperparameters"
 
 
-def load_config(path: str) -> dict:
-    """A --config file (YAML or JSON, local or s3://): {option name: value}
-    with the hyperparameters block merged and the sagemaker section set aside."""
-    from pipeline import storage
+def read_config(path: str) -> tuple[dict, dict]:
+    """A --config file (YAML or JSON, local or s3://): ({option name: value},
+    with the hyperparameters block merged; the sagemaker section)."""
     try:
-        text = storage.read_bytes(path).decode("utf-8")
-    except Exception as e:  # any filesystem's "cannot open"
-        raise OptionError(f"--config {path}: cannot read it ({e})") from None
-    try:
-        if path.endswith(".json"):
-            doc = json.loads(text)
-        else:
-            import yaml
-            doc = yaml.safe_load(text)
-    except Exception as e:  # YAML or JSON syntax
-        raise OptionError(f"--config {path}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+        doc = read_document(path, f"--config {path}")
+    except DocumentError as e:
+        raise OptionError(str(e)) from None
     doc = doc or {}
     if not isinstance(doc, dict):
         raise OptionError(f"--config {path}: expected a mapping of option: value")
-    doc.pop(SAGEMAKER_SECTION, None)
+    section = doc.pop(SAGEMAKER_SECTION, None) or {}
     block = doc.pop(HYPERPARAMETERS_BLOCK, None) or {}
-    if not isinstance(block, dict):
-        raise OptionError(f"--config {path}: {HYPERPARAMETERS_BLOCK}: expected a mapping of option: value")
-    return {**doc, **block}
+    for name, part in ((SAGEMAKER_SECTION, section), (HYPERPARAMETERS_BLOCK, block)):
+        if not isinstance(part, dict):
+            raise OptionError(f"--config {path}: {name}: expected a mapping of option: value")
+    return {**doc, **block}, section
+
+
+def load_config(path: str) -> dict:
+    """The job's options in a --config file (its sagemaker section is the launcher's)."""
+    return read_config(path)[0]
 
 
 def settings_flags(settings: Settings) -> list[str]:
@@ -144,13 +141,11 @@ def settings_flags(settings: Settings) -> list[str]:
         value = getattr(settings, f.name)
         if value == f.default:
             continue
-        flag = "--" + f.name.replace("_", "-")
         if is_switch(f):
             if value:
-                out.append(flag)
+                out.append(flag_name(f.name))
         else:
-            dumped = dump_value(f, value)
-            out += [flag, ",".join(map(str, dumped)) if isinstance(dumped, list) else str(dumped)]
+            out += [flag_name(f.name), text_value(f, value)]
     return out
 
 

@@ -12,7 +12,8 @@ from typing import Optional
 from pipeline.contracts import DoneMarker
 
 PACKAGE = "master-poc-preprocessing"
-VERSIONED = ("vitaldb", "apache-beam", "tfx-bsl", "numpy", "pyarrow", "boto3")
+VERSIONED = (PACKAGE, "apache-beam", "tfx-bsl", "tensorflow-metadata", "vitaldb", "numpy", "pandas", "pyarrow",
+             "boto3", "deflate")
 
 
 def _version(dist: str) -> Optional[str]:
@@ -42,13 +43,18 @@ def commit() -> Optional[str]:
     return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def versions() -> dict:
+    """Python's and the libraries' versions."""
+    return {"python": platform.python_version(), **{d: _version(d) for d in VERSIONED}}
+
+
 def build(done: dict[int, DoneMarker]) -> dict:
     """The provenance block of the metadata: package, its commit, library
     versions, the clinical table(s) and every input file's identity."""
     tables = Counter(tuple(sorted(m.clinical.items())) for m in done.values() if m.clinical)
     return {
         "package": {"name": PACKAGE, "version": _version(PACKAGE), "commit": commit()},
-        "versions": {"python": platform.python_version(), **{d: _version(d) for d in VERSIONED}},
+        "versions": versions(),
         # One entry per distinct table the committed cases were made with (normally one).
         "clinical": [dict(t, cases=n) for t, n in tables.most_common()],
         "inputs": {str(c): m.input for c, m in sorted(done.items()) if m.input},

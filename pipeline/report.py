@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+from typing import Optional
 
 import numpy as np
 
@@ -22,7 +23,8 @@ from transforms.case import HIST_BINS
 
 
 def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
-            fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES) -> dict:
+            fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES,
+            prov: Optional[dict] = None) -> dict:
     """The report's numbers (quality.json) from the done and failed markers."""
     F, R = fs.n_features, len(features.RULE_NAMES)
     rules = np.zeros((F, R), np.int64)
@@ -70,7 +72,7 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].has_windows),
                        "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
         "cases_in_two_splits": overlap,
-        "provenance": provenance.build(done),
+        "provenance": prov if prov is not None else provenance.build(done),
         "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
 
@@ -243,8 +245,8 @@ def _provenance_fields(q: dict) -> dict:
 
 
 def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,
-                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
-    q = combine(done, failed, fs)
+                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC, prov: Optional[dict] = None) -> dict:
+    q = combine(done, failed, fs, prov=prov)
     storage.write_json(storage.report_path(output, "quality.json"), q)
     storage.write_atomic(storage.report_path(output, "index.html"), render_html(q, output, status).encode())
     return q

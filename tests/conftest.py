@@ -67,6 +67,21 @@ def dataset(tmp_path_factory) -> str:
 
 
 INMEM = "--direct_running_mode=in_memory"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def copy_repo(dest) -> str:
+    """The repository's files as a user's clone has them (tracked, and new
+    ones git does not ignore) copied to `dest`; nothing built or installed."""
+    import shutil
+    import subprocess
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if os.path.exists(os.path.join(REPO, f)):
+            os.makedirs(os.path.join(dest, os.path.dirname(f)), exist_ok=True)
+            shutil.copy2(os.path.join(REPO, f), os.path.join(dest, f))
+    return str(dest)
 
 
 def run_cli(*argv: str) -> int:

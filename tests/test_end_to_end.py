@@ -1,14 +1,14 @@
 """End to end: the real CLI on generated cases, outputs read back with TensorFlow."""
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np
 import pytest
 
-from conftest import (INMEM, ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
-                      NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, examples_by_key, read_examples, run_cli)
+from conftest import (INMEM, REPO, ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
+                      NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, copy_repo, examples_by_key, read_examples,
+                      run_cli)
 from pipeline import storage
 from transforms import features, load, spec
 from transforms.case import process_case
@@ -182,17 +182,10 @@ def test_emit_mask_round_trips(dataset, tmp_path):
 
 
 def repo_copy(tmp_path):
-    """The repository's files (tracked and new, as a user's clone has them)
-    in a temporary folder, sharing this checkout's .venv."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                           capture_output=True, text=True, check=True).stdout.split()
+    """A copy of the repository sharing this checkout's .venv."""
     copy = tmp_path / "repo"
-    for f in files:
-        if os.path.exists(os.path.join(root, f)):
-            os.makedirs(copy / os.path.dirname(f), exist_ok=True)
-            shutil.copy2(os.path.join(root, f), copy / f)
-    os.symlink(os.path.join(root, ".venv"), copy / ".venv")
+    copy_repo(copy)
+    os.symlink(os.path.join(REPO, ".venv"), copy / ".venv")
     return copy
 
 

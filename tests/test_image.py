@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from s3util import REGION, KEY, SECRET, boto_client, sample_on_s3
+from conftest import copy_repo
+from s3util import KEY, REGION, SECRET, boto_client, sample_on_s3
 
 pytestmark = pytest.mark.image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,10 +63,7 @@ def image():
 
 def test_a_code_change_rebuilds_only_the_package_layer(image, tmp_path):
     ctx = tmp_path / "ctx"
-    files = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", cwd=ROOT).stdout.split()
-    for f in files:
-        os.makedirs(ctx / os.path.dirname(f), exist_ok=True)
-        shutil.copy2(os.path.join(ROOT, f), ctx / f)
+    copy_repo(ctx)
     with open(ctx / "pipeline" / "cli.py", "a") as fh:
         fh.write("# a one-line change\n")
     t = time.time()

@@ -85,14 +85,17 @@ def test_the_package_carries_what_it_reads_at_run_time(tmp_path):
     import sys
     import tarfile
     import zipfile
+
+    from conftest import copy_repo
+    src = copy_repo(tmp_path / "src")  # a copy: building writes build/ and *.egg-info next to setup.py
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(tmp_path / "wheel"), str(ROOT)], capture_output=True, text=True)
+                          "-w", str(tmp_path / "wheel"), str(src)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "transforms/trackmaps/intellivue.yaml" in names and "pipeline/api.py" in names
     assert not [n for n in names if n.startswith("tests/")]
-    res = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=ROOT,
+    res = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=src,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     (sdist,) = (tmp_path / "sdist").glob("*.tar.gz")

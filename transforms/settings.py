@@ -13,6 +13,7 @@ field here and using it where it matters.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
@@ -70,6 +71,35 @@ def dump_value(f: dataclasses.Field, value: Any) -> Any:
         return None
     dump = f.metadata["dump"]
     return dump(value) if dump else value
+
+
+def text_value(f: dataclasses.Field, value: Any) -> str:
+    """An option's value as text (a flag's or a SageMaker hyperparameter's),
+    which parse_value reads back: lists comma-separated, booleans
+    true/false, mappings as JSON."""
+    dumped = dump_value(f, value)
+    if isinstance(dumped, dict):
+        return json.dumps(dumped, separators=(",", ":"))
+    if isinstance(dumped, list):
+        return ",".join(map(str, dumped))
+    if isinstance(dumped, bool):
+        return str(dumped).lower()
+    return str(dumped)
+
+
+def add_flags(group, fields) -> None:
+    """One argparse flag per declared option, its value kept as text (the
+    declaration parses it, as it parses config files and hyperparameters);
+    switches are flags without a value."""
+    for f in fields:
+        names = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
+        if is_switch(f):
+            group.add_argument(*names, dest=f.name, action="store_const", const=True, default=None,
+                               help=f.metadata["help"])
+        else:
+            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            group.add_argument(*names, dest=f.name, default=None, metavar=f.metadata["metavar"] or f.name.upper(),
+                               help=f"{f.metadata['help']} (default {default})")
 
 
 def as_json(obj) -> dict:

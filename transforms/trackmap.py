@@ -29,13 +29,13 @@ number, a track listed twice.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from transforms import spec
+from transforms.documents import DocumentError, read_document
 
 MODES = ("before", "after", "replace")
 DIVISORS = {"none": spec.PER_NONE, "weight": spec.PER_WEIGHT, "ibw": spec.PER_IBW}
@@ -84,16 +84,6 @@ class TrackMap:
             for e in self.features}}
 
 
-def _read_text(path: str) -> str:
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            return fh.read().decode("utf-8")
-    except Exception as e:  # any filesystem's "cannot open"
-        raise TrackMapError(f"cannot read track map {path}: {e}") from None
-
-
 def shipped() -> list[str]:
     """Names of the maps that come with the package (usable as --tracks NAME)."""
     return sorted(n[:-5] for n in os.listdir(SHIPPED_DIR) if n.endswith(".yaml"))
@@ -109,16 +99,10 @@ def load(value: Any) -> TrackMap:
     path = str(value).strip()
     if path in shipped() and not os.path.exists(path):
         path = os.path.join(SHIPPED_DIR, f"{path}.yaml")
-    text = _read_text(path)
     try:
-        if path.endswith(".json"):
-            doc = json.loads(text)
-        else:
-            import yaml
-            doc = yaml.safe_load(text)
-    except Exception as e:  # a YAML or JSON syntax error
-        raise TrackMapError(f"track map {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: "
-                            f"{e}") from None
+        doc = read_document(path, f"track map {path}")
+    except DocumentError as e:
+        raise TrackMapError(str(e)) from None
     return parse(doc, f"track map {path}")
 
 
