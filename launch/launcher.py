@@ -5,6 +5,10 @@
         --role arn:aws:iam::123456789012:role/master-poc-preprocess \\
         --input s3://bucket/vital --output s3://bucket/processed/run-1 --region eu-north-1 --wait
 
+--input vitaldb reads VitalDB's open dataset from its web API on every
+instance (no input bucket; the instances must reach the internet: in a VPC,
+through a NAT gateway).
+
 The job's own options are the main command's (`master-poc-preprocess
 --help`): every data setting and run option can be given as a flag here
 (--horizon 5, --emit-mask, --num-shards 4, ...), in a YAML --config file
@@ -30,6 +34,7 @@ from typing import Any, Optional
 
 from launch.entrypoint import NOT_HYPERPARAMETERS
 from pipeline.options import SAGEMAKER_SECTION, RunOptions, read_config, request_from_mapping
+from transforms.sources import VITALDB, is_web
 from transforms.settings import (OptionError, Settings, add_flags, declared, from_mapping, option, parse_bool,
                                  positive_int, text_value)
 
@@ -157,11 +162,15 @@ def resolve(args: argparse.Namespace) -> dict:
     for key in ("cases", "input", "output"):
         if not job.get(key):
             problems.append(f"--{key} is required")
-    for key in ("input", "output"):
-        if job.get(key) and not str(job[key]).startswith("s3://"):
-            problems.append(f"--{key} must be an s3:// prefix for SageMaker (got {job[key]!r})")
-    if job.get("clinical") and not str(job["clinical"]).startswith("s3://"):
-        problems.append(f"--clinical must be on s3:// (got {job['clinical']!r})")
+    if job.get("output") and not str(job["output"]).startswith("s3://"):
+        problems.append(f"--output must be an s3:// prefix for SageMaker (got {job['output']!r})")
+    # Inputs the instances can reach: S3, or a web server (VitalDB's open dataset, a mirror).
+    if job.get("input") and not (str(job["input"]).startswith("s3://") or is_web(str(job["input"]))
+                                 or str(job["input"]).strip().lower() == VITALDB):
+        problems.append(f"--input must be an s3:// prefix, an https:// base URL or 'vitaldb' for SageMaker "
+                        f"(got {job['input']!r})")
+    if job.get("clinical") and not (str(job["clinical"]).startswith("s3://") or is_web(str(job["clinical"]))):
+        problems.append(f"--clinical must be on s3:// or https:// (got {job['clinical']!r})")
     for key in ("image_uri", "role", "region"):
         if not getattr(lo, key):
             problems.append(f"--{key.replace('_', '-')} is required")

@@ -29,9 +29,10 @@ from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 from pipeline.progress import Progress
 from pipeline.supervisor import Supervisor
 from transforms import spec
-from transforms.cases import case_id_from_path, format_cases
-from transforms.load import ClinicalTableError, read_clinical
+from transforms.cases import format_cases
+from transforms.load import ClinicalTableError, TableFormat, read_clinical
 from transforms.settings import Settings
+from transforms.sources import Source, SourceError, check_reachable, is_web
 
 _LOG = logging.getLogger("master_poc")
 
@@ -94,9 +95,27 @@ class InProcess:
         return 0, job.run_stage(stage_job)
 
 
-def find_cases(input_dir: str) -> list[int]:
-    ids = {case_id_from_path(p) for p in storage.list_files(storage.join(input_dir, "*.vital"))}
-    return sorted(i for i in ids if i is not None)
+def preflight_web(paths: dict[str, Optional[str]], web) -> None:
+    """A web server that does not answer is refused at start (exit 2), as an
+    unreachable S3 endpoint is."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        source = Source.for_location(path, web)
+        url = source.location if flag == "--input" else path
+        if is_web(url):
+            try:
+                check_reachable(url, web)
+            except SourceError as e:
+                raise SourceError(f"{flag} {path}: {e}") from None
+
+
+def clinical_line(identity: dict, rows: int) -> str:
+    """What the run says about the clinical table it read."""
+    how = f", {TableFormat.from_json(identity['format']).describe()}" if identity.get("format") else ""
+    split = ("split by patient (subjectid)" if identity.get("split_key") == "subjectid"
+             else "split by case id: the table has no subjectid column")
+    return f"clinical table {identity.get('path')}: {rows} rows{how}; {split}"
 
 
 def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
@@ -140,8 +159,11 @@ class _Run:
         self.started = metadata.utcnow()
         self.timings: dict[str, float] = {}
         self.requested: Optional[list[int]] = None
-        self.input_dir: Optional[str] = self.o.input
+        self.input_dir: Optional[str] = self.o.input  # as given ("vitaldb", a folder, a prefix, a URL)
+        self.source: Optional[Source] = None  # where the files are, resolved
         self.clinical_path: Optional[str] = self.o.clinical
+        self.clinical_table: Optional[dict] = None  # the identity of the table this run read
+        self.previous: dict = {}  # the metadata already in the output (finalize)
 
     def config(self) -> dict:
         """The effective configuration, in the form --config reads: giving it
@@ -151,6 +173,12 @@ class _Run:
         cfg.update(input=self.input_dir, clinical=self.clinical_path, output=o.output,
                    cases=format_cases(self.requested) if self.requested else o.cases, num_shards=o.num_shards)
         return {k: v for k, v in cfg.items() if v is not None}
+
+    def where(self) -> dict:
+        """The source and clinical table this run read (a finalize alone: what
+        the run that made the output recorded)."""
+        return {"source": self.source.describe() if self.source else self.previous.get("source"),
+                "clinical_table": self.clinical_table or self.previous.get("clinical_table")}
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -185,29 +213,40 @@ class _Run:
             self.input_dir = o.sample_dir or tempfile.mkdtemp(prefix="master-poc-sample-")
             self.say(f"no --input: generating {o.sample_cases} VitalDB-format sample cases in {self.input_dir}")
             write_default_sample(self.input_dir, o.sample_cases, settings)
-        try:
-            found = find_cases(self.input_dir)
-        except Exception as e:  # any filesystem's error: no access, a bad endpoint, ...
-            raise Refused(f"cannot list --input {self.input_dir}: {e}") from None
+        source = self.source = Source.for_location(self.input_dir, o.web())
+        self.clinical_path = self.clinical_path or source.default_clinical()
+        clinical = None
         if case_ids is None:
-            if not found:
-                raise Refused(f"--input {self.input_dir} holds no <id>.vital files")
-            case_ids = found
+            try:
+                listed = source.list_case_ids()
+            except Exception as e:  # any filesystem's error: no access, a bad endpoint, ...
+                raise Refused(f"cannot list --input {self.input_dir}: {e}") from None
+            if listed is None:  # a web server lists nothing: every case of its clinical table
+                clinical = read_clinical(self.clinical_path, None, o.web())
+                listed = clinical.case_ids
+                where = f"the clinical table {self.clinical_path}"
+            else:
+                where = f"--input {self.input_dir}"
+            if not listed:
+                raise Refused(f"{where} holds no <id>.vital files" if clinical is None else f"{where} has no cases")
+            case_ids = listed
         self.requested = case_ids
-        self.clinical_path = self.clinical_path or storage.join(self.input_dir, "clinical_data.csv")
-        clinical = read_clinical(self.clinical_path, case_ids)
+        clinical = clinical or read_clinical(self.clinical_path, case_ids, o.web())
+        self.clinical_table = clinical.identity
+        self.say(clinical_line(clinical.identity, len(clinical.rows)))
         guard_output(o.output, settings, o.overwrite)
 
         mine = o.share.select(case_ids) if o.share else case_ids
         who = f" (share {o.share} of {len(case_ids)} cases)" if o.share else ""
-        self.say(f"stage 1: {len(mine)} cases{who} from {self.input_dir} -> {storage.cases_dir(o.output)}")
+        what = f"{source.dataset} ({source.location})" if source.dataset else source.location
+        self.say(f"stage 1: {len(mine)} cases{who} from {what} -> {storage.cases_dir(o.output)}")
         counts: dict[str, int] = {}
         if mine:
             progress = Progress(o.output, mine, out=self.out)
             progress.snapshot()  # the baseline: cases/min counts only this run's work
             stages.progress, stages.progress_interval_s = progress, o.progress_interval
             t1 = time.time()
-            counts = self.run_stage(stages, self.stage_job(1, settings, case_ids=mine, input=self.input_dir,
+            counts = self.run_stage(stages, self.stage_job(1, settings, case_ids=mine, source=source,
                                                             clinical=clinical))
             stages.progress = None
             self.timings["stage1_s"] = round(time.time() - t1, 3)
@@ -253,7 +292,8 @@ class _Run:
                                           flags)
         meta = metadata.write_outputs(o.output, settings, "incomplete", requested=self.requested,
                                       started=self.started, input_dir=self.input_dir,
-                                      clinical_path=self.clinical_path, timings=self.timings, config=self.config())
+                                      clinical_path=self.clinical_path, timings=self.timings, config=self.config(),
+                                      **self.where())
         return self.result(EXIT_FAILED, "incomplete", metadata=meta, counters=counts,
                            message=f"{len(missing)} cases have no marker after {o.leader_wait_s:.0f} s: "
                                    f"{missing[:30]}{' ...' if len(missing) > 30 else ''}; finalize is still owed. "
@@ -299,14 +339,14 @@ class _Run:
         return metadata.write_outputs(o.output, settings, "complete" if verification["ok"] else "verification_failed",
                                       requested=self.requested, verification=verification, started=self.started,
                                       input_dir=self.input_dir, clinical_path=self.clinical_path, done=done,
-                                      timings=self.timings, config=self.config())
+                                      timings=self.timings, config=self.config(), **self.where())
 
     def finalize_command(self, stages) -> RunResult:
         settings = load_settings(self.o.output)
         self.requested = self.req.case_ids()
         # Where the data came from is what the run that made the output recorded.
         if self.input_dir is None and storage.exists(storage.metadata_path(self.o.output)):
-            previous = storage.read_json(storage.metadata_path(self.o.output))
+            self.previous = previous = storage.read_json(storage.metadata_path(self.o.output))
             self.input_dir, self.clinical_path = previous.get("input"), self.clinical_path or previous.get("clinical")
         self.req = dataclasses.replace(self.req, settings=settings)
         meta = self.finalize(stages, settings)
@@ -328,7 +368,7 @@ class _Run:
             meta = metadata.write_outputs(self.o.output, load_settings(self.o.output), "incomplete",
                                           requested=self.requested, started=self.started,
                                           input_dir=self.input_dir, clinical_path=self.clinical_path,
-                                          timings=self.timings, config=self.config())
+                                          timings=self.timings, config=self.config(), **self.where())
         killed = " (pipeline killed after the grace period)" if stages.child_killed else ""
         return self.result(EXIT_INTERRUPTED, "interrupted", metadata=meta, stopped_by=name,
                            message=f"stopped by {name}{killed}; rerun the same command to continue: "
@@ -346,6 +386,8 @@ def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
         from apache_beam.options.pipeline_options import PipelineOptions
         s3.preflight({"--input": o.input, "--clinical": o.clinical, "--output": o.output},
                      PipelineOptions(list(req.beam_args)))
+        if req.command == "run":
+            preflight_web({"--input": o.input, "--clinical": o.clinical}, o.web())
         if req.command == "verify":
             return ctx.verify()
         stages = Supervisor(o.shutdown_grace) if req.supervised else InProcess()
@@ -356,7 +398,7 @@ def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
                 return ctx.run(stages)
             except Interrupted:
                 return ctx.interrupted(stages)
-    except (Refused, ClinicalTableError, s3.S3AccessError, OptionError) as e:
+    except (Refused, ClinicalTableError, s3.S3AccessError, OptionError, SourceError) as e:
         return ctx.result(EXIT_USAGE, "refused", message=str(e))
     except StageFailed as e:
         return ctx.result(EXIT_FAILED, "failed", message=str(e))

@@ -73,6 +73,10 @@ def _inspect(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
 def summary_lines(res: RunResult) -> list[str]:
     """What a person reads at the end of a run."""
     meta, lines = res.metadata, []
@@ -105,10 +109,22 @@ def summary_lines(res: RunResult) -> list[str]:
                      f"input file changed since the commit (all such cases: {c['changed_inputs']})")
     if c["not_done"]:
         lines.append(f"  not done yet: {c['not_done'][:50]}{' ...' if len(c['not_done']) > 50 else ''}")
+    split = meta["split"]
+    lines.append(f"  split by {'patient (subjectid)' if split['by'] == 'patient' else 'case id'}, seed "
+                 f"{split['seed']}, {'/'.join(map(str, split['percent']))} %"
+                 + ("" if split["by"] == "patient" else ": the clinical table has no subjectid column"))
     for s in spec.SPLIT_NAMES:
         d = meta["splits"][s]
-        lines.append(f"  {s}: {d['windows']} windows from {d['cases']} cases -> {meta['output'].rstrip('/')}/{s}/ "
-                     f"({len(d['files'])} file(s))")
+        lines.append(f"  {s}: {d['windows']} windows from {d['cases']} cases of {d['patients']} patients -> "
+                     f"{meta['output'].rstrip('/')}/{s}/ ({len(d['files'])} file(s))")
+    if split["cases_split_by_case_id"]:
+        lines.append(f"  split by case id, their clinical row names no patient (no subjectid): "
+                     f"{split['cases_split_by_case_id'][:50]}{' ...' if len(split['cases_split_by_case_id']) > 50 else ''}")
+    if meta.get("transfer"):
+        t = meta["transfer"]
+        share = f" ({t['share_read']:.1%})" if t["share_read"] is not None else ""
+        lines.append(f"  read {_mb(t['bytes_read'])} of the {_mb(t['file_bytes'])} in {t['cases']} remote input "
+                     f"files{share}: {t['requests']} requests, {t['retries']} retried")
     if c["static_defaults"]:
         lines.append(f"  static defaults used: {c['static_defaults']}")
     for cid, bad in c["static_implausible"].items():

@@ -4,7 +4,7 @@
                  metadata, report, progress, resume)
     FailedMarker cases/_failed/<id>.json: a failed case and why
     ShardPlan    one split file to write: which cases, which gzip members (stage 2)
-    StageJob     what the stage process runs (driver -> `python -m pipeline.job`)
+    StageJob     what the stage process runs (driver -> pipeline.job.run_stage)
 
 Readers get these types, never loose dicts. `from_json` ignores keys it does
 not know and fills fields an older marker lacks with their defaults.
@@ -12,13 +12,13 @@ not know and fills fields an older marker lacks with their defaults.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Optional
 
 from transforms.case import CaseFacts
 from transforms.load import ClinicalTable
 from transforms.settings import Settings
+from transforms.sources import Source
 
 
 def _known(cls, d: dict) -> dict:
@@ -49,6 +49,11 @@ class DoneMarker(CaseFacts):
     @property
     def has_windows(self) -> bool:
         return self.windows > 0
+
+    @property
+    def patient(self) -> str:
+        """The split key: "s<subjectid>" (the patient), or the case id where none is known."""
+        return self.split_key or str(self.case_id)
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -109,7 +114,7 @@ class ShardPlan:
 
 @dataclass
 class StageJob:
-    """One Beam stage for the stage process: stage 1 (case ids, input,
+    """One Beam stage for the stage process: stage 1 (case ids, their source,
     clinical table) or stage 2 (shard plans)."""
 
     stage: int
@@ -120,27 +125,7 @@ class StageJob:
     s3_max_attempts: int = 10
     s3_retry_mode: str = "standard"
     case_ids: list = field(default_factory=list)
-    input: Optional[str] = None
+    source: Optional[Source] = None
     clinical: Optional[ClinicalTable] = None
     plans: list = field(default_factory=list)
     stop_file: Optional[str] = None  # touched on SIGTERM: stage 1 takes no new case
-
-    def to_json(self) -> dict:
-        d = {k: getattr(self, k) for k in ("stage", "output", "beam_args", "verbose", "s3_max_attempts",
-                                           "s3_retry_mode", "case_ids", "input", "stop_file")}
-        d["settings"] = self.settings.as_json()
-        d["clinical"] = self.clinical.to_json() if self.clinical is not None else None
-        d["plans"] = [p.to_json() for p in self.plans]
-        return d
-
-    @staticmethod
-    def from_json(d: dict) -> "StageJob":
-        d = dict(d)
-        d["settings"] = Settings.from_json(d["settings"])
-        d["clinical"] = ClinicalTable.from_json(d["clinical"]) if d.get("clinical") else None
-        d["plans"] = [ShardPlan.from_json(p) for p in d.get("plans", [])]
-        return StageJob(**_known(StageJob, d))
-
-    def dumps(self) -> str:
-        return json.dumps(self.to_json())
-

@@ -7,6 +7,7 @@ import json
 
 from pipeline import runtime, s3, stage1, stage2
 from pipeline.contracts import StageJob
+from transforms import sources
 
 
 def run_stage(job: StageJob) -> dict[str, int]:
@@ -26,6 +27,7 @@ def run_in_child(job: StageJob, result_path: str) -> int:
     of S3 clients (the parent's connections are not shared), the stage, its
     counters written for the parent."""
     s3.forget_clients()
+    sources.forget_clients()
     runtime.setup_io(job.beam_args, job.s3_max_attempts, job.s3_retry_mode)
     counts = run_stage(job)
     with open(result_path, "w") as fh:

@@ -58,16 +58,51 @@ def case_step_seconds(done: dict[int, DoneMarker]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in total.items()}
 
 
+def split_summary(settings: Settings, done: dict[int, DoneMarker], clinical_table: Optional[dict]) -> dict:
+    """How the cases were split (contract 1.2): by patient where the clinical
+    table has a subjectid column, the patients per split, and the cases split
+    by case id because their row names no patient."""
+    tables = [m.clinical for m in done.values() if m.clinical] + ([clinical_table] if clinical_table else [])
+    by_patient = (any(t.get("split_key") == "subjectid" for t in tables)
+                  or any(m.split_key.startswith("s") for m in done.values()))
+    return {
+        "by": "patient" if by_patient else "case",
+        "key": "subjectid" if by_patient else "caseid",
+        "rule": "bucket = int(sha256(f'{seed}:{key}')) % 100, key = 's<subjectid>' (else the case id); "
+                "train below percent[0], validation below percent[0] + percent[1], test otherwise",
+        "seed": settings.split_seed,
+        "percent": list(settings.split),
+        "patients": {s: len({m.patient for m in done.values() if m.split == s and m.has_windows})
+                     for s in spec.SPLIT_NAMES},
+        # Split by case id although the table names patients: their row has no subjectid (or no row).
+        "cases_split_by_case_id": sorted(c for c, m in done.items() if by_patient and not m.split_key.startswith("s")),
+    }
+
+
+def transfer_summary(done: dict[int, DoneMarker]) -> Optional[dict]:
+    """What reading the remote input files cost (streamed, stopped early):
+    bytes transferred against the files' sizes; None for local inputs."""
+    remote = [m.input for m in done.values() if "bytes_read" in m.input]
+    if not remote:
+        return None
+    read, size = sum(i["bytes_read"] for i in remote), sum(i.get("bytes", 0) for i in remote)
+    return {"cases": len(remote), "bytes_read": read, "file_bytes": size,
+            "share_read": round(read / size, 4) if size else None,
+            "requests": sum(i.get("requests", 0) for i in remote), "retries": sum(i.get("retries", 0) for i in remote)}
+
+
 def build_metadata(*, settings: Settings, status: str, requested: list[int], done: dict[int, DoneMarker],
                    failed: dict[int, FailedMarker], verification: Optional[dict], started: str,
                    input_dir: Optional[str], clinical: Optional[str], output: str,
-                   not_done: Optional[list[int]] = None, config: Optional[dict] = None) -> dict:
+                   not_done: Optional[list[int]] = None, config: Optional[dict] = None,
+                   source: Optional[dict] = None, clinical_table: Optional[dict] = None) -> dict:
     fs = settings.feature_spec()
     prov = provenance.build(done)
     splits = {}
     for s in spec.SPLIT_NAMES:
         cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
         splits[s] = {"cases": len(cases), "windows": int(sum(done[c].windows for c in cases)),
+                     "patients": len({done[c].patient for c in cases}),
                      "case_ids": cases,
                      "files": sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(storage.split_files_glob(output, s)))}
     w = settings.window
@@ -76,7 +111,9 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
         "started": started,
         "finished": utcnow(),
         "input": input_dir,
+        "source": source,
         "clinical": clinical,
+        "clinical_table": clinical_table,
         "output": output,
         "settings": fingerprint(settings),
         "format": {**encode.FORMAT,
@@ -90,6 +127,8 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
                    "target_second": f"window_start + {w} - 1 + horizon"},
         "spec": spec.spec_as_dict(fs),
         "splits": splits,
+        "split": split_summary(settings, done, clinical_table),
+        "transfer": transfer_summary(done),
         "cases": {
             "requested": len(requested),
             "ok": sorted(c for c, m in done.items() if m.status == "ok"),
@@ -116,7 +155,8 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
 def write_outputs(output: str, settings: Settings, status: str, *, requested: Optional[list[int]] = None,
                   verification: Optional[dict] = None, started: Optional[str] = None, input_dir: Optional[str] = None,
                   clinical_path: Optional[str] = None, done: Optional[dict[int, DoneMarker]] = None,
-                  timings: Optional[dict] = None, config: Optional[dict] = None) -> dict:
+                  timings: Optional[dict] = None, config: Optional[dict] = None, source: Optional[dict] = None,
+                  clinical_table: Optional[dict] = None) -> dict:
     """Metadata, schema, the run's configuration file and the quality report,
     from the markers; returns the metadata."""
     done = storage.read_done(output) if done is None else done
@@ -129,7 +169,7 @@ def write_outputs(output: str, settings: Settings, status: str, *, requested: Op
     meta = build_metadata(settings=settings, status=status, requested=requested, done=done, failed=failed,
                           verification=verification, started=started or utcnow(),
                           input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done,
-                          config=config)
+                          config=config, source=source, clinical_table=clinical_table)
     report.write_report(output, done, failed, meta["status"], settings.feature_spec(), meta["provenance"])
     timings = dict(timings or {}, metadata_report_s=round(time.time() - t, 3))
     meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))

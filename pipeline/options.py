@@ -11,8 +11,10 @@ from typing import Any, Mapping, Optional
 from pipeline.coordination import Share
 from transforms.cases import parse_cases
 from transforms.documents import DocumentError, read_document
+from transforms.remote import WebOptions
 from transforms.settings import (OptionError, Settings, declared, flag_name, fraction, from_mapping, is_switch,
-                                 non_negative_float, non_negative_int, option, parse_bool, positive_int, text_value)
+                                 non_negative_float, non_negative_int, option, parse_bool, positive_float, positive_int,
+                                 text_value)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
@@ -34,9 +36,11 @@ def _optional_text(value) -> Optional[str]:
 class RunOptions:
     """Where the data is and how to run; not part of the data's fingerprint."""
 
-    input: Optional[str] = option(None, "folder or s3:// prefix with <id>.vital files (default: generate a sample)",
-                                  parse=_optional_text)
-    clinical: Optional[str] = option(None, "clinical_data.csv (default: <input>/clinical_data.csv)",
+    input: Optional[str] = option(None, "where the <id>.vital files are: a folder, an s3:// or gs:// prefix, an "
+                                        "https:// base URL, or 'vitaldb' (VitalDB's open dataset from its web API); "
+                                        "default: generate a sample", parse=_optional_text)
+    clinical: Optional[str] = option(None, "the clinical table, local, s3:// or https:// (default: "
+                                           "<input>/clinical_data.csv; with --input vitaldb its /cases table)",
                                      parse=_optional_text)
     output: str = option("output", "output folder or s3:// prefix")
     cases: Optional[str] = option(None, 'case ids, e.g. "1-10,17,0022" (default: every case in --input)',
@@ -64,7 +68,18 @@ class RunOptions:
     s3_max_attempts: int = option(10, "attempts per S3 call, Beam's and ours (botocore retries)",
                                   parse=positive_int)
     s3_retry_mode: str = option("standard", "botocore retry mode", choices=("standard", "adaptive"))
+    http_timeout: float = option(30.0, "web input: seconds to connect, and the longest wait for the next bytes",
+                                 parse=positive_float)
+    http_max_attempts: int = option(8, "web input: attempts per request (backoff with jitter; Retry-After honoured)",
+                                    parse=positive_int)
+    http_connections: int = option(4, "web input: connections per process and server", parse=positive_int)
     verbose: bool = option(False, "log Beam's INFO messages too", parse=parse_bool, short="-v")
+
+
+    def web(self) -> WebOptions:
+        """How this run talks to a web server (--input vitaldb or https://)."""
+        return WebOptions(timeout_s=self.http_timeout, max_attempts=self.http_max_attempts,
+                          connections=self.http_connections)
 
 
 @dataclass(frozen=True)

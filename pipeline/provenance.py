@@ -2,6 +2,7 @@
 made from, as the metadata and the quality report record them."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -51,11 +52,14 @@ def versions() -> dict:
 def build(done: dict[int, DoneMarker]) -> dict:
     """The provenance block of the metadata: package, its commit, library
     versions, the clinical table(s) and every input file's identity."""
-    tables = Counter(tuple(sorted(m.clinical.items())) for m in done.values() if m.clinical)
+    tables = Counter(json.dumps(m.clinical, sort_keys=True) for m in done.values() if m.clinical)
     return {
         "package": {"name": PACKAGE, "version": _version(PACKAGE), "commit": commit()},
         "versions": versions(),
         # One entry per distinct table the committed cases were made with (normally one).
-        "clinical": [dict(t, cases=n) for t, n in tables.most_common()],
+        "clinical": [dict(json.loads(t), cases=n) for t, n in tables.most_common()],
         "inputs": {str(c): m.input for c, m in sorted(done.items()) if m.input},
+        "input_identity": "a local file: size, mtime and crc32c of the whole file; an object store's or web "
+                          "server's: size and etag (else last_modified) as the store states them, and "
+                          "crc32c_read of the bytes read (bytes_read; the rest was never transferred)",
     }

@@ -59,10 +59,19 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         })
     by_split = {s: sorted(c for c, x in case_split.items() if x == s) for s in splits}
     overlap = sorted(set.intersection(*[set(v) for v in by_split.values()])) if len(splits) > 1 else []
+    # Patients (split keys) in two splits: a leak a case check cannot see.
+    patient_splits: dict[str, set] = {}
+    for c, m in done.items():
+        if m.has_windows:
+            patient_splits.setdefault(m.patient, set()).add(m.split)
+    patients_in_two = sorted(p for p, ss in patient_splits.items() if len(ss) > 1)
+    prov = prov if prov is not None else provenance.build(done)
+    by_patient = (any(t.get("split_key") == "subjectid" for t in prov["clinical"])
+                  or any(m.split_key.startswith("s") for m in done.values()))
     return {
         "features": feats,
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
-        "cases": [{"case_id": c, "split": m.split, "status": m.status, "windows": m.windows,
+        "cases": [{"case_id": c, "split": m.split, "patient": m.patient, "status": m.status, "windows": m.windows,
                    "duration_s": m.duration_s, "static_defaults": m.static_defaults,
                    "static_implausible": m.static_implausible,
                    "no_clinical_row": m.no_clinical_row} for c, m in sorted(done.items())],
@@ -70,9 +79,13 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         "failed_by_reason": {r: sum(1 for f in failed.values() if f.reason == r)
                              for r in sorted({f.reason for f in failed.values()})},
         "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].has_windows),
+                       "patients": len({done[c].patient for c in by_split[s] if done[c].has_windows}),
                        "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
+        "split_by": "patient (subjectid)" if by_patient else "case id",
         "cases_in_two_splits": overlap,
-        "provenance": prov if prov is not None else provenance.build(done),
+        "patients_in_two_splits": patients_in_two,
+        "cases_split_by_case_id": sorted(c for c, m in done.items() if by_patient and not m.split_key.startswith("s")),
+        "provenance": prov,
         "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
 
@@ -154,7 +167,7 @@ metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</
 <p>Sections: <a href="#splits">splits</a> · <a href="#features">features</a> · <a href="#cases">cases</a> ·
 <a href="#provenance">provenance</a> · <a href="#failed">failed cases</a></p>
 <h2 id="splits">Splits</h2>
-<table><tr><th class="l">split</th><th>cases</th><th>windows</th></tr>{split_rows}</table>
+<table><tr><th class="l">split</th><th>patients</th><th>cases</th><th>windows</th></tr>{split_rows}</table>
 <p>{overlap}</p>
 <img alt="windows per case and per split" src="{img_cases}">
 <h2 id="features">Features</h2>
@@ -166,12 +179,13 @@ metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</
 <h2 id="cases">Cases</h2>
 <p>{n_ok} cases with windows, {n_short} too short for one window, {n_failed} failed.
 Static defaults used: {defaults}. Clinical entry errors (implausible values, treated as missing): {implausible}.</p>
-<table><tr><th>case</th><th class="l">split</th><th class="l">status</th><th>windows</th><th>minutes</th>
+<table><tr><th>case</th><th class="l">patient</th><th class="l">split</th><th class="l">status</th><th>windows</th><th>minutes</th>
 <th class="l">static defaults</th><th class="l">clinical entry errors</th></tr>{case_rows}</table>
 <h2 id="provenance">Provenance</h2>
 <p>Made by {package} (commit <code>{commit}</code>) with vitaldb {vitaldb}, Apache Beam {beam}, tfx-bsl {tfxbsl}.
-Clinical table: {clinical}. {n_inputs} input files, each with its size and content identity (CRC-32C; on an object
-store also its ETag) in <a href="../preprocessing_metadata.json">the metadata</a> (<code>provenance.inputs</code>).
+Clinical table: {clinical}. {n_inputs} input files, each with its size and content identity (a local file: the
+CRC-32C of its bytes; an object store's or web server's: its ETag, with the bytes read and their CRC-32C) in
+<a href="../preprocessing_metadata.json">the metadata</a> (<code>provenance.inputs</code>).
 {changed}</p>
 <h2 id="failed">Failed cases</h2>
 <table><tr><th>case</th><th class="l">reason</th><th class="l">detail</th></tr>{failed_rows}</table>
@@ -196,10 +210,14 @@ def render_html(q: dict, title: str, status: str) -> str:
     charts = _charts(q)
     rules = features.RULE_NAMES
     splits = list(q["splits"])
-    split_rows = "".join(f"<tr><td class='l'>{e(s)}</td><td>{d['cases']}</td><td>{d['windows']}</td></tr>"
-                         for s, d in q["splits"].items())
-    overlap = ("No case is in two splits." if not q["cases_in_two_splits"] else
-               f"<span class='warn'>Cases in two splits: {q['cases_in_two_splits']}</span>")
+    split_rows = "".join(f"<tr><td class='l'>{e(s)}</td><td>{d['patients']}</td><td>{d['cases']}</td>"
+                         f"<td>{d['windows']}</td></tr>" for s, d in q["splits"].items())
+    fallback = (f" Split by case id, their clinical row names no patient: {q['cases_split_by_case_id']}."
+                if q["cases_split_by_case_id"] else "")
+    overlap = f"Split by {e(q['split_by'])}.{fallback} " + (
+        "No patient and no case is in two splits." if not q["cases_in_two_splits"] and not q["patients_in_two_splits"]
+        else f"<span class='warn'>In two splits: patients {e(str(q['patients_in_two_splits']))}, "
+             f"cases {q['cases_in_two_splits']}</span>")
     feature_rows = "".join(
         f"<tr><td class='l'>{e(f['name'])}</td><td class='l'>{e(f['unit'])}</td>"
         + "".join(f"<td>{f['rules'][r]:.1%}</td>" for r in rules)
@@ -207,7 +225,7 @@ def render_html(q: dict, title: str, status: str) -> str:
         + "".join(f"<td>{f['splits'][s]['clipped_share']:.1%}</td>" for s in splits) + "</tr>"
         for f in q["features"])
     case_rows = "".join(
-        f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
+        f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['patient']))}</td><td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
         f"<td>{c['windows']}</td><td>{(c['duration_s'] or 0) / 60:.0f}</td>"
         f"<td class='l'>{e(', '.join(c['static_defaults']) + (' (no clinical row)' if c['no_clinical_row'] else ''))}</td>"
         f"<td class='l{' warn' if c['static_implausible'] else ''}'>"

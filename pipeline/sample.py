@@ -1,22 +1,26 @@
 """Generates VitalDB-format sample cases with the `vitaldb` library.
 
-    master-poc-generate --output data/sample --cases 20 [--hours 4 --waveforms]
+    master-poc-generate --output data/sample --cases 20 [--hours 4 --waveforms] [--layout interleaved]
 
 Realistic, not noise: device intervals as in VitalDB (Solar 8000 every 2 s,
 Primus every 7 s, BIS and Orchestra every 1 s, NIBP every 5 min), an
 anaesthesia period with induction, infusions (propofol, remifentanil 20 or
 50 ug/mL, noradrenaline with pauses), ventilation and sevoflurane; some cases
 with NIBP only, missing devices (no BIS, no pumps), artifacts, a too-short
-case, and a clinical table with VitalDB's columns (a missing ASA, a missing
-weight, a weight entered as 900 kg). The embedded sample's case ids are
-chosen so that train, validation and test all get cases. Same case id and
-options -> same file, on every host.
+case, and a clinical table with VitalDB's columns (patients with two and
+three operations under one subjectid, a missing ASA, a missing weight, a
+weight entered as 900 kg). Files are packed as VitalDB 1.0.1 serves them,
+or unpacked, or interleaved as Vital Recorder writes them (--layout). The
+embedded sample's case ids are chosen so that train, validation and test
+all get patients. Same case id and options -> same file, on every host.
 """
 from __future__ import annotations
 
 import argparse
+import gzip
 import io
 import os
+import struct
 import tempfile
 from typing import Optional
 
@@ -27,7 +31,7 @@ import vitaldb
 from pipeline import storage
 from transforms import spec
 from transforms.settings import Settings
-from transforms.windows import assign_split
+from transforms.windows import assign_split, split_key
 
 DT0 = 4102444800.0  # 2100-01-01, like VitalDB's anonymised start times
 IMPLAUSIBLE_WEIGHT_KG = 900.0
@@ -49,6 +53,35 @@ def _sampled(t_all, values, interval, rng, start=0, end=None, drop=0.02):
     return t, values[t]
 
 
+# Patients with several operations (VitalDB: 6,388 cases of 6,090 patients), more
+# often here so that every sample has some: in each run of ten case ids, the 1st,
+# 2nd and 3rd are one patient's three operations and the 5th and 6th another's two.
+_FIRST_OPERATION = {0: 0, 1: 1, 2: 2, 3: 0, 4: 0, 5: 1, 6: 0, 7: 0, 8: 0, 9: 0}  # (id - 1) % 10 -> back to the 1st
+SUBJECT_BASE = 90000  # subject ids are not case ids (a mix-up would show)
+
+
+def first_operation(case_id: int) -> int:
+    """The case id of the patient's first operation (the patient's own id)."""
+    return case_id - _FIRST_OPERATION[(case_id - 1) % 10]
+
+
+def subject_id(case_id: int) -> int:
+    """The generated clinical table's `subjectid` of a case: its patient."""
+    return SUBJECT_BASE + first_operation(case_id)
+
+
+def patient_cases(case_id: int) -> list[int]:
+    """Every case id of the patient a case belongs to."""
+    first = first_operation(case_id)
+    return [c for c in range(first, first + 3) if first_operation(c) == first]
+
+
+def sample_split(case_id: int, settings: Optional[Settings] = None) -> str:
+    """The split a generated case lands in (by its patient, contract 1.2)."""
+    settings = settings or Settings()
+    return assign_split(split_key(case_id, subject_id(case_id)), settings.split, settings.split_seed)
+
+
 def case_profile(case_id: int) -> dict:
     rng = np.random.default_rng(1000 + case_id)
     return {
@@ -60,8 +93,20 @@ def case_profile(case_id: int) -> dict:
         "nepi": rng.random() < 0.35,
         "ev1000": rng.random() < 0.1,
         "solar_vent": rng.random() < 0.2,
-        "sex": "M" if rng.random() < 0.5 else "F",
+        # the patient's sex (the first operation's draw)
+        "sex": "M" if rng.random() < 0.5 else "F" if first_operation(case_id) == case_id
+        else case_profile(first_operation(case_id))["sex"],
     }
+
+
+def _body(case_id: int) -> tuple[float, float, float]:
+    """(height, weight, age) as a case's own draws make them."""
+    rng = np.random.default_rng(case_id)
+    male = case_profile(case_id)["sex"] == "M"
+    height = float(np.round(rng.normal(174 if male else 161, 7), 1))
+    weight = float(np.clip(np.round(rng.normal(75 if male else 60, 11), 1), 40, 140))
+    age = float(rng.integers(18, 90))
+    return height, weight, age
 
 
 def generate_case(case_id: int, duration_s: int, waveforms: bool = False,
@@ -73,9 +118,12 @@ def generate_case(case_id: int, duration_s: int, waveforms: bool = False,
     p = case_profile(case_id)
     T = int(duration_s)
     male = p["sex"] == "M"
-    height = float(np.round(rng.normal(174 if male else 161, 7), 1))
-    weight = float(np.clip(np.round(rng.normal(75 if male else 60, 11), 1), 40, 140))
-    age = float(rng.integers(18, 90))
+    height, weight, age = _body(case_id)
+    rng.normal(size=2), rng.integers(18, 90)  # the draws _body made from this generator
+    first = first_operation(case_id)
+    if first != case_id:  # a later operation: the patient's height, and older
+        h0, _, age0 = _body(first)
+        height, age = h0, min(age0 + (case_id - first), 95.0)
     t = np.arange(T)
     a0 = int(min(T * 0.08, 900))  # anaesthesia start
     a1 = int(T - min(T * 0.08, 900))  # anaesthesia end
@@ -156,7 +204,7 @@ def generate_case(case_id: int, duration_s: int, waveforms: bool = False,
         _add_waveforms(vf, rng, T, hr)
 
     row = {
-        "caseid": case_id, "subjectid": 10000 + case_id, "casestart": 0, "caseend": T,
+        "caseid": case_id, "subjectid": subject_id(case_id), "casestart": 0, "caseend": T,
         "anestart": a0 - 60, "aneend": a1 + 60, "opstart": a0 + 600, "opend": a1 - 600,
         "age": age, "sex": p["sex"], "height": height, "weight": weight,
         "bmi": round(weight / (height / 100) ** 2, 1), "asa": float(rng.choice([1, 2, 2, 3, 3, 4])),
@@ -186,14 +234,69 @@ def _add_waveforms(vf, rng, T, hr):
         vf.add_track(name, recs, srate=srate, unit=unit)
 
 
+# How a .vital file lays out its records (vitaldb's "Vital File Format.md"):
+LAYOUTS = ("packed",  # VitalDB's open dataset 1.0.1: track by track, numeric first, waveforms last
+           "unpacked",  # older downloads: track by track, no packed flag (read to the end)
+           "interleaved")  # Vital Recorder's own files: every track's records in time order, as recorded
+
+
+def write_vital(vf: vitaldb.VitalFile, path: str, layout: str = "packed", compresslevel: int = 6) -> None:
+    """`vf` as a .vital file in one of LAYOUTS (gzip level 6 like VitalDB's;
+    9 is 7x slower to write)."""
+    if layout == "packed":
+        vf.to_vital(path, compresslevel=compresslevel)
+    elif layout == "unpacked":
+        vf.to_vital(path, compresslevel=compresslevel, packed=False)
+    elif layout == "interleaved":
+        tmp = path + ".unpacked"
+        vf.to_vital(tmp, compresslevel=1, packed=False)
+        with gzip.open(tmp, "rb") as fh:
+            data = fh.read()
+        os.remove(tmp)
+        with gzip.open(path, "wb", compresslevel=compresslevel) as fh:
+            fh.write(interleave_records(data))
+    else:
+        raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+
+
+def interleave_records(data: bytes) -> bytes:
+    """An unpacked .vital body (uncompressed) rewritten as Vital Recorder
+    writes while it records: device and track infos first, then the records
+    of all tracks in time order (a stable sort: a track's own order is
+    kept), then the commands. Track infos lose the optional reclen,
+    trk_dtstart and trk_dtend (the last 20 bytes), which a recorder cannot
+    know in advance and which readers use to skip a track's contiguous block."""
+    headerlen = struct.unpack_from("<H", data, 8)[0]
+    head, pos = data[:10 + headerlen], 10 + headerlen
+    infos, recs, cmds = [], [], []
+    while pos < len(data):
+        kind = data[pos]
+        (length,) = struct.unpack_from("<I", data, pos + 1)
+        body = data[pos + 5:pos + 5 + length]
+        pos += 5 + length
+        if kind == 0:  # TRKINFO: drop reclen (4), trk_dtstart (8), trk_dtend (8)
+            body = body[:-20]
+            infos.append(bytes([kind]) + struct.pack("<I", len(body)) + body)
+        elif kind == 1:  # REC: infolen (2), dt (8), trkid (2), values
+            recs.append((struct.unpack_from("<d", body, 2)[0], bytes([kind]) + struct.pack("<I", length) + body))
+        elif kind == 9:
+            infos.append(bytes([kind]) + struct.pack("<I", length) + body)
+        else:
+            cmds.append(bytes([kind]) + struct.pack("<I", length) + body)
+    recs.sort(key=lambda r: r[0])
+    return head + b"".join(infos) + b"".join(r for _, r in recs) + b"".join(cmds)
+
+
 def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = None, waveforms: bool = False,
                  short_case: Optional[int] = None, missing_weight: Optional[int] = None,
                  missing_asa: Optional[int] = None, no_clinical_row: Optional[int] = None,
-                 implausible_weight: Optional[int] = None, rename: Optional[dict[str, str]] = None) -> str:
-    """Writes <id:04d>.vital files and clinical_data.csv to `output` (any Beam
-    filesystem); returns the clinical table's path. Durations vary 40-90 min
-    unless `duration_s` is given; `short_case` is shorter than one window;
-    `rename` writes tracks under another device's names."""
+                 implausible_weight: Optional[int] = None, rename: Optional[dict[str, str]] = None,
+                 layout: str = "packed") -> str:
+    """Writes <id:04d>.vital files (in `layout`, see LAYOUTS) and
+    clinical_data.csv to `output` (any Beam filesystem); returns the
+    clinical table's path. Durations vary 40-90 min unless `duration_s` is
+    given; `short_case` is shorter than one window; `rename` writes tracks
+    under another device's names."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for cid in case_ids:
@@ -203,7 +306,7 @@ def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = N
                 dur = 240
             vf, row = generate_case(cid, dur, waveforms, rename)
             local = os.path.join(tmp, f"{cid:04d}.vital")
-            vf.to_vital(local, compresslevel=6)  # gzip like VitalDB's; 9 is 7x slower to write
+            write_vital(vf, local, layout)
             with open(local, "rb") as fh:
                 storage.write_atomic(storage.join(output, f"{cid:04d}.vital"), fh.read())
             os.remove(local)
@@ -224,8 +327,10 @@ def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = N
 
 def sample_case_ids(n: int, settings: Optional[Settings] = None) -> list[int]:
     """n case ids that fill every split in proportion (at least one case in
-    each split with a non-zero share, once n allows): the lowest ids whose
-    split still has room, under the run's split settings."""
+    each split with a non-zero share, once n allows), taking whole patients
+    (every operation of a patient, contract 1.2 keeps them in one split):
+    the lowest patients whose split still has room, under the run's split
+    settings; sorted."""
     settings = settings or Settings()
     names = spec.SPLIT_NAMES
     wanted = [pct for pct in settings.split]
@@ -242,21 +347,25 @@ def sample_case_ids(n: int, settings: Optional[Settings] = None) -> list[int]:
     cid = 0
     while len(ids) < n:
         cid += 1
-        k = names.index(assign_split(cid, settings.split, settings.split_seed))
-        if taken[k] < quota[k]:
-            taken[k] += 1
-            ids.append(cid)
-    return ids
+        if first_operation(cid) != cid:
+            continue
+        cases = patient_cases(cid)
+        k = names.index(sample_split(cid, settings))
+        if taken[k] + len(cases) <= quota[k]:
+            taken[k] += len(cases)
+            ids += cases
+    return sorted(ids)
 
 
-def write_default_sample(output: str, n: int = 20, settings: Optional[Settings] = None) -> str:
+def write_default_sample(output: str, n: int = 20, settings: Optional[Settings] = None,
+                         layout: str = "packed") -> str:
     """The embedded sample: n cases in every split, with every situation a
-    user meets (a missing weight, a missing ASA, an entry error, a case too
-    short for one window)."""
+    user meets (patients with two and three operations, a missing weight, a
+    missing ASA, an entry error, a case too short for one window)."""
     ids = sample_case_ids(n, settings)
     return write_sample(output, ids, short_case=ids[-1] if n >= 3 else None,
                         missing_weight=ids[1] if n >= 2 else None, missing_asa=ids[2] if n >= 3 else None,
-                        implausible_weight=ids[3] if n >= 5 else None)
+                        implausible_weight=ids[3] if n >= 5 else None, layout=layout)
 
 
 def main(argv=None) -> int:
@@ -267,12 +376,15 @@ def main(argv=None) -> int:
                     help="number of cases (ids chosen so every split has cases; with --hours or --waveforms: 1..N)")
     ap.add_argument("--hours", type=float, default=None, help="fixed duration of every case (default 40-90 min)")
     ap.add_argument("--waveforms", action="store_true", help="add 500 Hz ECG/PLETH and 62.5 Hz CO2 waveforms")
+    ap.add_argument("--layout", choices=LAYOUTS, default="packed",
+                    help="packed (VitalDB 1.0.1: numeric tracks first, waveforms last), unpacked (older "
+                         "downloads), interleaved (Vital Recorder: all tracks' records in time order)")
     args = ap.parse_args(argv)
     if args.hours is None and not args.waveforms:
-        path = write_default_sample(args.output, args.cases)
+        path = write_default_sample(args.output, args.cases, layout=args.layout)
     else:
         dur = int(args.hours * 3600) if args.hours else None
-        path = write_sample(args.output, list(range(1, args.cases + 1)), dur, args.waveforms)
+        path = write_sample(args.output, list(range(1, args.cases + 1)), dur, args.waveforms, layout=args.layout)
     print(f"wrote {args.cases} cases and {path}")  # the ids: see the clinical table
     return 0
 

@@ -21,26 +21,29 @@ from apache_beam.metrics import Metrics
 
 from pipeline import s3, storage
 from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
-from transforms import encode, load
+from transforms import encode, sources
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
 from transforms.case import CaseFacts, CaseWindows
 from transforms.load import CaseTodo, RawCase
+from transforms.remote import TransferError
 from transforms.settings import Settings
+from transforms.sources import Source
 
 _LOG = logging.getLogger(__name__)
 
 
 class SkipCommitted(beam.DoFn):
     """Drops cases that already have a done marker (resume) whose input file
-    is still the one they were committed from; a case whose input changed
-    since (another size or mtime, another ETag) is processed again, as a
-    CaseTodo that remembers the old identity. Drops every case once the stop
-    file exists (a shutdown was asked for: drain, start nothing new). The stop
-    file is local to the machine that was signalled; on remote workers it
-    never exists and this check is a no-op."""
+    is still the one they were committed from (a stat: size and mtime, the
+    store's ETag, a web server's HEAD; nothing is downloaded); a case whose
+    input changed since is processed again, as a CaseTodo that remembers the
+    old identity. Drops every case once the stop file exists (a shutdown was
+    asked for: drain, start nothing new). The stop file is local to the
+    machine that was signalled; on remote workers it never exists and this
+    check is a no-op."""
 
-    def __init__(self, input_dir: str, output: str, stop_file: Optional[str] = None):
-        self._input = input_dir
+    def __init__(self, source: Source, output: str, stop_file: Optional[str] = None):
+        self._source = source
         self._out = output
         self._stop_file = stop_file
         self._skipped = Metrics.counter(NAMESPACE, "cases_skipped")
@@ -61,16 +64,19 @@ class SkipCommitted(beam.DoFn):
             return
         committed = DoneMarker.from_json(storage.read_json(marker)).input
         try:
-            current = load.input_state(load.find_case_file(self._input, case_id))
-        except load.CaseError:
-            current = None  # the file is gone: the committed case stands
-        if current is None or not committed or load.same_input(committed, current):
+            located = self._source.locate(case_id)
+        except LookupError:
+            located = None  # the file is gone: the committed case stands
+        except TransferError as e:
+            _LOG.warning("case %s: cannot check its input file (%s); its committed result stands", case_id, e)
+            located = None
+        if located is None or not committed or sources.same_file(committed, located[1]):
             self._skipped.inc()
             return
         _LOG.warning("case %s: its input file changed since its commit (%s -> %s): processing it again",
-                     case_id, committed, current)
+                     case_id, committed, located[1])
         self._changed.inc()
-        yield CaseTodo(case_id, committed)
+        yield CaseTodo(case_id, committed, located)
 
 
 def commit_case(output: str, facts: CaseFacts, examples: list[bytes]) -> DoneMarker:
@@ -125,13 +131,13 @@ class RecordFailures(beam.DoFn):
 
 
 @beam.ptransform_fn
-def ProcessCases(case_ids, input_dir: str, output: str, settings: Settings, clinical,
+def ProcessCases(case_ids, source: Source, output: str, settings: Settings, clinical,
                  stop_file: Optional[str] = None):
     """case ids -> committed cases; returns (committed, failed) PCollections."""
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
-            | "SkipCommitted" >> beam.ParDo(SkipCommitted(input_dir, output, stop_file)))
-    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(input_dir, settings), clinical).with_output_types(RawCase)
+            | "SkipCommitted" >> beam.ParDo(SkipCommitted(source, output, stop_file)))
+    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(source, settings), clinical).with_output_types(RawCase)
               .with_outputs(FAILED, main="ok"))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))
                    .with_output_types(CaseWindows).with_outputs(FAILED, main="ok"))
@@ -147,5 +153,5 @@ def build_stage1(pipeline: beam.Pipeline, job: StageJob) -> beam.Pipeline:
     """Adds stage 1 of `job` to `pipeline` (unrun) and returns it."""
     ids = pipeline | "ReadCases" >> beam.Create(job.case_ids, reshuffle=False)
     side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([job.clinical], reshuffle=False))
-    _ = ids | "ProcessCases" >> ProcessCases(job.input, job.output, job.settings, side, job.stop_file)
+    _ = ids | "ProcessCases" >> ProcessCases(job.source, job.output, job.settings, side, job.stop_file)
     return pipeline

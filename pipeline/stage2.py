@@ -220,8 +220,9 @@ def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4) -> dict:
     """Reads every split file back and compares with the markers: examples per
-    split and per case, no duplicate (case, window_start), no case in two
-    splits. Returns {"ok", "problems", "splits": {name: {...}}}."""
+    split and per case, no duplicate (case, window_start), no case and no
+    patient (the markers' split keys) in two splits. Returns {"ok",
+    "problems", "splits": {name: {...}}, "damaged_cases"}."""
     problems: list[str] = []
     files = {s: storage.list_files(storage.split_files_glob(output, s)) for s in splits}
     jobs = [(s, f) for s in splits for f in files[s]]
@@ -246,6 +247,7 @@ def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, .
                 damaged[cid] = err
     per_split: dict[str, dict] = {}
     seen_split: dict[int, str] = {}
+    patient_split: dict[str, tuple[str, int]] = {}  # split key -> (split, a case of it there)
     for s in splits:
         expected = {cid: m.windows for cid, m in done.items() if m.split == s and m.has_windows}
         parts = [r for r in results if r[0][0] == s]
@@ -266,11 +268,18 @@ def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, .
         pairs = cid * (1 << 32) + ws
         if np.unique(pairs).size != pairs.size:
             problems.append(f"{s}: duplicate (case_id, window_start) examples")
+        patients = set()
         for c in got:
             if c in seen_split and seen_split[c] != s:
                 problems.append(f"case {c} is in both {seen_split[c]} and {s}")
             seen_split[c] = s
+            key = done[c].patient if c in done else str(c)
+            patients.add(key)
+            other = patient_split.setdefault(key, (s, c))
+            if other[0] != s:
+                problems.append(f"patient {key} is in both {other[0]} (case {other[1]}) and {s} (case {c})")
         per_split[s] = {"files": len(files[s]), "examples": int(cid.size), "cases": len(got),
+                        "patients": len(patients),
                         "expected_examples": int(sum(expected.values())), "expected_cases": len(expected)}
     for cid, err in damaged.items():
         problems.append(f"case {cid}: {err} (the split file above holds its damage)")

@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.contracts import DoneMarker, FailedMarker
-from transforms.load import is_local  # one helper for the loader and the pipeline
+from transforms.sources import is_local  # one helper for the sources and the pipeline
 
 DONE, FAILED = "_done", "_failed"
 METADATA_NAME = "preprocessing_metadata.json"

@@ -61,6 +61,18 @@ def write_dataset(folder: str, good=GOOD, duration_s: int = 1500) -> str:
     return folder
 
 
+def expected_split(case_id: int, clinical_csv: str, seed: int = 42, percent=(70, 15, 15)) -> str:
+    """A case's split computed here, independently of the pipeline's code
+    (contract 1.2): key "s<subjectid>" from its row, else the case id."""
+    import hashlib
+    df = pd.read_csv(clinical_csv, dtype={"subjectid": str})
+    rows = df[df["caseid"] == case_id]
+    sid = rows["subjectid"].iloc[0] if len(rows) and "subjectid" in df else None
+    key = f"s{int(float(sid))}" if isinstance(sid, str) and sid.strip() else str(case_id)
+    bucket = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16) % 100
+    return "train" if bucket < percent[0] else "validation" if bucket < percent[0] + percent[1] else "test"
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory) -> str:
     return write_dataset(str(tmp_path_factory.mktemp("vital")))

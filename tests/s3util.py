@@ -82,6 +82,7 @@ class FaultProxy:
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "500": 0, "503": 0, "drop": 0, "drop_after": 0}
+        self.sent: dict[str, int] = {}  # body bytes of GET answers passed on, per path
         self.port = free_port()
         proxy = self
 
@@ -148,6 +149,10 @@ class FaultProxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
+                if self.command == "GET":
+                    path = self.path.split("?", 1)[0]
+                    with proxy.lock:
+                        proxy.sent[path] = proxy.sent.get(path, 0) + len(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

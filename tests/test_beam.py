@@ -13,6 +13,7 @@ from transforms.beam import FAILED, ArraysCoder, LoadCase, TransformCase
 from transforms.case import CaseWindows
 from transforms.settings import Settings
 from transforms.load import ClinicalTable, RawCase, read_clinical
+from transforms.sources import Source
 
 OPTS = ["--direct_running_mode=in_memory"]
 
@@ -22,7 +23,7 @@ def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
     with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
         res = (p | beam.Create([1, TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, MISSING, DUPLICATE_ROW])
-               | beam.ParDo(LoadCase(dataset, Settings()), side).with_outputs(FAILED, main="ok"))
+               | beam.ParDo(LoadCase(Source.for_location(dataset), Settings()), side).with_outputs(FAILED, main="ok"))
         assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0, r.row["caseid"])),
                     equal_to([(1, True, 1)]), label="Loaded")
         assert_that(res[FAILED] | beam.Map(lambda f: (f["case_id"], f["reason"])),
@@ -36,7 +37,7 @@ def test_transform_case_uses_the_clinical_side_input(dataset):
     with BeamTestPipeline(options=PipelineOptions(OPTS)) as p:
         side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
         res = (p | beam.Create([2, SHORT, NO_ROW])
-               | beam.ParDo(LoadCase(dataset, Settings()), side)
+               | beam.ParDo(LoadCase(Source.for_location(dataset), Settings()), side)
                | beam.ParDo(TransformCase(Settings())))
         assert_that(res | beam.Map(lambda cw: (cw.case_id, cw.facts.windows, cw.facts.dose_weight_default,
                                                cw.facts.no_clinical_row)),
@@ -50,7 +51,7 @@ def test_process_cases_commits_and_counts(dataset, tmp_path):
     p = BeamTestPipeline(options=PipelineOptions(OPTS))
     ids = p | beam.Create([1, 2, SHORT, EMPTY])
     side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
-    committed, failed = ids | stage1.ProcessCases(dataset, out, Settings(), side)
+    committed, failed = ids | stage1.ProcessCases(Source.for_location(dataset), out, Settings(), side)
     assert_that(committed | beam.Map(lambda d: (d["case_id"], d["status"])),
                 equal_to([(1, "ok"), (2, "ok"), (SHORT, "too_short")]), label="Committed")
     assert_that(failed | beam.Map(lambda f: f["case_id"]), equal_to([EMPTY]), label="Failed")
@@ -68,7 +69,7 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     """Runner-neutral: pickled DoFns, side inputs, no driver-only objects."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
     p = beam.Pipeline(options=PipelineOptions(OPTS))
-    stage1.build_stage1(p, StageJob(1, str(tmp_path), Settings(), case_ids=[1, 2], input=dataset,
+    stage1.build_stage1(p, StageJob(1, str(tmp_path), Settings(), case_ids=[1, 2], source=Source.for_location(dataset),
                                     clinical=ClinicalTable("c.csv", {1: {"weight": 70}})))
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}

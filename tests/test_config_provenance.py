@@ -69,7 +69,9 @@ def test_provenance_names_the_code_and_every_input(dataset, tmp_path):
         assert got["bytes"] == os.path.getsize(path) and got["mtime"] == os.stat(path).st_mtime
     clinical = f"{dataset}/clinical_data.csv"
     assert p["clinical"] == [{"path": clinical, "bytes": os.path.getsize(clinical), "cases": 2,
-                              "sha256": hashlib.sha256(open(clinical, "rb").read()).hexdigest()}]
+                              "sha256": hashlib.sha256(open(clinical, "rb").read()).hexdigest(),
+                              "format": {"separator": "comma", "decimal": "point", "encoding": "utf-8"},
+                              "split_key": "subjectid"}]
     assert p["package"]["name"] == "master-poc-preprocessing" and p["package"]["version"]
     assert p["package"]["commit"]  # this checkout's, or the image's build argument
     assert set(p["versions"]) >= {"vitaldb", "apache-beam", "tfx-bsl", "python"}

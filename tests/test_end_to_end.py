@@ -6,14 +6,15 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import (INMEM, REPO, ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
+from conftest import (INMEM, expected_split, REPO, ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
                       NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, copy_repo, examples_by_key, read_examples,
                       run_cli)
 from pipeline import storage
+from pipeline.sample import sample_split
 from transforms import features, load, spec
 from transforms.case import process_case
 from transforms.settings import Settings
-from transforms.windows import assign_split
+from transforms.sources import Source
 
 EXPECTED_FAILURES = {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file", NOT_VITAL: "corrupt_file",
                      NO_TRACKS: "no_tracks", MISSING: "missing_file", DUPLICATE_ROW: "duplicate_clinical_row"}
@@ -27,7 +28,7 @@ def all_examples(out):
     return {s: read_examples(split_files(out, s)) for s in spec.SPLIT_NAMES}
 
 
-def test_run_writes_correct_splits_metadata_and_schema(run_output):
+def test_run_writes_correct_splits_metadata_and_schema(run_output, dataset):
     rc, out = run_output
     assert rc == 0
     meta = json.load(open(f"{out}/preprocessing_metadata.json"))
@@ -42,7 +43,7 @@ def test_run_writes_correct_splits_metadata_and_schema(run_output):
                 assert np.all(np.abs(e[k]) <= 1.0)
             cid = int(e["case_id"][0])
             assert seen.setdefault(cid, s) == s, f"case {cid} in two splits"
-            assert assign_split(cid) == s
+            assert expected_split(cid, f"{dataset}/clinical_data.csv") == s
     assert sorted(seen) == sorted(GOOD + [NO_ROW, IMPLAUSIBLE])
     for cid in seen:
         assert sum(1 for e in exs[seen[cid]] if e["case_id"][0] == cid) == (1500 - 301) // 30 + 1
@@ -63,9 +64,9 @@ def test_examples_hold_the_case_values_in_order(run_output, dataset):
     window, the right target second, the static row."""
     _, out = run_output
     cid = GOOD[0]
-    split = assign_split(cid)
+    split = sample_split(cid)
     ex = examples_by_key(read_examples(split_files(out, split)))
-    rc = load.load_case(dataset, cid)
+    rc = load.load_case(Source.for_location(dataset), cid)
     cw = process_case(cid, rc.raw, load.read_clinical(f"{dataset}/clinical_data.csv").row(cid), Settings())
     e = ex[(cid, 60)]
     np.testing.assert_allclose(e["timeseries"], cw.timeseries[2], atol=0)
@@ -159,9 +160,9 @@ def test_finalize_is_idempotent_and_verify_detects_damage(dataset, tmp_path, cap
 def test_orphan_case_object_without_marker_is_never_counted(dataset, tmp_path):
     out = str(tmp_path / "o")
     assert run_cli(*["--input", dataset, "--output", out, "--cases", "1,2", INMEM]) == 0
-    split = assign_split(3)
+    split = sample_split(3)
     orphan = storage.case_object(out, split, 3)
-    storage.write_atomic(orphan, open(storage.case_object(out, assign_split(1), 1), "rb").read())
+    storage.write_atomic(orphan, open(storage.case_object(out, sample_split(1), 1), "rb").read())
     assert run_cli(*["finalize", "--output", out, INMEM]) == 0
     ids = {int(e["case_id"][0]) for s in spec.SPLIT_NAMES for e in read_examples(split_files(out, s))}
     assert ids == {1, 2}
@@ -173,7 +174,7 @@ def test_emit_mask_round_trips(dataset, tmp_path):
     assert run_cli(*["--input", dataset, "--output", out, "--cases", "1", "--emit-mask", INMEM]) == 0
     feats = {"observed": tf.io.FixedLenFeature([4800], tf.float32),
              "timeseries": tf.io.FixedLenFeature([4800], tf.float32)}
-    ex = read_examples(split_files(out, assign_split(1)), feats)
+    ex = read_examples(split_files(out, sample_split(1)), feats)
     obs = np.stack([e["observed"] for e in ex]).reshape(-1, 300, 16)
     assert set(np.unique(obs)) <= {0.0, 1.0}
     # HR is recorded every 2 s (with drop-outs): about half the seconds are measured.
@@ -227,24 +228,24 @@ def test_the_readmes_first_command_runs_the_sample_job(tmp_path):
 def test_other_monitors_files_fail_as_no_tracks_naming_their_tracks(dataset, tmp_path):
     from conftest import INTELLIVUE_TRACKS, write_foreign_monitor_file
     with pytest.raises(load.CaseError) as err:
-        load.load_case(dataset, NO_TRACKS)
+        load.load_case(Source.for_location(dataset), NO_TRACKS)
     assert err.value.code == "no_tracks"
     detail = err.value.detail
     assert "has 14 track(s): " + ", ".join(INTELLIVUE_TRACKS[:12]) + " and 2 more" in detail
     # A few tracks: all named, no count.
     write_foreign_monitor_file(str(tmp_path / "0001.vital"), ["GE/HR", "GE/NIBP_SYS"])
     with pytest.raises(load.CaseError) as err:
-        load.load_case(str(tmp_path), 1)
+        load.load_case(Source.for_location(str(tmp_path)), 1)
     assert err.value.code == "no_tracks" and err.value.detail.endswith("has 2 track(s): GE/HR, GE/NIBP_SYS")
     # corrupt_file only when it really is: a gzip file that is not a .vital file, a damaged stream.
     with pytest.raises(load.CaseError) as err:
-        load.load_case(dataset, NOT_VITAL)
+        load.load_case(Source.for_location(dataset), NOT_VITAL)
     assert err.value.code == "corrupt_file" and "no VITA signature" in err.value.detail
     data = bytearray(open(f"{dataset}/{GOOD[0]:04d}.vital", "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(tmp_path / "0002.vital", "wb").write(bytes(data))
     with pytest.raises(load.CaseError) as err:
-        load.load_case(str(tmp_path), 2)
+        load.load_case(Source.for_location(str(tmp_path)), 2)
     assert err.value.code == "corrupt_file"
 
 
@@ -255,7 +256,7 @@ def test_clinical_entry_errors_are_missing_listed_and_shown(run_output, capsys):
                                                                     if k != "sex"}}
     assert meta["cases"]["static_defaults"][str(IMPLAUSIBLE)] == ["age", "height", "weight", "bmi", "asa"]
     assert IMPLAUSIBLE in meta["cases"]["dose_weight_default"]
-    assert meta["settings"]["spec_version"] == "1.1"
+    assert meta["settings"]["spec_version"] == "1.2"
     dup = next(f for f in meta["cases"]["failed"] if f["case_id"] == DUPLICATE_ROW)
     assert "weight" in dup["detail"] and "data rows" in dup["detail"]
     html = open(f"{out}/report/index.html").read()
@@ -268,7 +269,7 @@ def test_output_of_an_older_contract_is_refused_without_overwrite(dataset, tmp_p
     out = tmp_path / "o"
     assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 0
     settings = json.load(open(out / "cases" / "_settings.json"))
-    json.dump(dict(settings, spec_version="1.0"), open(out / "cases" / "_settings.json", "w"))
+    json.dump(dict(settings, spec_version="1.1"), open(out / "cases" / "_settings.json", "w"))
     assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1", INMEM]) == 2
     assert "spec_version" in capsys.readouterr().err
     assert run_cli(*["--input", dataset, "--output", str(out), "--cases", "1", "--overwrite", INMEM]) == 0
@@ -288,7 +289,7 @@ def test_damaged_files_are_named_and_a_rerun_heals_them(dataset, tmp_path, capsy
     # A changed byte in a case object: finalize copies it, verification names the
     # split file and the case object, the case becomes failed; a rerun recomputes it.
     assert run_cli(*["finalize", "--output", out, INMEM]) == 0  # repaired from the case objects
-    victim = storage.case_object(out, assign_split(2), 2)
+    victim = storage.case_object(out, sample_split(2), 2)
     data = bytearray(open(victim, "rb").read())
     data[len(data) // 3] ^= 0x01
     open(victim, "wb").write(bytes(data))
@@ -298,7 +299,7 @@ def test_damaged_files_are_named_and_a_rerun_heals_them(dataset, tmp_path, capsy
     assert f"case 2: case object {victim} is damaged" in text
     assert storage.read_json(storage.marker_path(out, storage.FAILED, 2))["reason"] == "damaged_case_object"
     # A truncated case object is found before any shard is written.
-    victim3 = storage.case_object(out, assign_split(3), 3)
+    victim3 = storage.case_object(out, sample_split(3), 3)
     head = open(victim3, "rb").read()[:100]
     open(victim3, "wb").write(head)
     assert run_cli(*["finalize", "--output", out, INMEM]) == 1

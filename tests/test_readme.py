@@ -79,14 +79,14 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_real_data(workdir, capsys):
+def run_real_data(workdir, capsys, monkeypatch):
     (line,) = commands(blocks()["real-data"][1])
     assert run_readme_line(line) == 0
     meta = json.load(open("out/preprocessing_metadata.json"))
     assert meta["cases"]["requested"] == 12 and len(meta["cases"]["ok"]) == 12
 
 
-def run_config(workdir, capsys):
+def run_config(workdir, capsys, monkeypatch):
     Path("run.yaml").write_text(blocks()["config-file"][1])
     first, second = commands(blocks()["config-run"][1])
     assert run_readme_line(first) == 0
@@ -100,7 +100,7 @@ def run_config(workdir, capsys):
     assert split_bytes("out-v2-rebuilt") == split_bytes("out-v2")
 
 
-def run_trackmap(workdir, capsys):
+def run_trackmap(workdir, capsys, monkeypatch):
     from test_trackmap_delta import TO_INTELLIVUE
     sample.write_sample("data/intellivue-files", [1, 2, 3], 1200, rename=TO_INTELLIVUE)
     (line,) = commands(blocks()["trackmap"][1])
@@ -109,13 +109,27 @@ def run_trackmap(workdir, capsys):
     assert q["features"][0]["sources"]["Intellivue/HR"] == 1.0
 
 
-def run_portable(workdir, capsys):
+def run_vitaldb(workdir, capsys, monkeypatch):
+    """The open dataset from its web API: a stand-in for the API on loopback."""
+    from transforms.sources import VITALDB_API_ENV
+    from webstandin import StandIn
+    sample.write_sample("api-files", list(range(1, 21)), 900)
+    (line,) = commands(blocks()["vitaldb"][1])
+    with StandIn("api-files") as api:
+        monkeypatch.setenv(VITALDB_API_ENV, api.url)
+        assert run_readme_line(line) == 0
+    meta = json.load(open("output/preprocessing_metadata.json"))
+    assert meta["input"] == "vitaldb" and meta["cases"]["ok"] == list(range(1, 21))
+    assert meta["transfer"]["cases"] == 20 and meta["split"]["by"] == "patient"
+
+
+def run_portable(workdir, capsys, monkeypatch):
     (line,) = commands(blocks()["portable"][1])
     assert run_readme_line(line) == 0
     assert json.load(open("out-portable/preprocessing_metadata.json"))["status"] == "complete"
 
 
-def run_shares(workdir, capsys):
+def run_shares(workdir, capsys, monkeypatch):
     """Each scheduler's index, converted as the recipe does, gives shares 1..6."""
     for name, var, first in (("share-kubernetes", "JOB_COMPLETION_INDEX", 0),
                              ("share-batch", "AWS_BATCH_JOB_ARRAY_INDEX", 0), ("share-slurm", "SLURM_ARRAY_TASK_ID", 0)):
@@ -130,14 +144,15 @@ def run_shares(workdir, capsys):
         assert shares == [f"{i}/6" for i in range(1, 7)], name
 
 
-def run_launch(workdir, capsys):
+def run_launch(workdir, capsys, monkeypatch):
     """The launch commands through --dry-run, with the README's variables."""
     env = dict(os.environ, REPO="123456789012.dkr.ecr.eu-north-1.amazonaws.com/master-poc-preprocess",
                ACCOUNT="123456789012", REGION="eu-north-1", KMS="arn:aws:kms:eu-north-1:123456789012:key/k",
                SAGEMAKER_VALIDATE_ROLE="false")
     from launch import launcher
     Path("run.yaml").write_text(blocks()["config-file"][1])
-    lines = commands(blocks()["launch"][1]) + commands(blocks()["launch-config"][1])
+    lines = (commands(blocks()["launch"][1]) + commands(blocks()["launch-config"][1])
+             + commands(blocks()["launch-vitaldb"][1]))
     common = next(line for line in lines if line.startswith("COMMON="))
     requests = []
     for line in lines:
@@ -151,7 +166,8 @@ def run_launch(workdir, capsys):
         capsys.readouterr()
         assert launcher.main(argv) == 0, capsys.readouterr().err
         requests.append(json.loads(capsys.readouterr().out))
-    assert [r["ResourceConfig"]["InstanceCount"] for r in requests] == [2, 2, 6, 6]
+    assert [r["ResourceConfig"]["InstanceCount"] for r in requests] == [2, 2, 6, 6, 6]
+    assert requests[4]["HyperParameters"]["input"] == "vitaldb"
     assert requests[2]["VpcConfig"] == {"Subnets": ["subnet-0123abcd", "subnet-4567ef01"],
                                         "SecurityGroupIds": ["sg-0a1b2c3d"]}
     assert requests[3]["HyperParameters"]["tracks"] == "intellivue"
@@ -159,13 +175,14 @@ def run_launch(workdir, capsys):
 
 RUN_HERE = {"real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
             "portable": run_portable, "share-kubernetes": run_shares, "share-batch": run_shares,
-            "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch}
+            "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch,
+            "launch-vitaldb": run_launch, "vitaldb": run_vitaldb}
 
 
 @pytest.mark.parametrize("runner", sorted(set(RUN_HERE.values()), key=lambda f: f.__name__),
                          ids=lambda f: f.__name__)
-def test_readme_block_runs_as_printed(runner, workdir, capsys):
-    runner(workdir, capsys)
+def test_readme_block_runs_as_printed(runner, workdir, capsys, monkeypatch):
+    runner(workdir, capsys, monkeypatch)
 
 
 def test_runner_blocks_pass_their_beam_flags_through():

@@ -62,11 +62,26 @@ def test_launcher_creates_the_job_and_dry_run_shows_what_is_sent(moto_endpoint, 
     assert hp_req.settings.horizon == 5 and hp_req.settings.emit_mask and str(hp_req.options.share) == "2/3"
 
 
+def test_the_launcher_takes_the_open_dataset_as_input(capsys, monkeypatch):
+    """A 3000-case job with no input bucket: every instance reads VitalDB's web API."""
+    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
+    args = launch_args("mpp-vitaldb") + ["--role", "arn:aws:iam::123456789012:role/x", "--dry-run"]
+    args[args.index("--input") + 1] = "vitaldb"
+    args[args.index("--cases") + 1] = "1-3000"
+    assert launcher.main(args) == 0
+    hp = json.loads(capsys.readouterr().out)["HyperParameters"]
+    assert hp["input"] == "vitaldb" and hp["cases"] == "1-3000"
+    req = entrypoint.request_for_host(hp, "algo-1", ["algo-1"])
+    assert req.options.input == "vitaldb"
+
+
 @pytest.mark.parametrize("change,message", [
     ({"--max-wait": "3600"}, "must exceed --max-run"),
     ({"--instance-count": "0"}, "instance_count '0': must be a positive integer"),
     ({"--cases": "1-5,x"}, "'x'"),
     ({"--output": "/local/out"}, "--output must be an s3:// prefix"),
+    ({"--input": "/local/in"}, "--input must be an s3:// prefix, an https:// base URL or 'vitaldb'"),
+    ({"--input": "vitaldb", "--clinical": "/local/c.csv"}, "--clinical must be on s3:// or https://"),
     ({"--job-name": "bad_name!"}, "--job-name"),
     ({"--security-group-ids": ""}, "--subnets and --security-group-ids go together"),
     ({"--hyperparameter": "windw=600"}, "unknown hyperparameter(s) ['windw']"),
@@ -77,7 +92,10 @@ def test_invalid_launcher_input_is_refused_before_any_aws_call(change, message, 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: any call would fail
     args = launch_args("mpp-bad") + ["--role", "arn:aws:iam::123456789012:role/x"]
     for flag, value in change.items():
-        args[args.index(flag) + 1] = value
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
     assert launcher.main(args) == 2
     assert message in capsys.readouterr().err
 
@@ -243,3 +261,26 @@ def test_bad_job_configuration_writes_the_failure_file(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_POC_SM_ROOT", str(root))
     assert entrypoint.main(["train"]) == 2
     assert "unknown option(s) windows" in (root / "output/failure").read_text()
+
+
+def test_a_host_reads_the_open_dataset_from_the_web_api(moto_endpoint, tmp_path):
+    """The entry point as SageMaker runs it, one host, --input vitaldb: the
+    cases come from the (stand-in) web API, the output goes to S3."""
+    from pipeline import sample
+    from transforms.sources import VITALDB_API_ENV
+    from webstandin import StandIn
+    folder = tmp_path / "api"
+    sample.write_sample(str(folder), [1, 2, 3], 900, waveforms=True)
+    boto_client(moto_endpoint).create_bucket(Bucket="sm-web")
+    hp = {"cases": "1-3", "input": "vitaldb", "output": "s3://sm-web/out",
+          "beam_args": "--direct_running_mode=in_memory"}
+    root = host_root(tmp_path, "algo-1", hp, hosts=("algo-1",))
+    with StandIn(str(folder)) as api:
+        res = subprocess.run([os.path.join(BIN, "master-poc-sagemaker"), "train"], capture_output=True, text=True,
+                             env=dict(host_env(root, moto_endpoint), **{VITALDB_API_ENV: api.url}), timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert [p for m, p, _ in api.log if m == "GET"].count("/cases") == 1
+    meta = json.loads(boto_client(moto_endpoint).get_object(Bucket="sm-web", Key="out/preprocessing_metadata.json")
+                      ["Body"].read())
+    assert meta["status"] == "complete" and meta["cases"]["ok"] == [1, 2, 3]
+    assert meta["source"]["dataset"] == "VitalDB open dataset 1.0.1" and meta["transfer"]["cases"] == 3

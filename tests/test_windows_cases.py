@@ -124,14 +124,14 @@ def test_examples_are_protobufs_deterministic_serialization():
 
 
 def test_the_embedded_samples_case_ids_fill_every_split():
-    from pipeline.sample import sample_case_ids
+    from pipeline.sample import sample_case_ids, sample_split
     from transforms.settings import Settings
     for n, settings in ((20, Settings()), (4, Settings()), (12, Settings(split=(50, 25, 25), split_seed=7)),
                         (3, Settings(split=(80, 0, 20)))):
         ids = sample_case_ids(n, settings)
         assert len(ids) == len(set(ids)) == n
-        got = [assign_split(i, settings.split, settings.split_seed) for i in ids]
+        got = [sample_split(i, settings) for i in ids]
         wanted = [name for name, pct in zip(spec.SPLIT_NAMES, settings.split) if pct]
         assert set(got) == set(wanted), (n, settings.split)
     ids = sample_case_ids(20)
-    assert [assign_split(i) for i in ids].count("train") == 14  # 70 % of 20
+    assert [sample_split(i) for i in ids].count("train") == 14  # 70 % of 20

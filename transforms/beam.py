@@ -16,10 +16,11 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 
-from transforms import encode
+from transforms import encode, sources
 from transforms.case import CaseWindows, process_case
 from transforms.settings import Settings
 from transforms.load import CaseError, CaseTodo, ClinicalTable, RawCase, load_case
+from transforms.sources import Source
 
 NAMESPACE = "master_poc"
 FAILED = "failed"
@@ -67,12 +68,13 @@ beam.coders.registry.register_coder(CaseWindows, ArraysCoder)
 
 
 class LoadCase(beam.DoFn):
-    """case id + clinical table (side input) -> RawCase: the `.vital` file via
-    FileSystems, parsed by vitaldb, with the case's clinical row. A case with
-    two different clinical rows fails before its file is read."""
+    """case id + clinical table (side input) -> RawCase: the `.vital` file
+    from its source (local, object store, web server; streamed), parsed by
+    vitaldb, with the case's clinical row. A case with two different clinical
+    rows fails before its file is read."""
 
-    def __init__(self, input_dir: str, settings: Settings):
-        self._input = input_dir
+    def __init__(self, source: Source, settings: Settings):
+        self._source = source
         self._settings = settings
 
     def setup(self):
@@ -84,7 +86,7 @@ class LoadCase(beam.DoFn):
         try:
             if case_id in clinical.duplicates:
                 raise CaseError("duplicate_clinical_row", clinical.duplicates[case_id])
-            rc = load_case(self._input, case_id, self._spec)
+            rc = load_case(self._source, case_id, self._spec, todo.located)
             rc.row = clinical.row(case_id)
             rc.previous_input = todo.previous_input
             rc.clinical = clinical.identity
@@ -112,7 +114,7 @@ class TransformCase(beam.DoFn):
             cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
             cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
             previous = raw_case.previous_input
-            if previous and previous.get("crc32c") != raw_case.input.get("crc32c"):
+            if previous and sources.content_changed(previous, raw_case.input):
                 cw.facts.changed_input = previous
             yield cw
         except Exception as e:  # dead letter, see _internal

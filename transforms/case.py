@@ -24,6 +24,9 @@ class CaseFacts:
 
     case_id: int
     split: str = ""
+    # What the split was hashed from (contract 1.2): "s<subjectid>" (the patient), or
+    # the case id where the clinical row names no patient.
+    split_key: str = ""
     windows: int = 0
     duration_s: int = 0  # recording length
     used_from_s: int = 0  # first second used (cropping)
@@ -121,9 +124,10 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
         since = windows.make_windows(features.since_measured(rules == features.MEASURED), settings.window,
                                      settings.step, settings.horizon, fs.target_index)[1]
     starts = starts + lo  # seconds from the recording start, also when cropped
-    split = windows.assign_split(case_id, settings.split, settings.split_seed)
+    key = windows.split_key(case_id, (row or {}).get("subjectid"))
+    split = windows.assign_split(key, settings.split, settings.split_seed)
     facts = CaseFacts(
-        case_id=case_id, split=split, windows=int(len(starts)), duration_s=int(T_full), used_from_s=int(lo),
+        case_id=case_id, split=split, split_key=key, windows=int(len(starts)), duration_s=int(T_full), used_from_s=int(lo),
         used_seconds=int(raw.shape[0]), no_clinical_row=row is None, static_defaults=static_defaults,
         static_implausible={k: _jsonable(v) for k, v in cv.implausible.items()},
         dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,

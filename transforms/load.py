@@ -1,36 +1,32 @@
-"""Loading a case: the `.vital` file through Beam's FileSystems (local, s3://,
-gs://) parsed by the `vitaldb` library, and the clinical table.
+"""Loading a case: its `.vital` file, local or streamed from an object store
+or a web server (transforms.sources), parsed by the `vitaldb` library as it
+arrives; and the clinical table, as VitalDB or a hospital writes it.
 """
 from __future__ import annotations
 
-import contextlib
+import csv
 import gzip
 import hashlib
 import io
 import logging
 import math
-import os
-import tempfile
+import re
 import threading
 import time
 import types
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Optional
 
 import google_crc32c
 import numpy as np
 import pandas as pd
 import vitaldb
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.io.localfilesystem import LocalFileSystem
 
-from transforms import spec
-from transforms.cases import case_file_candidates
+from transforms import remote, sources, spec
+from transforms.sources import Source
 
 _LOG = logging.getLogger(__name__)
-_CHUNK = 8 << 20
 # vitaldb's own bound on one recording (7 days); a longer span comes from a
 # bad header time and would allocate a grid of years.
 MAX_RECORDING_S = 7 * 24 * 3600
@@ -52,6 +48,7 @@ class CaseTodo:
 
     case_id: int
     previous_input: Optional[dict] = None
+    located: Optional[tuple] = None  # (path, identity) when already found (sources.Source.locate)
 
 
 @dataclass
@@ -63,19 +60,12 @@ class RawCase:
     # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
     timings: dict = field(default_factory=dict)
     row: Optional[dict] = None  # the case's clinical row, None if the table has none
-    # The input file's identity: path, bytes, crc32c (of the bytes read), and
-    # mtime (local) or etag (object store): provenance, and change detection.
+    # The input file's identity (transforms.sources.Source.stat) and what reading it
+    # found: locally the whole file's crc32c; remotely bytes_read, requests, retries
+    # and crc32c_read (of the bytes read): provenance, and change detection.
     input: dict = field(default_factory=dict)
     previous_input: Optional[dict] = None  # the identity of an earlier commit of this case, if any
     clinical: dict = field(default_factory=dict)  # the clinical table's identity
-
-
-def find_case_file(input_dir: str, case_id: int) -> str:
-    for path in case_file_candidates(input_dir, case_id):
-        if FileSystems.exists(path):
-            return path
-    raise CaseError("missing_file", "no " + " or ".join(p.rsplit("/", 1)[-1] for p in case_file_candidates(input_dir, case_id))
-                    + f" in {input_dir}")
 
 
 class _TrackedGzipReader(gzip._GzipReader):
@@ -96,15 +86,16 @@ class _TrackedGzipFile(gzip.GzipFile):
     while it reads records, and returns what it had: partial data with no
     error. It reads through `gzip.GzipFile`, whose stream reader raises
     EOFError on a stream that ends early and BadGzipFile on a CRC/length
-    mismatch, so this class, installed as vitaldb's `gzip.GzipFile`, records
-    such an error for the caller. The hook sits on the reader that refills
-    the buffer (a few thousand calls per file), not on GzipFile.read, which
-    vitaldb calls ~200,000 times for a 4-hour case (wrapping that cost
-    0.05-0.08 s per case, measured). vitaldb stops reading a packed file
-    after the last wanted track, so a file damaged only beyond our tracks
-    still yields complete data, and is accepted. Checking the stream here
-    instead of in a separate pass saves inflating every file twice (0.16 s
-    of a 0.5 s parse of a 4-hour case, measured).
+    mismatch (and a remote stream raises remote.TransferError when its
+    retries run out), so this class, installed as vitaldb's `gzip.GzipFile`,
+    records such an error for the caller. The hook sits on the reader that
+    refills the buffer (a few thousand calls per file), not on
+    GzipFile.read, which vitaldb calls ~200,000 times for a 4-hour case
+    (wrapping that cost 0.05-0.08 s per case, measured). vitaldb stops
+    reading a packed file after the last wanted track, so a file damaged
+    only beyond our tracks still yields complete data, and is accepted.
+    Checking the stream here instead of in a separate pass saves inflating
+    every file twice (0.16 s of a 0.5 s parse of a 4-hour case, measured).
     """
 
     def __init__(self, *args, **kwargs):
@@ -167,117 +158,117 @@ class FileHasher:
         return self.hexdigest()
 
 
-# Per parsing thread: the gzip error vitaldb swallowed, and the hasher to feed.
+# Per parsing thread: the gzip error vitaldb swallowed, the hasher to feed,
+# and the remote stream vitaldb's urlopen is to return.
 _PARSE_STATE = threading.local()
 _PARSE_LOCK = threading.Lock()
 
 
-def _install_tracked_gzip() -> None:
+def _urlopen(url, *args, **kwargs):
+    """vitaldb's `urllib.request.urlopen`: hands it the stream opened for
+    this parse (with timeouts, retries and range reads, transforms.remote).
+    vitaldb never opens a URL itself: its urlopen has no timeout and no retry."""
+    stream = getattr(_PARSE_STATE, "stream", None)
+    if stream is None or stream.name != url:
+        raise RuntimeError(f"vitaldb may only read streams this pipeline opened (asked for {url})")
+    return stream
+
+
+def _install_hooks() -> None:
     mod = types.ModuleType("gzip")
     mod.__dict__.update(gzip.__dict__)
     mod.GzipFile = _TrackedGzipFile
     vitaldb.utils.gzip = mod
+    vitaldb.utils.request = types.SimpleNamespace(urlopen=_urlopen)
 
 
-_install_tracked_gzip()
+_install_hooks()
 
 
-def is_local(path: str) -> bool:
-    return isinstance(FileSystems.get_filesystem(path), LocalFileSystem)
-
-
-def input_state(path: str) -> dict:
-    """What tells whether a case's input file changed, cheaply (no read):
-    size and modification time locally, the object's checksum (S3: its ETag)
-    on an object store."""
-    if is_local(path):
-        st = os.stat(path)
-        return {"path": path, "bytes": st.st_size, "mtime": st.st_mtime}
-    return {"path": path, "etag": FileSystems.checksum(path)}
-
-
-def same_input(committed: dict, current: dict) -> bool:
-    """Whether the file a case was committed from is still the same file."""
-    keys = [k for k in ("path", "bytes", "mtime", "etag") if k in current]
-    return bool(committed) and all(committed.get(k) == current[k] for k in keys)
-
-
-@contextlib.contextmanager
-def local_file(path: str) -> Iterator[tuple[str, dict, Optional[FileHasher]]]:
-    """(a local path to parse, the input's identity so far, a hasher for the
-    parse to feed or None): the file itself, or a worker-local copy of a
-    remote one (s3://, gs://), streamed without decompressing, hashed while
-    copied, and removed afterwards."""
-    if is_local(path):
-        yield path, input_state(path), FileHasher()
-        return
-    identity = input_state(path)
-    with tempfile.TemporaryDirectory(prefix="master-poc-case-") as tmpdir:
-        dst = os.path.join(tmpdir, "case.vital")
-        size, hasher = 0, FileHasher()
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as src, open(dst, "wb") as out:
-            while True:
-                chunk = src.read(_CHUNK)
-                if not chunk:
-                    break
-                size += len(chunk)
-                hasher.update(chunk)
-                out.write(chunk)
-        yield dst, dict(identity, bytes=size, crc32c=hasher.hexdigest()), None
-
-
-def _check_signature(local: str) -> None:
-    """A .vital file is one gzip stream that starts with b"VITA"."""
-    with open(local, "rb") as fh:
-        head = fh.read(2)
+def check_signature(head: bytes) -> None:
+    """A .vital file is one gzip stream that starts with b"VITA": CaseError
+    naming what `head` (the file's first bytes) is instead."""
     if not head:
         raise CaseError("corrupt_file", "empty file")
-    if head != b"\x1f\x8b":
+    if head[:2] != b"\x1f\x8b":
         raise CaseError("corrupt_file", "not a gzip/.vital file (wrong magic bytes)")
     try:
-        with gzip.open(local, "rb") as fh:
-            sign = fh.read(4)
-    except (OSError, EOFError, zlib.error) as e:
-        raise CaseError("corrupt_file", f"damaged gzip stream ({type(e).__name__}: {e})") from None
+        sign = zlib.decompressobj(31).decompress(head, 4)
+    except zlib.error as e:
+        raise CaseError("corrupt_file", f"damaged gzip stream (error: {e})") from None
+    if len(sign) < 4 and len(head) < remote.HEAD_BYTES:
+        raise CaseError("corrupt_file", "truncated file (gzip stream ends early)")
     if sign != b"VITA":
         raise CaseError("corrupt_file", "a gzip file, but not a .vital file (no VITA signature)")
 
 
-def _vitaldb_parse(local: str, hasher: Optional[FileHasher] = None, **kwargs) -> vitaldb.VitalFile:
-    """vitaldb.VitalFile(local, **kwargs); CaseError if the gzip stream is
-    damaged where vitaldb read it (see _TrackedGzipFile)."""
+def _file_head(path: str, stream) -> bytes:
+    if stream is not None:
+        return stream.head
+    with open(path, "rb") as fh:
+        return fh.read(remote.HEAD_BYTES)
+
+
+class _TrackNames(list):
+    """The track names handed to vitaldb, which also remembers every name
+    vitaldb asks about (`in`, once per track of the file): the file's track
+    list, to describe a file without our tracks with no second pass."""
+
+    def __init__(self, names):
+        super().__init__(names)
+        self.seen: list[str] = []
+
+    def __contains__(self, name) -> bool:
+        self.seen.append(name)
+        return super().__contains__(name)
+
+
+def _transfer_error(e: Exception) -> CaseError:
+    if isinstance(e, remote.NotFound):
+        return CaseError("missing_file", str(e))
+    return CaseError("download_failed", f"{e} (a rerun tries again)")
+
+
+def parse_vital(path: str, tracks: list[str], hasher: Optional[FileHasher] = None, stream=None):
+    """vitaldb's parse of the given tracks (full Device/TRACK names) of a
+    local file, or of `stream` (a remote file, read as it arrives), feeding
+    `hasher` with the file's bytes as they are read. Returns (VitalFile,
+    every track name in the file). CaseError names what is wrong: a damaged
+    or truncated gzip stream, not a .vital file, a failed download."""
+    names = _TrackNames(tracks)
     with _PARSE_LOCK:
         _PARSE_STATE.error = None
         _PARSE_STATE.hasher = hasher
+        _PARSE_STATE.stream = stream
+        failed: Optional[Exception] = None
         try:
-            vf = vitaldb.VitalFile(local, **kwargs)
+            vf = vitaldb.VitalFile(path, track_names=names)
         except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
-            raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(e).__name__}: {e})") from None
+            failed, vf = e, None
         finally:
             _PARSE_STATE.hasher = None
+            _PARSE_STATE.stream = None
         err = _PARSE_STATE.error
+    for e in (failed, err):
+        if isinstance(e, remote.TransferError):
+            raise _transfer_error(e)
+    if failed is not None or err is not None:
+        check_signature(_file_head(path, stream))  # names a file that is no .vital file at all
+    if failed is not None:
+        raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(failed).__name__}: {failed})")
     if isinstance(err, EOFError):
         raise CaseError("corrupt_file", "truncated file (gzip stream ends early)")
     if err is not None:
         raise CaseError("corrupt_file", f"damaged gzip stream ({type(err).__name__}: {err})")
-    return vf
-
-
-def parse_vital(local: str, tracks: list[str], hasher: Optional[FileHasher] = None) -> vitaldb.VitalFile:
-    """vitaldb parse of the given tracks (full Device/TRACK names), feeding
-    `hasher` with the file's bytes as they are read."""
-    _check_signature(local)
-    return _vitaldb_parse(local, hasher, track_names=list(tracks))
+    return vf, list(dict.fromkeys(names.seen))
 
 
 SHOW_TRACKS = 12
 
 
-def describe_tracks(local: str) -> str:
+def describe_tracks(names: list[str]) -> str:
     """What a file without any wanted track holds: its track names (the
-    first dozen, then a count), so the device that wrote it is plain to
-    see. Reads the track list only (vitaldb's header_only); failure path."""
-    names = list(_vitaldb_parse(local, header_only=True).trks)
+    first dozen, then a count), so the device that wrote it is plain to see."""
     if not names:
         return "the file holds no tracks at all"
     shown = ", ".join(names[:SHOW_TRACKS])
@@ -285,26 +276,43 @@ def describe_tracks(local: str) -> str:
     return f"the file has {len(names)} track(s): {shown}{more}"
 
 
-def load_case(input_dir: str, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> RawCase:
-    """Reads one case's numeric source tracks (those of `fs`) on the 1 s grid.
+def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_SPEC,
+              located: Optional[tuple[str, dict]] = None) -> RawCase:
+    """Reads one case's numeric source tracks (those of `fs`) on the 1 s grid,
+    from a local file or a remote one streamed as it is parsed (`located`:
+    its (path, identity) if already found).
 
-    Raises CaseError for a missing, corrupt or empty file, or one with none of
-    the wanted tracks.
+    Raises CaseError for a missing, corrupt or empty file, one with none of
+    the wanted tracks, or a download that failed.
     """
     t0 = time.perf_counter()
-    path = find_case_file(input_dir, case_id)
+    transfer = remote.Transfer()
+    try:
+        path, identity = located or source.locate(case_id, transfer)
+        stream = source.open(identity, transfer)
+    except LookupError as e:
+        raise CaseError("missing_file", str(e)) from None
+    except remote.TransferError as e:
+        raise _transfer_error(e) from None
+    identity = dict(identity)
     tracks = fs.source_tracks
-    with local_file(path) as (local, identity, hasher):
-        t1 = time.perf_counter()
-        vf = parse_vital(local, tracks, hasher)
-        parse = time.perf_counter() - t1
-        if hasher is not None:
-            identity["crc32c"] = hasher.finish(local)
-        # Only exact names: vitaldb matches by suffix and could hand us another track.
-        found = [t for t in tracks if t in vf.trks]
-        if not found:
-            raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file; "
-                            + describe_tracks(local))
+    hasher = FileHasher()
+    t1 = time.perf_counter()
+    try:
+        vf, names = parse_vital(path, tracks, hasher, stream)
+    finally:
+        if stream is not None:
+            stream.close()
+    parse = time.perf_counter() - t1
+    if stream is None:  # local: the whole file's CRC (its unread rest is cheap to read)
+        identity["crc32c"] = hasher.finish(path)
+    else:  # remote: what it cost, and the CRC of the bytes read (the store's ETag is its identity)
+        identity.update(stream.transfer.as_json(), crc32c_read=hasher.hexdigest())
+    # Only exact names: vitaldb matches by suffix and could hand us another track.
+    found = [t for t in tracks if t in vf.trks]
+    if not found:
+        check_signature(_file_head(path, stream))
+        raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file; " + describe_tracks(names))
     if not any(vf.trks[t].recs for t in found):
         raise CaseError("no_tracks", f"the wanted tracks {found[:SHOW_TRACKS]} hold no records")
     if not (vf.dtend > vf.dtstart):
@@ -327,7 +335,15 @@ def load_case(input_dir: str, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
 
 # ---- clinical table -----------------------------------------------------------
 
-CLINICAL_COLUMNS = ("caseid", "age", "sex", "height", "weight", "bmi", "asa", "anestart", "aneend", "caseend")
+# The columns the pipeline reads: the case, its patient (the split key, contract
+# 1.2), the static features' columns (spec.STATIC) and the anaesthesia period.
+CLINICAL_COLUMNS = ("caseid", "subjectid") + tuple(s.column for s in spec.STATIC) + ("anestart", "aneend", "caseend")
+SEPARATORS = ((",", "comma"), (";", "semicolon"), ("\t", "tab"))
+_COMMA_DECIMAL = re.compile(r"^\s*[+-]?\d+,\d+\s*$")
+_POINT_DECIMAL = re.compile(r"^\s*[+-]?\d*\.\d+\s*$")
+# How tables are encoded where they come from: UTF-8 (a BOM is dropped), else
+# the Windows code page Excel writes in Western Europe, else Latin-1 (any bytes).
+ENCODINGS = ("utf-8-sig", "cp1252", "latin-1")
 
 
 class ClinicalTableError(ValueError):
@@ -335,18 +351,52 @@ class ClinicalTableError(ValueError):
 
 
 @dataclass(frozen=True)
+class TableFormat:
+    """How a clinical table was written: separator, decimal mark, encoding."""
+
+    separator: str = ","
+    decimal: str = "."
+    encoding: str = "utf-8"
+
+    def as_json(self) -> dict:
+        return {"separator": dict(SEPARATORS)[self.separator], "decimal": "comma" if self.decimal == "," else "point",
+                "encoding": self.encoding}
+
+    def describe(self) -> str:
+        return (f"{dict(SEPARATORS)[self.separator]}-separated, decimal "
+                f"{'commas' if self.decimal == ',' else 'points'}, {self.encoding}")
+
+    @staticmethod
+    def from_json(d: dict) -> "TableFormat":
+        sep = {name: sep for sep, name in SEPARATORS}[d["separator"]]
+        return TableFormat(sep, "," if d["decimal"] == "comma" else ".", d["encoding"])
+
+
+@dataclass(frozen=True)
 class ClinicalTable:
     """The clinical table as the pipeline uses it: one row per case (plain
-    Python values, NaN -> None) and the cases that cannot be trusted because
-    the table holds two or more different rows for them."""
+    Python values, NaN -> None; `subjectid` as written), the cases that
+    cannot be trusted because the table holds two or more different rows for
+    them, and whether it names patients (a `subjectid` column: the split is
+    by patient, else by case)."""
 
     path: str
     rows: dict  # case id -> {column: value}
     duplicates: dict = field(default_factory=dict)  # case id -> detail naming the rows
-    identity: dict = field(default_factory=dict)  # {"path", "bytes", "sha256"} of the table as read
+    # {"path", "bytes", "sha256", "format", "split_key"} of the table as read
+    identity: dict = field(default_factory=dict)
 
     def row(self, case_id: int) -> Optional[dict]:
         return self.rows.get(case_id)
+
+    @property
+    def case_ids(self) -> list[int]:
+        """Every case the table has a row for (duplicates included)."""
+        return sorted(set(self.rows) | set(self.duplicates))
+
+    @property
+    def by_patient(self) -> bool:
+        return self.identity.get("split_key") == "subjectid"
 
     def to_json(self) -> dict:
         return {"path": self.path, "rows": {str(k): v for k, v in self.rows.items()},
@@ -374,8 +424,52 @@ def _duplicate_detail(path: str, rows: pd.DataFrame) -> str:
             f"{', '.join(str(int(i) + 2) for i in rows.index)}) differ in {shown}")
 
 
-def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> ClinicalTable:
-    """Reads VitalDB's clinical table once.
+def _decode(data: bytes) -> tuple[str, str]:
+    if data[:2] == b"\x1f\x8b":  # a gzip file (cases.csv.gz, or a body sent without its Content-Encoding)
+        data = gzip.decompress(data)
+    for enc in ENCODINGS:
+        try:
+            return data.decode(enc), ("utf-8" if enc == "utf-8-sig" else enc)
+        except UnicodeDecodeError:
+            continue
+    raise AssertionError("latin-1 decodes any bytes")
+
+
+def _column_name(raw: str) -> str:
+    """A header cell as the pipeline names columns: stripped, and one of its
+    own column names in any letter case ("CaseID" is caseid)."""
+    name = raw.strip()
+    return name.lower() if name.lower() in CLINICAL_COLUMNS else name
+
+
+def sniff_format(text: str, path: str) -> tuple[TableFormat, list[str]]:
+    """The separator (the one under which the header has a caseid column;
+    comma, semicolon or tab) and, for semicolons and tabs, the decimal mark
+    (commas where more cells are written 51,3 than 51.3); the raw header."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    tried, found = [], []
+    for sep, name in SEPARATORS:
+        header = next(csv.reader([first], delimiter=sep), [])
+        if "caseid" in [_column_name(h) for h in header]:
+            found.append((len(header), sep, header))
+        tried.append(f"as {name}-separated: {[h.strip() for h in header][:8]}")
+    if not found:
+        raise ClinicalTableError(f"clinical table {path} has no 'caseid' column; its header read "
+                                 + "; ".join(tried))
+    _, sep, header = max(found, key=lambda f: f[0])  # the most columns wins (a lone caseid splits any way)
+    decimal = "."
+    if sep != ",":
+        cells = [c for row in csv.reader(io.StringIO(text), delimiter=sep) for c in row[:len(header)]]
+        commas = sum(1 for c in cells if _COMMA_DECIMAL.match(c))
+        points = sum(1 for c in cells if _POINT_DECIMAL.match(c))
+        decimal = "," if commas > points else "."
+    return TableFormat(sep, decimal), header
+
+
+def read_clinical(path: str, case_ids: Optional[list[int]] = None, web=None) -> ClinicalTable:
+    """Reads a clinical table once: VitalDB's (a CSV; its web API sends it
+    gzip-encoded), or a hospital's export (semicolons and decimal commas,
+    tabs, a Windows code page: detected, see sniff_format and TableFormat).
 
     Identical duplicate rows count as one row; a case with two or more
     different rows is listed in `duplicates` (it fails as
@@ -383,16 +477,23 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> ClinicalTa
     for an unreadable or malformed table.
     """
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as fh:
-            data = fh.read()
-    except Exception as e:  # any filesystem's "cannot open" (IOError, BeamIOError, botocore...)
+        data = sources.read_document(path, web)
+    except Exception as e:  # any filesystem's "cannot open" (IOError, BeamIOError, botocore, HTTP...)
         raise ClinicalTableError(f"cannot read clinical table {path}: {e}") from None
     try:
-        df = pd.read_csv(io.BytesIO(data))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise ClinicalTableError(f"clinical table {path} is not a readable CSV: {e}") from None
-    if "caseid" not in df.columns:
-        raise ClinicalTableError(f"clinical table {path} has no 'caseid' column (columns: {list(df.columns)[:10]})")
+        text, encoding = _decode(data)
+    except (OSError, EOFError, zlib.error) as e:
+        raise ClinicalTableError(f"clinical table {path} is a damaged gzip file: {e}") from None
+    fmt, header = sniff_format(text, path)
+    fmt = TableFormat(fmt.separator, fmt.decimal, encoding)
+    # subjectid as written (its key keeps "P-17" and reads "0042" as 42, contract 1.2)
+    raw_subject = [h for h in header if _column_name(h) == "subjectid"]
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=fmt.separator, decimal=fmt.decimal,
+                         dtype={h: str for h in raw_subject})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise ClinicalTableError(f"clinical table {path} ({fmt.describe()}) is not a readable table: {e}") from None
+    df.columns = [_column_name(str(c)) for c in df.columns]
     ids = pd.to_numeric(df["caseid"], errors="coerce")
     if ids.isna().any():
         bad = df.loc[ids.isna(), "caseid"].head(3).tolist()
@@ -408,4 +509,5 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None) -> ClinicalTa
     for rec in df[~df["caseid"].isin(set(duplicates))][cols].to_dict("records"):
         rows[int(rec["caseid"])] = {k: _plain(v) for k, v in rec.items()}
     return ClinicalTable(path, rows, duplicates,
-                         {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+                         {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                          "format": fmt.as_json(), "split_key": "subjectid" if "subjectid" in df.columns else "caseid"})

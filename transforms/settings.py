@@ -157,6 +157,13 @@ def non_negative_float(value) -> float:
     return v
 
 
+def positive_float(value) -> float:
+    v = float(value)
+    if not v > 0:
+        raise ValueError("must be more than 0")
+    return v
+
+
 def fraction(value) -> float:
     v = float(value)
     if not 0 <= v <= 1:

@@ -15,7 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-SPEC_VERSION = "1.1"  # 1.1: clinical entry errors (implausible values, duplicate rows)
+# 1.1: clinical entry errors (implausible values, duplicate rows); 1.2: splits by
+# patient (the clinical table's subjectid), not by case.
+SPEC_VERSION = "1.2"
 
 MMHG_PER_KPA = 7.50062
 CMH2O_PER_HPA = 1.01972
@@ -213,6 +215,9 @@ def spec_as_dict(fs: FeatureSpec = DEFAULT_SPEC) -> dict:
         "clinical_entry_errors": "a value outside 'plausible' (or a non-number, or a sex other than M/F) "
                                  "is treated as missing and listed per case as implausible; a case with "
                                  "two different clinical rows fails with reason duplicate_clinical_row",
+        "split": {"key": "'s' + subjectid (an integral number in decimal without padding, else as written, "
+                           "stripped) where the case's clinical row has one, else the case id in decimal",
+                  "bucket": "int(sha256(f'{seed}:{key}')) % 100", "names": list(SPLIT_NAMES)},
         "dose_weight": {"default_kg": DEFAULT_DOSE_WEIGHT_KG, "plausible_kg": list(STATIC_BY_NAME["weight"].plausible)},
         "ibw": {"formula": "Devine", "base_kg": IBW_BASE_KG, "kg_per_cm": IBW_KG_PER_CM,
                 "ref_cm": IBW_REF_CM, "clamp_kg": list(IBW_CLAMP_KG), "default_height_cm": DEFAULT_HEIGHT_CM},

@@ -1,7 +1,10 @@
-"""Windows with next-step targets, and the split of a case."""
+"""Windows with next-step targets, and the split of a case (by patient)."""
 from __future__ import annotations
 
+import decimal
 import hashlib
+import math
+import re
 from typing import Optional
 
 import numpy as np
@@ -38,15 +41,56 @@ def make_windows(norm: np.ndarray, window: int = spec.WINDOW_S, step: int = spec
     return starts, timeseries, targets
 
 
-def split_bucket(case_id: int, seed: int = spec.SPLIT_SEED) -> int:
-    digest = hashlib.sha256(f"{seed}:{int(case_id)}".encode()).hexdigest()
+def patient_id(value) -> Optional[str]:
+    """A clinical `subjectid` as the split key writes it, or None if missing.
+
+    An integral number is written in decimal without padding ("0042", "42",
+    "42.0" and "4.2e1" are "42"); any other value as written, stripped. A
+    blank cell (None, NaN, "") is missing."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value):
+            return None if math.isnan(value) else str(value)
+        return str(int(value)) if float(value).is_integer() else repr(float(value))
+    text = str(value).strip()
+    if not text:
+        return None
+    if _DIGITS.match(text):  # exact, however long (a float would round it)
+        return str(int(text))
+    try:
+        d = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return text
+    if d.is_finite() and d == d.to_integral_value():
+        return str(int(d))
+    return text
+
+
+_DIGITS = re.compile(r"^[+-]?\d+$")
+
+
+def split_key(case_id: int, subjectid=None) -> str:
+    """The key a case's split is hashed from (contract 1.2): `s<subjectid>`
+    when its clinical row names the patient, else the case id in decimal."""
+    patient = patient_id(subjectid)
+    return f"s{patient}" if patient is not None else str(int(case_id))
+
+
+def split_bucket(key, seed: int = spec.SPLIT_SEED) -> int:
+    """int(sha256(f"{seed}:{key}")) % 100; an int key is a case id."""
+    key = str(int(key)) if isinstance(key, (int, np.integer)) else str(key)
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
     return int(digest, 16) % 100
 
 
-def assign_split(case_id: int, percent: tuple[int, ...] = spec.SPLIT_PERCENT,
+def assign_split(key, percent: tuple[int, ...] = spec.SPLIT_PERCENT,
                  seed: int = spec.SPLIT_SEED, names: tuple[str, ...] = spec.SPLIT_NAMES) -> str:
-    """The split of a case: by case, never by window; stable on every host and rerun."""
-    bucket = split_bucket(case_id, seed)
+    """The split of a split key (split_key; an int is a case id): by patient,
+    never by window; stable on every host and rerun."""
+    bucket = split_bucket(key, seed)
     edge = 0
     for name, pct in zip(names, percent):
         edge += pct

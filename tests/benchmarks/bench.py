@@ -22,7 +22,14 @@ carry them. Printed, from one invocation (medians of --repeat runs):
 * the seconds per step inside stage 1's DoFns (from the markers) and what
   lies between them (Beam);
 * windows per second, compressed bytes per window, peak memory of the whole
-  run (main process + stage job + Beam workers, sampled), and the targets.
+  run (main process + stage job + Beam workers, sampled), and the targets;
+* remote inputs: loading a case streamed from a stand-in for VitalDB's web
+  API and from the S3 emulator (each its own process on loopback), against
+  the local parse floor measured in passes between them; and the bytes
+  transferred per case against its numeric part (the same case's file
+  without its waveform tracks, written the same way) plus 1 MiB.
+
+    .venv/bin/python tests/benchmarks/bench.py --remote-only   # only the remote inputs (~1 min)
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from pipeline import sample  # noqa: E402
 from pipeline import storage  # noqa: E402
 from transforms import encode, load, spec  # noqa: E402
 from transforms.case import Settings, process_case  # noqa: E402
+from transforms.sources import Source  # noqa: E402
 
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
@@ -88,7 +96,7 @@ def case_examples(data: str, n: int) -> list[bytes]:
     clinical = load.read_clinical(os.path.join(data, "clinical_data.csv"))
     out = []
     for cid in range(1, n + 1):
-        rc = load.load_case(data, cid)
+        rc = load.load_case(Source.for_location(data), cid)
         cw = process_case(cid, rc.raw, clinical.row(cid), Settings())
         out.append(encode.frame_records(encode.encode_examples(cid, cw.starts, cw.example_floats())))
     return out
@@ -210,6 +218,99 @@ def memory_scaling(workdir: str, data: str, out: str, n: int) -> tuple[dict, dic
     return run_pipeline(big, out, 20, 2), run_pipeline(big, out, 200, 2)
 
 
+def numeric_part(path: str, tmp: str) -> int:
+    """Bytes of a case's file without its waveform tracks, written as the
+    generator writes (packed, gzip level 6): the part a reader that wants
+    only numeric tracks has to transfer."""
+    import vitaldb
+    vf = vitaldb.VitalFile(path)
+    vf.remove_tracks([name for name, t in vf.trks.items() if t.type == 1])
+    sample.write_vital(vf, tmp)
+    return os.path.getsize(tmp)
+
+
+def _serve(cmd: list[str], ready_url: str) -> subprocess.Popen:
+    import urllib.request
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(ready_url, timeout=1).close()
+            return proc
+        except OSError as e:
+            if getattr(e, "code", None):  # an HTTP error: the server answers
+                return proc
+            proc.poll()
+            if proc.returncode is not None:
+                raise SystemExit(f"{cmd[0]} did not start")
+            time.sleep(0.1)  # waiting for a server process to listen
+    raise SystemExit(f"{cmd} did not start")
+
+
+def remote_inputs(workdir: str, data: str, n: int, repeat: int) -> tuple[list, list]:
+    """Loading cases streamed from the web API stand-in and the S3 emulator,
+    each in its own process, against the local parse floor in passes
+    between them; the transfer per case against its numeric part."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from s3util import KEY, REGION, SECRET, free_port, upload_dir, boto_client
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from transforms import remote
+    web_port, s3_port = free_port(), free_port()
+    py = sys.executable
+    web = _serve([py, os.path.join(ROOT, "tests", "webstandin.py"), "--root", data, "--port", str(web_port)],
+                 f"http://127.0.0.1:{web_port}/cases")
+    moto = _serve([os.path.join(os.path.dirname(py), "moto_server"), "-p", str(s3_port)],
+                  f"http://127.0.0.1:{s3_port}/")
+    try:
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        os.environ.update(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_DEFAULT_REGION=REGION)
+        client = boto_client(s3_url)
+        client.create_bucket(Bucket="bench-remote")
+        s3_prefix = upload_dir(client, data, "bench-remote", "raw")
+        FileSystems.set_options(PipelineOptions([f"--s3_endpoint_url={s3_url}", f"--s3_region_name={REGION}"]))
+        sources = {"web": Source.for_location(f"http://127.0.0.1:{web_port}/1.0.1"),
+                   "s3": Source.for_location(s3_prefix)}
+        numeric = {cid: numeric_part(os.path.join(data, f"{cid:04d}.vital"), os.path.join(workdir, "numeric.vital"))
+                   for cid in range(1, n + 1)}
+        for src in sources.values():  # first calls (connections, clients) untimed
+            load.load_case(src, 1)
+        rows, transfers = [], []
+        for _ in range(repeat):
+            floors = [parse_floor(data, n)]
+            loads = {}
+            for name, src in sources.items():
+                t = time.perf_counter()
+                cases = [load.load_case(src, cid) for cid in range(1, n + 1)]
+                loads[name] = (time.perf_counter() - t) / n
+                transfers += [(name, c.case_id, c.input["bytes_read"], numeric[c.case_id], c.input["bytes"])
+                              for c in cases]
+                floors.append(parse_floor(data, n))
+            rows.append({"floor": statistics.mean(floors), **loads})
+        remote.forget_connections()
+        return rows, transfers
+    finally:
+        for p in (web, moto):
+            p.terminate()
+            p.wait()
+
+
+def remote_report(rows: list, transfers: list) -> tuple[list, list]:
+    floor = statistics.median(r["floor"] for r in rows)
+    lines, targets = [("parse floor, local (remote passes)", f"{floor:.3f} s/case")], []
+    for name in ("web", "s3"):
+        load_s = statistics.median(r[name] for r in rows)
+        ratio = statistics.median(r[name] / r["floor"] for r in rows)
+        mine = [t for t in transfers if t[0] == name]
+        read, num, size = (sum(t[i] for t in mine) / len(mine) for i in (2, 3, 4))
+        worst = max(t[2] - t[3] for t in mine)
+        lines.append((f"load from {'the web API stand-in' if name == 'web' else 'the S3 emulator'}",
+                      f"{load_s:.3f} s/case; read {read / 1e6:.2f} MB of {size / 1e6:.1f} MB per case "
+                      f"(numeric part {num / 1e6:.2f} MB)"))
+        targets.append((f"{name}: load / local parse floor <= 1.3", ratio, None, 1.3))
+        targets.append((f"{name}: bytes read - numeric part <= 1 MiB (worst case, MiB)", worst / 2**20, None, 1.0))
+    return lines, targets
+
+
 def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -222,6 +323,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="6 one-hour cases, 1 repeat")
     ap.add_argument("--scaling", action="store_true", help="also compare peak memory of 200 and 20 cases")
     ap.add_argument("--scaling-only", action="store_true", help="only the 200 vs 20 cases memory comparison")
+    ap.add_argument("--remote-only", action="store_true", help="only the remote inputs (web API and S3)")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-out"))
     args = ap.parse_args()
     if args.quick:
@@ -230,6 +332,9 @@ def main() -> int:
     data = generate(args.workdir, N, args.hours)
     out = os.path.join(args.workdir, "out")
 
+    if args.remote_only:
+        lines, targets = remote_report(*remote_inputs(args.workdir, data, N, args.repeat))
+        return print_results(lines, targets)
     if args.scaling_only:
         m20, m200 = memory_scaling(args.workdir, data, out, N)
         print(f"peak memory 20 vs 200 cases: PSS {m20['pss'] / 2**20:.0f} vs {m200['pss'] / 2**20:.0f} MiB, "
@@ -303,6 +408,11 @@ def main() -> int:
         m20, m200 = memory_scaling(args.workdir, data, out, N)
         rows.append(("peak memory 20 vs 200 cases", f"PSS {m20['pss'] / 2**20:.0f} vs {m200['pss'] / 2**20:.0f} MiB"))
         targets.append(("200-case / 20-case peak memory <= 1.15", m200["pss"] / m20["pss"], None, 1.15))
+    lines, remote_targets = remote_report(*remote_inputs(args.workdir, data, N, args.repeat))
+    return print_results(rows + lines, targets + remote_targets)
+
+
+def print_results(rows: list, targets: list) -> int:
     print()
     w = max(len(r[0]) for r in rows)
     for k, val in rows:

@@ -1,0 +1,68 @@
+"""The remote readers' parts: backoff and Retry-After, block-wise reading,
+the bound on connections per process."""
+import email.utils
+import threading
+import time
+
+import pytest
+
+from transforms import remote
+from webstandin import StandIn
+
+
+def test_backoff_honours_retry_after_else_jitters_exponentially():
+    opts = remote.WebOptions(backoff_s=0.5, backoff_max_s=4.0)
+    assert remote.backoff_delay(3, opts, retry_after=7.0) == 7.0
+    assert [remote.backoff_delay(a, opts, rng=lambda: 1.0) for a in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert remote.backoff_delay(5, opts, rng=lambda: 0.0) == 0.0
+
+
+def test_retry_after_in_seconds_or_as_a_date():
+    assert remote.parse_retry_after("120") == 120.0
+    now = 1_800_000_000.0
+    assert remote.parse_retry_after(email.utils.formatdate(now + 30, usegmt=True), now=now) == 30.0
+    assert remote.parse_retry_after(email.utils.formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert remote.parse_retry_after("soon") is None and remote.parse_retry_after(None) is None
+
+
+def test_a_range_reader_fetches_only_the_blocks_read():
+    data = bytes(range(256)) * 4096  # 1 MiB
+    calls = []
+
+    def fetch(start, end):
+        calls.append((start, end))
+        return data[start:end]
+
+    r = remote.RangeReader("x", len(data), fetch, remote.Transfer(), block=100_000)
+    assert r.read(10) == data[:10] and r.read(99_990) == data[10:100_000]
+    assert calls == [(0, 100_000)]
+    r.seek(350_000)
+    assert r.read(5) == data[350_000:350_005] and calls[-1] == (350_000, 450_000)
+    assert r.head == data[:remote.HEAD_BYTES]
+    r.seek(0, 2)
+    assert r.read(10) == b"" and len(calls) == 2
+
+
+def test_a_long_retry_after_fails_at_once(tmp_path):
+    (tmp_path / "1.vital").write_bytes(b"x")
+    with StandIn(str(tmp_path), version="v") as s:
+        s.plan("/v/1.vital", "503:3600")
+        c = remote.HttpClient(remote.WebOptions(max_attempts=5))
+        t = time.monotonic()
+        with pytest.raises(remote.TransferError, match="retry after 3600 s"):
+            c.head(f"{s.url}/v/1.vital")
+        assert time.monotonic() - t < 30 and len(s.log) == 1
+
+
+def test_connections_per_process_are_bounded(tmp_path):
+    (tmp_path / "1.vital").write_bytes(b"y" * 1000)
+    with StandIn(str(tmp_path), version="v") as s:
+        s.plan("/v/1.vital", *["slow:0.3"] * 8)
+        c = remote.HttpClient(remote.WebOptions(connections=2))
+        threads = [threading.Thread(target=c.head, args=(f"{s.url}/v/1.vital",)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert s.requests["/v/1.vital"] == 8 and s.most_active == 2
+        c.close()

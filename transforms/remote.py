@@ -1,0 +1,630 @@
+"""Reading remote case files as streams: bounded range requests, retries,
+and a count of every byte transferred.
+
+A `.vital` file of VitalDB's open dataset is *packed*: numeric tracks first,
+waveforms last, so vitaldb stops reading after the last wanted track. To
+make that stop save the transfer too, a remote file is read block by block
+with range requests (`RangeReader`), never as one open-ended download whose
+rest the server would push into socket buffers: at most one block beyond
+what the parser consumed is ever transferred. Two kinds of remote store:
+
+* web servers (http/https; VitalDB's API), through `HttpClient`: its own
+  small client on `http.client` with connect and read timeouts, keep-alive
+  connections (at most `WebOptions.connections` per process), and retries
+  with exponential backoff and full jitter on connection errors, a
+  connection cut mid-body (resumed where it stopped), 5xx and 429,
+  honouring `Retry-After`. A server that ignores `Range` is streamed
+  instead (and a cut restarts the body, skipping what was read);
+* S3, through the same boto3 client Beam's S3 filesystem builds from the
+  pipeline options (endpoint, region, credentials): `GetObject` with a
+  byte range and `If-Match` on the ETag; botocore retries the requests, a
+  body cut mid-read is fetched again here.
+
+Every reader records the file's identity as the server states it (ETag,
+else size and Last-Modified) and the bytes, requests and retries it cost.
+"""
+from __future__ import annotations
+
+import email.utils
+import gzip
+import http.client
+import io
+import ipaddress
+import logging
+import random
+import socket
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+_LOG = logging.getLogger(__name__)
+
+BLOCK = 512 * 1024  # bytes per range request: the most transferred beyond what the parser read
+RETRY_AFTER_MAX_S = 300.0  # a longer Retry-After fails the request instead of stalling the worker
+
+
+class TransferError(IOError):
+    """A remote read that failed after its retries (or for good, e.g. 403):
+    the case fails with reason `download_failed`; a rerun tries again."""
+
+
+class ChangedWhileReading(TransferError):
+    """The file's ETag changed between two range requests of one read."""
+
+
+class NotFound(TransferError):
+    """404 / 410: there is no such file."""
+
+
+@dataclass(frozen=True)
+class WebOptions:
+    """How a process talks to a web server (run options, see
+    pipeline.options: --http-timeout, --http-max-attempts, --http-connections)."""
+
+    timeout_s: float = 30.0  # connect timeout, and the longest wait for the next bytes
+    max_attempts: int = 8
+    connections: int = 4  # per process and server
+    backoff_s: float = 0.5  # first backoff; doubles per attempt, full jitter
+    backoff_max_s: float = 30.0
+
+
+def backoff_delay(attempt: int, opts: WebOptions, retry_after: Optional[float] = None,
+                  rng: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before attempt `attempt + 1` (attempt counts from 1):
+    the server's Retry-After when it gave one, else exponential backoff with
+    full jitter (uniform in [0, min(max, base * 2^(attempt-1))])."""
+    if retry_after is not None:
+        return retry_after
+    return rng() * min(opts.backoff_max_s, opts.backoff_s * 2 ** (attempt - 1))
+
+
+def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
+    """Retry-After as seconds: delta-seconds or an HTTP date; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Transfer:
+    """What reading one file cost: body bytes received, requests, retries."""
+
+    bytes: int = 0
+    requests: int = 0
+    retries: int = 0
+
+    def as_json(self) -> dict:
+        return {"bytes_read": self.bytes, "requests": self.requests, "retries": self.retries}
+
+
+# ---- HTTP -------------------------------------------------------------------------
+
+@dataclass
+class Response:
+    status: int
+    headers: dict  # lower-case names
+    body: bytes
+
+
+class _Retry(Exception):
+    def __init__(self, why: str, retry_after: Optional[float] = None, partial: bytes = b""):
+        super().__init__(why)
+        self.retry_after = retry_after
+        self.partial = partial
+
+
+class _Conn:
+    """A pooled connection in use: released once, reused only if the
+    response was read to its end on a keep-alive connection."""
+
+    def __init__(self, client: "HttpClient", key: tuple, conn, slot: threading.BoundedSemaphore):
+        self.client, self.key, self.conn, self.slot = client, key, conn, slot
+        self._released = False
+
+    def release(self, reuse: bool) -> None:
+        if self._released:
+            return
+        self._released = True
+        if reuse:
+            with self.client._lock:
+                self.client._idle.setdefault(self.key, []).append(self.conn)
+        else:
+            self.conn.close()
+        self.slot.release()
+
+
+def _read_all(resp, transfer: Transfer, limit: Optional[int] = None) -> bytes:
+    """The body, counted; _Retry with what arrived if the connection is cut;
+    TransferError past `limit` bytes."""
+    parts: list[bytes] = []
+    got = 0
+    expected = resp.getheader("Content-Length")
+    try:
+        while True:
+            chunk = resp.read(64 * 1024)
+            if not chunk:
+                if expected and expected.isdigit() and got < int(expected):
+                    # http.client returns a short body quietly when the connection drops
+                    raise ConnectionError(f"the body ended after {got} of {expected} bytes")
+                return b"".join(parts)
+            parts.append(chunk)
+            got += len(chunk)
+            transfer.bytes += len(chunk)
+            if limit is not None and got > limit:
+                raise _TooLong()
+    except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as e:
+        if isinstance(e, http.client.IncompleteRead):
+            parts.append(e.partial)
+            transfer.bytes += len(e.partial)
+        raise _Retry(f"connection cut after {got} bytes of the body ({type(e).__name__})",
+                     partial=b"".join(parts)) from None
+
+
+class _TooLong(Exception):
+    pass
+
+
+class BodyTooLong(TransferError):
+    """The server sent more than was asked for (e.g. a whole file for a range)."""
+
+
+class HttpClient:
+    """A per-process HTTP/1.1 client: keep-alive connections per server (at
+    most `connections` in use at once; more callers wait), timeouts, and
+    retries (`request`). Thread-safe."""
+
+    def __init__(self, opts: WebOptions):
+        self.opts = opts
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list] = {}
+        self._slots: dict[tuple, threading.BoundedSemaphore] = {}
+        self.sleep = time.sleep  # the backoff's wait
+
+    @staticmethod
+    def _split(url: str) -> tuple[tuple, str]:
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"not an http(s) URL: {url}")
+        port = u.port or (443 if u.scheme == "https" else 80)
+        return (u.scheme, u.hostname, port), (u.path or "/") + (f"?{u.query}" if u.query else "")
+
+    def send(self, method: str, url: str, headers: dict, transfer: Transfer):
+        """Sends one request on a pooled connection: (the response with its
+        headers read, the connection to release)."""
+        key, target = self._split(url)
+        with self._lock:
+            slot = self._slots.setdefault(key, threading.BoundedSemaphore(self.opts.connections))
+        slot.acquire()
+        with self._lock:
+            idle = self._idle.get(key)
+            conn = idle.pop() if idle else None
+        if conn is None:
+            cls = http.client.HTTPSConnection if key[0] == "https" else http.client.HTTPConnection
+            conn = cls(key[1], key[2], timeout=self.opts.timeout_s)
+        handle = _Conn(self, key, conn, slot)
+        transfer.requests += 1
+        try:
+            conn.request(method, target, headers={"User-Agent": "master-poc-preprocess", **headers})
+            resp = conn.getresponse()
+        except BaseException:
+            handle.release(False)
+            raise
+        return resp, handle
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for c in conns:
+                    c.close()
+            self._idle.clear()
+
+    def _once(self, method: str, url: str, headers: dict, transfer: Transfer, limit: Optional[int]) -> Response:
+        try:
+            resp, handle = self.send(method, url, headers, transfer)
+        except (ConnectionError, socket.timeout, OSError, http.client.HTTPException) as e:
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        try:
+            hdrs = {k.lower(): v for k, v in resp.getheaders()}
+            # HEAD has no body, but the response must be read before the connection is reused
+            body = resp.read() if method == "HEAD" else _read_all(resp, transfer, limit)
+        except BaseException:
+            handle.release(False)
+            raise
+        handle.release(not resp.will_close)
+        return Response(resp.status, hdrs, body)
+
+    def request(self, method: str, url: str, headers: Optional[dict] = None,
+                transfer: Optional[Transfer] = None, ok=(200, 206), missing=(404, 410),
+                resume: Optional[Callable[[int], dict]] = None, limit: Optional[int] = None) -> Response:
+        """The request, retried on connection errors, cuts, 5xx and 429 (the
+        server's Retry-After honoured, else backoff with jitter).
+        `resume(n)` gives the headers that continue a body cut after n bytes
+        (a Range), so what arrived is kept; without it the body is asked for
+        again whole. Raises NotFound, or TransferError when the attempts run
+        out or the answer is final (403, ...)."""
+        transfer = transfer if transfer is not None else Transfer()
+        headers = dict(headers or {})
+        partial = b""
+        last = ""
+        for attempt in range(1, self.opts.max_attempts + 1):
+            try:
+                r = self._once(method, url, headers, transfer, limit)
+                if r.status in missing:
+                    raise NotFound(f"{url}: HTTP {r.status}")
+                if r.status == 429 or r.status >= 500:
+                    raise _Retry(f"HTTP {r.status}", parse_retry_after(r.headers.get("retry-after")))
+                if r.status not in ok:
+                    raise TransferError(f"{url}: HTTP {r.status} {r.body[:200]!r}")
+                r.body = partial + r.body
+                return r
+            except _TooLong:
+                raise BodyTooLong(f"{url}: the server sent more than the {limit} bytes asked for") from None
+            except _Retry as e:
+                last = str(e)
+                if e.partial and resume is not None:
+                    partial += e.partial
+                    headers.update(resume(len(partial)))
+                if attempt == self.opts.max_attempts:
+                    break
+                if e.retry_after is not None and e.retry_after > RETRY_AFTER_MAX_S:
+                    raise TransferError(f"{url}: the server asks to retry after {e.retry_after:.0f} s") from None
+                delay = backoff_delay(attempt, self.opts, e.retry_after)
+                transfer.retries += 1
+                _LOG.warning("%s %s failed (%s); retry %d of %d in %.2f s", method, url, last, attempt,
+                             self.opts.max_attempts - 1, delay)
+                self.sleep(delay)
+        raise TransferError(f"{url}: failed after {self.opts.max_attempts} attempts (last: {last})")
+
+    def head(self, url: str, transfer: Optional[Transfer] = None) -> Optional[dict]:
+        """The file's identity from a HEAD request (web_identity), or None if
+        the server has no such file."""
+        try:
+            r = self.request("HEAD", url, transfer=transfer, ok=(200,))
+        except NotFound:
+            return None
+        return web_identity(url, r.headers)
+
+    def get_bytes(self, url: str, transfer: Optional[Transfer] = None) -> bytes:
+        """A whole small document (the clinical table), a gzip
+        Content-Encoding decoded."""
+        r = self.request("GET", url, headers={"Accept-Encoding": "gzip"}, transfer=transfer, ok=(200,))
+        if r.headers.get("content-encoding", "").lower() in ("gzip", "x-gzip"):
+            try:
+                return gzip.decompress(r.body)
+            except (OSError, EOFError, zlib.error) as e:
+                raise TransferError(f"{url}: a damaged gzip-encoded body ({e})") from None
+        return r.body
+
+
+def web_identity(url: str, headers: dict, size: Optional[int] = None) -> dict:
+    """{path, bytes, etag} or {path, bytes, last_modified}: the server's word
+    on which file this is (the ETag when it sends one)."""
+    ident: dict = {"path": url}
+    if size is None and headers.get("content-length", "").isdigit():
+        size = int(headers["content-length"])
+    if size is not None:
+        ident["bytes"] = size
+    if headers.get("etag"):
+        ident["etag"] = headers["etag"]
+    elif headers.get("last-modified"):
+        ident["last_modified"] = headers["last-modified"]
+    return ident
+
+
+_CLIENTS: dict[WebOptions, HttpClient] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def http_client(opts: WebOptions) -> HttpClient:
+    """This process's client for these options (connections are reused)."""
+    with _CLIENTS_LOCK:
+        c = _CLIENTS.get(opts)
+        if c is None:
+            c = _CLIENTS[opts] = HttpClient(opts)
+        return c
+
+
+def forget_connections() -> None:
+    """Drops every pooled connection (a forked child must not share them)."""
+    with _CLIENTS_LOCK:
+        for c in _CLIENTS.values():
+            c.close()
+        _CLIENTS.clear()
+
+
+# ---- the reader ---------------------------------------------------------------------
+
+HEAD_BYTES = 64 * 1024  # the file's first bytes, kept to name what is wrong with a file that does not parse
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only stream over a remote file of known size, fetched `block`
+    bytes at a time as it is read (`fetch(start, end) -> bytes`). Keeps the
+    file's first bytes (`head`) and what the reading cost (`transfer`)."""
+
+    def __init__(self, path: str, size: int, fetch: Callable[[int, int], bytes], transfer: Transfer,
+                 block: int = BLOCK):
+        super().__init__()
+        self.name = path
+        self.size = size
+        self.fetch = fetch
+        self.transfer = transfer
+        self.head = b""
+        self._block = block
+        self._buf = b""
+        self._buf_at = 0  # file offset of _buf[0]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        self._pos = min(max(0, base + offset), self.size)
+        return self._pos
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.size - self._pos
+        out = []
+        while n > 0 and self._pos < self.size:
+            if not self._buf_at <= self._pos < self._buf_at + len(self._buf):
+                end = min(self.size, self._pos + self._block)
+                self._buf, self._buf_at = self.fetch(self._pos, end), self._pos
+                if len(self.head) < HEAD_BYTES and self._buf_at == len(self.head):
+                    self.head += self._buf[:HEAD_BYTES - len(self.head)]
+                if not self._buf:
+                    break
+            i = self._pos - self._buf_at
+            chunk = self._buf[i:i + n]
+            out.append(chunk)
+            self._pos += len(chunk)
+            n -= len(chunk)
+        return b"".join(out)
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        close = getattr(self.fetch, "close", None)
+        if close is not None:
+            close()
+        super().close()
+
+
+class _NoRanges(Exception):
+    """The server answered a range request with the whole file (200)."""
+
+
+def _ranged_fetch(client: HttpClient, url: str, etag: Optional[str], transfer: Transfer):
+    def fetch(start: int, end: int) -> bytes:
+        want = end - start
+        try:
+            r = client.request("GET", url, headers={"Range": f"bytes={start}-{end - 1}"}, transfer=transfer,
+                               resume=lambda got: {"Range": f"bytes={start + got}-{end - 1}"}, limit=want)
+        except BodyTooLong:  # a 200 with the whole file: no range support after all
+            raise _NoRanges() from None
+        if r.status == 200 and start == 0 and len(r.body) == want:
+            return r.body  # the whole file fits one block
+        if r.status != 206:
+            raise _NoRanges()
+        if etag and r.headers.get("etag") and r.headers["etag"] != etag:
+            raise ChangedWhileReading(f"{url} changed while it was read (ETag {etag} -> {r.headers['etag']})")
+        if len(r.body) != want:
+            raise TransferError(f"{url}: asked for bytes {start}-{end - 1}, got {len(r.body)}")
+        return r.body
+    return fetch
+
+
+class _StreamedFetch:
+    """fetch(start, end) over one streamed GET, for a server without range
+    support: reads on from where the last call stopped; a cut (or a jump
+    backwards) asks for the file again and skips to `start`."""
+
+    def __init__(self, client: HttpClient, url: str, etag: Optional[str], transfer: Transfer):
+        self.client, self.url, self.etag, self.transfer = client, url, etag, transfer
+        self._resp = self._handle = None
+        self._pos = 0
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.release(False)
+        self._resp = self._handle = None
+
+    def _open(self) -> None:
+        self.close()
+        try:
+            resp, handle = self.client.send("GET", self.url, {}, self.transfer)
+        except (ConnectionError, socket.timeout, OSError, http.client.HTTPException) as e:
+            raise _Retry(f"{type(e).__name__}: {e}") from None
+        if resp.status != 200:
+            body = _read_all(resp, self.transfer, 1 << 20)
+            handle.release(False)
+            if resp.status in (404, 410):
+                raise NotFound(f"{self.url}: HTTP {resp.status}")
+            if resp.status == 429 or resp.status >= 500:
+                raise _Retry(f"HTTP {resp.status}", parse_retry_after(resp.getheader("Retry-After")))
+            raise TransferError(f"{self.url}: HTTP {resp.status} {body[:200]!r}")
+        etag = resp.getheader("ETag")
+        if self.etag and etag and etag != self.etag:
+            handle.release(False)
+            raise ChangedWhileReading(f"{self.url} changed while it was read (ETag {self.etag} -> {etag})")
+        self._resp, self._handle, self._pos = resp, handle, 0
+
+    def _read(self, n: int) -> bytes:
+        try:
+            data = self._resp.read(n)
+        except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as e:
+            raise _Retry(f"connection cut ({type(e).__name__})") from None
+        if not data:
+            raise _Retry("the body ended early")
+        self.transfer.bytes += len(data)
+        self._pos += len(data)
+        return data
+
+    def __call__(self, start: int, end: int) -> bytes:
+        opts = self.client.opts
+        for attempt in range(1, opts.max_attempts + 1):
+            try:
+                if self._resp is None or self._pos > start:
+                    self._open()
+                while self._pos < start:
+                    self._read(min(start - self._pos, 1 << 20))
+                parts = []
+                while self._pos < end:
+                    parts.append(self._read(end - self._pos))
+                return b"".join(parts)
+            except _Retry as e:
+                self.close()
+                if attempt == opts.max_attempts:
+                    raise TransferError(f"{self.url}: failed after {attempt} attempts (last: {e})") from None
+                self.transfer.retries += 1
+                self.client.sleep(backoff_delay(attempt, opts, e.retry_after))
+        raise AssertionError("unreachable")
+
+
+# Servers (scheme, host, port) found to answer range requests with whole files, per process.
+_NO_RANGES: set = set()
+
+
+class _WebFetch:
+    """Range requests; where the server turns out to ignore them (remembered
+    for this process), one streamed GET."""
+
+    def __init__(self, client: HttpClient, url: str, etag: Optional[str], transfer: Transfer, ranges: bool):
+        self._server = HttpClient._split(url)[0]
+        self._streamed = _StreamedFetch(client, url, etag, transfer)
+        ranges = ranges and self._server not in _NO_RANGES
+        self._ranged = _ranged_fetch(client, url, etag, transfer) if ranges else None
+
+    def __call__(self, start: int, end: int) -> bytes:
+        if self._ranged is not None:
+            try:
+                return self._ranged(start, end)
+            except _NoRanges:
+                _LOG.warning("%s://%s:%s ignores Range requests: its files are streamed instead (the rest of a "
+                             "file is no longer left unread on the server)", *self._server)
+                _NO_RANGES.add(self._server)
+                self._ranged = None
+        return self._streamed(start, end)
+
+    def close(self) -> None:
+        self._streamed.close()
+
+
+def open_web(client: HttpClient, identity: dict, transfer: Transfer) -> RangeReader:
+    """A stream over a web file whose identity `client.head` gave (its size
+    and ETag): range requests of BLOCK bytes, each checked against the ETag,
+    or one streamed GET where the server does not support ranges."""
+    url = identity["path"]
+    size = identity.get("bytes")
+    fetch = _WebFetch(client, url, identity.get("etag"), transfer, ranges=size is not None)
+    return RangeReader(url, size if size is not None else 1 << 62, fetch, transfer)
+
+
+# ---- S3 ---------------------------------------------------------------------------
+
+def open_s3(client, identity: dict, transfer: Transfer, max_attempts: int = 5,
+            sleep: Callable[[float], None] = time.sleep) -> RangeReader:
+    """A stream over an S3 object (identity from HeadObject: size, ETag):
+    GetObject with a byte range and If-Match per block. botocore retries
+    the requests; a body cut mid-read is fetched again here."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    path = identity["path"]
+    bucket, key = path[len("s3://"):].split("/", 1)
+    etag = identity.get("etag")
+    opts = WebOptions(max_attempts=max_attempts)
+
+    def fetch(start: int, end: int) -> bytes:
+        last = ""
+        for attempt in range(1, max_attempts + 1):
+            kw = {"IfMatch": etag} if etag else {}
+            try:
+                transfer.requests += 1
+                body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **kw)["Body"]
+                data = body.read()
+                transfer.bytes += len(data)
+                if len(data) == end - start:
+                    return data
+                last = f"got {len(data)} of {end - start} bytes"
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code in ("PreconditionFailed", "412"):
+                    raise ChangedWhileReading(f"{path} changed while it was read (ETag {etag})") from None
+                if code in ("NoSuchKey", "404"):
+                    raise NotFound(f"{path}: no such object") from None
+                raise TransferError(f"{path}: {e}") from None
+            except (BotoCoreError, ConnectionError, OSError) as e:
+                last = f"{type(e).__name__}: {e}"
+            if attempt < max_attempts:
+                transfer.retries += 1
+                sleep(backoff_delay(attempt, opts))
+        raise TransferError(f"{path}: failed after {max_attempts} attempts (last: {last})")
+
+    return RangeReader(path, int(identity["bytes"]), fetch, transfer)
+
+
+class CountingReader(io.RawIOBase):
+    """Any other filesystem's stream (FileSystems.open), counted."""
+
+    def __init__(self, raw, path: str, transfer: Transfer):
+        super().__init__()
+        self._raw = raw
+        self.name = path
+        self.transfer = transfer
+        transfer.requests += 1
+        self.head = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._raw.read(n)
+        self.transfer.bytes += len(data)
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[:HEAD_BYTES - len(self.head)]
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
