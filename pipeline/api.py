@@ -4,11 +4,14 @@ The command line (pipeline.cli), the SageMaker entry point (launch.entrypoint)
 and the tests all call this; it holds no state between calls.
 
     run      stage 1 (cases -> committed case objects and markers), then
-             stage 2 (split files), verification, metadata, schema, report;
-             with a share I/N: stage 1 on this share, and share 1 waits for
-             every marker and finalizes
+             stage 2 (pipeline.finalize: split files, verification, metadata,
+             schema, report); with a share I/N: stage 1 on this share, and
+             share 1 waits for every marker and finalizes
     finalize stage 2 alone, from the markers (idempotent, byte-identical)
     verify   read every split file back and compare with the markers
+
+Each command is one function here; the run's record (pipeline.metadata.RunRecord)
+writes what it did, the stages run through a StageRunner (pipeline.runtime).
 """
 from __future__ import annotations
 
@@ -22,17 +25,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, TextIO
 
-from pipeline import coordination, job, metadata, s3, stage2, storage
-from pipeline.contracts import FailedMarker, StageJob
+from pipeline import coordination, s3, storage
+from pipeline.contracts import FailedMarker, Status
+from pipeline.finalize import Finalize
+from pipeline.metadata import RunRecord, fingerprint
 from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionError, RunRequest,
                               settings_flags)
 from pipeline.progress import Progress
+from pipeline.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
 from pipeline.supervisor import Supervisor
-from transforms import spec
-from transforms.cases import format_cases
-from transforms.load import ClinicalTableError, TableFormat, read_clinical
+from pipeline.verify import Verification, verify_output
+from transforms import sources, spec
+from transforms.load import ClinicalTable, ClinicalTableError, TableFormat, read_clinical
 from transforms.settings import Settings
-from transforms.sources import Source, SourceError, check_reachable, is_web
+from transforms.sources import Source, SourceError
 
 _LOG = logging.getLogger("master_poc")
 
@@ -53,13 +59,13 @@ class Stage1Report:
 @dataclass
 class RunResult:
     exit_code: int
-    status: str  # complete, incomplete, verification_failed, stage1_done, refused, failed, interrupted, verified
+    status: Status
     message: str = ""  # why it did not succeed, and what to do
     metadata: Optional[dict] = None  # as written to preprocessing_metadata.json
     counters: dict = field(default_factory=dict)  # stage 1's Beam counters (cases_skipped, ...)
     elapsed_s: float = 0.0
     stage1: Optional[Stage1Report] = None
-    verification: Optional[dict] = None
+    verification: Optional[Verification] = None  # the verify command's
     stopped_by: Optional[str] = None  # the signal's name when interrupted
 
 
@@ -67,64 +73,13 @@ class Refused(Exception):
     """Bad input found before any work: exit 2, nothing written."""
 
 
-class StageFailed(Exception):
-    """A stage's pipeline failed (its log says why); committed work is kept."""
-
-
-class Interrupted(Exception):
-    """A shutdown was asked for (SIGTERM/SIGINT); committed work is kept."""
-
-
-class InProcess:
-    """Runs each stage in this process (RunRequest.supervised=False)."""
-
-    stopping = False
-    stop_signal = None
-    child_killed = False
-    progress = None
-    progress_interval_s = 0.0
-    stop_file = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def run_job(self, stage_job: StageJob) -> tuple[int, dict[str, int]]:
-        return 0, job.run_stage(stage_job)
-
-
-def preflight_web(paths: dict[str, Optional[str]], web) -> None:
-    """A web server that does not answer is refused at start (exit 2), as an
-    unreachable S3 endpoint is."""
-    for flag, path in paths.items():
-        if path is None:
-            continue
-        source = Source.for_location(path, web)
-        url = source.location if flag == "--input" else path
-        if is_web(url):
-            try:
-                check_reachable(url, web)
-            except SourceError as e:
-                raise SourceError(f"{flag} {path}: {e}") from None
-
-
-def clinical_line(identity: dict, rows: int) -> str:
-    """What the run says about the clinical table it read."""
-    how = f", {TableFormat.from_json(identity['format']).describe()}" if identity.get("format") else ""
-    split = ("split by patient (subjectid)" if identity.get("split_key") == "subjectid"
-             else "split by case id: the table has no subjectid column")
-    return f"clinical table {identity.get('path')}: {rows} rows{how}; {split}"
-
-
 def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
     """An output keeps one fingerprint (settings, contract and format versions): refuse a silent mix."""
     path = storage.settings_path(output)
-    new = metadata.fingerprint(settings)
+    new = fingerprint(settings)
     if storage.exists(path):
         # A setting added after the output was made reads as its default there.
-        old = dict(metadata.fingerprint(Settings()), **storage.read_json(path))
+        old = dict(fingerprint(Settings()), **storage.read_json(path))
         if old == new:
             return
         if not overwrite:
@@ -138,11 +93,6 @@ def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
     storage.write_json(path, new)
 
 
-def success_rate(meta: dict) -> float:
-    ok, failed = len(meta["cases"]["ok"]), len(meta["cases"]["failed"])
-    return 1.0 if ok + failed == 0 else ok / (ok + failed)
-
-
 def load_settings(output: str) -> Settings:
     path = storage.settings_path(output)
     if not storage.exists(path):
@@ -150,236 +100,171 @@ def load_settings(output: str) -> Settings:
     return Settings.from_json(storage.read_json(path))
 
 
-class _Run:
-    """One invocation's state: when it started, what it was asked, timings."""
+def success_rate(meta: dict) -> float:
+    ok, failed = len(meta["cases"]["ok"]), len(meta["cases"]["failed"])
+    return 1.0 if ok + failed == 0 else ok / (ok + failed)
 
-    def __init__(self, req: RunRequest, out: TextIO):
-        self.req, self.o, self.out = req, req.options, out
-        self.t0 = time.time()
-        self.started = metadata.utcnow()
-        self.timings: dict[str, float] = {}
-        self.requested: Optional[list[int]] = None
-        self.input_dir: Optional[str] = self.o.input  # as given ("vitaldb", a folder, a prefix, a URL)
-        self.source: Optional[Source] = None  # where the files are, resolved
-        self.clinical_path: Optional[str] = self.o.clinical
-        self.clinical_table: Optional[dict] = None  # the identity of the table this run read
-        self.previous: dict = {}  # the metadata already in the output (finalize)
 
-    def config(self) -> dict:
-        """The effective configuration, in the form --config reads: giving it
-        back rebuilds the same dataset."""
-        o = self.o
-        cfg = self.req.settings.as_json()
-        cfg.update(input=self.input_dir, clinical=self.clinical_path, output=o.output,
-                   cases=format_cases(self.requested) if self.requested else o.cases, num_shards=o.num_shards)
-        return {k: v for k, v in cfg.items() if v is not None}
+def clinical_line(table: ClinicalTable) -> str:
+    """What the run says about the clinical table it read."""
+    ident = table.identity
+    how = f", {TableFormat.from_json(ident['format']).describe()}" if ident.get("format") else ""
+    split = ("split by patient (subjectid)" if table.by_patient
+             else "split by case id: the table has no subjectid column")
+    return f"clinical table {table.path}: {len(table.rows)} rows{how}; {split}"
 
-    def where(self) -> dict:
-        """The source and clinical table this run read (a finalize alone: what
-        the run that made the output recorded)."""
-        return {"source": self.source.describe() if self.source else self.previous.get("source"),
-                "clinical_table": self.clinical_table or self.previous.get("clinical_table")}
 
-    def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+def _say(out: TextIO, text: str) -> None:
+    print(text, file=out, flush=True)
 
-    def result(self, code: int, status: str, **kw) -> RunResult:
-        return RunResult(code, status, elapsed_s=time.time() - self.t0, **kw)
 
-    def stage_job(self, stage: int, settings: Settings, **kw) -> StageJob:
-        return StageJob(stage=stage, output=self.o.output, settings=settings, beam_args=list(self.req.beam_args),
-                        verbose=self.o.verbose, s3_max_attempts=self.o.s3_max_attempts,
-                        s3_retry_mode=self.o.s3_retry_mode, **kw)
+# ---- run ------------------------------------------------------------------------------
 
-    @staticmethod
-    def run_stage(stages, stage_job: StageJob) -> dict[str, int]:
-        if stages.stopping:
+def _cases_and_clinical(req: RunRequest, source: Source, record: RunRecord) -> tuple[list[int], ClinicalTable]:
+    """The requested cases (--cases, else every case of the source, or of the
+    clinical table where the source lists none) and the clinical table."""
+    case_ids = req.case_ids()
+    web = req.options.web()
+    if case_ids is not None:
+        return case_ids, read_clinical(record.clinical, case_ids, web)
+    try:
+        listed = source.list_case_ids()
+    except Exception as e:  # any filesystem's error: no access, a bad endpoint, ...
+        raise Refused(f"cannot list --input {record.input}: {e}") from None
+    if listed is None:  # a web server lists nothing: every case of its clinical table
+        table = read_clinical(record.clinical, None, web)
+        if not table.case_ids:
+            raise Refused(f"the clinical table {record.clinical} has no cases")
+        return table.case_ids, table
+    if not listed:
+        raise Refused(f"--input {record.input} holds no <id>.vital files")
+    return listed, read_clinical(record.clinical, listed, web)
+
+
+def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: TextIO) -> RunResult:
+    o = req.options
+    req.case_ids()  # a bad --cases is refused before any work
+    if record.input is None:
+        from pipeline.sample import write_default_sample
+        record.input = o.sample_dir or tempfile.mkdtemp(prefix="master-poc-sample-")
+        _say(out, f"no --input: generating {o.sample_cases} VitalDB-format sample cases in {record.input}")
+        write_default_sample(record.input, o.sample_cases, req.settings)
+    source = Source.for_location(record.input, o.web())
+    record.source = source.describe()
+    record.clinical = record.clinical or source.default_clinical()
+    case_ids, clinical = _cases_and_clinical(req, source, record)
+    record.requested, record.clinical_table = case_ids, clinical.identity
+    _say(out, clinical_line(clinical))
+    guard_output(o.output, req.settings, o.overwrite)
+
+    mine = o.share.select(case_ids) if o.share else case_ids
+    who = f" (share {o.share} of {len(case_ids)} cases)" if o.share else ""
+    what = f"{source.dataset} ({source.location})" if source.dataset else source.location
+    _say(out, f"stage 1: {len(mine)} cases{who} from {what} -> {storage.cases_dir(o.output)}")
+    counts: dict[str, int] = {}
+    if mine:
+        progress = Progress(o.output, mine, out=out)
+        progress.snapshot()  # the baseline: cases/min counts only this run's work
+        t = time.time()
+        counts = run_with(runner, stage_job(req, 1, case_ids=mine, source=source, clinical=clinical),
+                          progress, o.progress_interval)
+        record.timings["stage1_s"] = round(time.time() - t, 3)
+        progress()
+    if o.no_finalize or (o.share and not o.share.leader):
+        return _stage1_only(req, mine, counts)
+    if o.share:
+        missing = coordination.wait_for_markers(o.output, case_ids, o.leader_wait_s, o.poll_s,
+                                                lambda: runner.stopping, lambda text: _say(out, text))
+        if runner.stopping:
             raise Interrupted()
-        rc, counts = stages.run_job(stage_job)
-        if stages.stopping:
-            raise Interrupted()
-        if rc != 0:
-            raise StageFailed(f"stage {stage_job.stage} pipeline failed (exit code {rc}, see the log above); "
-                              "committed cases are kept, rerun the same command to continue")
-        return counts
+        if missing:
+            return _leader_gave_up(req, record, missing, counts)
+    _say(out, f"stage 2: writing splits to {o.output}")
+    meta = Finalize(record, runner, req).run()
+    if meta["status"] != Status.COMPLETE:
+        return RunResult(EXIT_FAILED, Status(meta["status"]), metadata=meta, counters=counts,
+                         message="verification failed: " + "; ".join(meta["verification"]["problems"][:5]))
+    rate = success_rate(meta)
+    if rate < o.min_success_rate:
+        return RunResult(EXIT_FAILED, Status.COMPLETE, metadata=meta, counters=counts,
+                         message=f"success rate {rate:.1%} is below --min-success-rate {o.min_success_rate:.0%}")
+    return RunResult(EXIT_OK, Status.COMPLETE, metadata=meta, counters=counts)
 
-    # ---- run ----------------------------------------------------------------------
 
-    def run(self, stages) -> RunResult:
-        settings, o = self.req.settings, self.o
-        case_ids = self.req.case_ids()  # a bad --cases is refused before any work
-        if self.input_dir is None:
-            from pipeline.sample import write_default_sample
-            self.input_dir = o.sample_dir or tempfile.mkdtemp(prefix="master-poc-sample-")
-            self.say(f"no --input: generating {o.sample_cases} VitalDB-format sample cases in {self.input_dir}")
-            write_default_sample(self.input_dir, o.sample_cases, settings)
-        source = self.source = Source.for_location(self.input_dir, o.web())
-        self.clinical_path = self.clinical_path or source.default_clinical()
-        clinical = None
-        if case_ids is None:
-            try:
-                listed = source.list_case_ids()
-            except Exception as e:  # any filesystem's error: no access, a bad endpoint, ...
-                raise Refused(f"cannot list --input {self.input_dir}: {e}") from None
-            if listed is None:  # a web server lists nothing: every case of its clinical table
-                clinical = read_clinical(self.clinical_path, None, o.web())
-                listed = clinical.case_ids
-                where = f"the clinical table {self.clinical_path}"
-            else:
-                where = f"--input {self.input_dir}"
-            if not listed:
-                raise Refused(f"{where} holds no <id>.vital files" if clinical is None else f"{where} has no cases")
-            case_ids = listed
-        self.requested = case_ids
-        clinical = clinical or read_clinical(self.clinical_path, case_ids, o.web())
-        self.clinical_table = clinical.identity
-        self.say(clinical_line(clinical.identity, len(clinical.rows)))
-        guard_output(o.output, settings, o.overwrite)
+def _stage1_only(req: RunRequest, mine: list[int], counts: dict) -> RunResult:
+    o = req.options
+    done = sorted(storage.marker_ids(o.output, storage.DONE) & set(mine))
+    failed = storage.read_failed(o.output, sorted((storage.marker_ids(o.output, storage.FAILED) & set(mine)) - set(done)))
+    report = Stage1Report(mine, done, failed)
+    if not report.complete:
+        missing = len(mine) - len(done) - len(failed)
+        return RunResult(EXIT_FAILED, Status.STAGE1_DONE, counters=counts, stage1=report,
+                         message=f"{missing} of these cases have no marker: rerun the same command to continue")
+    owed = "share 1 finalizes" if o.share and not o.share.leader else "finalize is still owed"
+    return RunResult(EXIT_OK, Status.STAGE1_DONE, counters=counts, stage1=report, message=owed)
 
-        mine = o.share.select(case_ids) if o.share else case_ids
-        who = f" (share {o.share} of {len(case_ids)} cases)" if o.share else ""
-        what = f"{source.dataset} ({source.location})" if source.dataset else source.location
-        self.say(f"stage 1: {len(mine)} cases{who} from {what} -> {storage.cases_dir(o.output)}")
-        counts: dict[str, int] = {}
-        if mine:
-            progress = Progress(o.output, mine, out=self.out)
-            progress.snapshot()  # the baseline: cases/min counts only this run's work
-            stages.progress, stages.progress_interval_s = progress, o.progress_interval
-            t1 = time.time()
-            counts = self.run_stage(stages, self.stage_job(1, settings, case_ids=mine, source=source,
-                                                            clinical=clinical))
-            stages.progress = None
-            self.timings["stage1_s"] = round(time.time() - t1, 3)
-            progress()
-        if o.no_finalize or (o.share and not o.share.leader):
-            return self.stage1_only(mine, counts)
-        if o.share:
-            missing = coordination.wait_for_markers(o.output, case_ids, o.leader_wait_s, o.poll_s,
-                                                    lambda: stages.stopping, self.say)
-            if stages.stopping:
-                raise Interrupted()
-            if missing:
-                return self.leader_gave_up(settings, missing, counts)
-        self.say(f"stage 2: writing splits to {o.output}")
-        meta = self.finalize(stages, settings)
-        if meta["status"] != "complete":
-            return self.result(EXIT_FAILED, meta["status"], metadata=meta, counters=counts,
-                               message="verification failed: " + "; ".join(meta["verification"]["problems"][:5]))
-        rate = success_rate(meta)
-        if rate < o.min_success_rate:
-            return self.result(EXIT_FAILED, "complete", metadata=meta, counters=counts,
-                               message=f"success rate {rate:.1%} is below --min-success-rate "
-                                       f"{o.min_success_rate:.0%}")
-        return self.result(EXIT_OK, "complete", metadata=meta, counters=counts)
 
-    def stage1_only(self, mine: list[int], counts: dict) -> RunResult:
-        out = self.o.output
-        done = sorted(storage.marker_ids(out, storage.DONE) & set(mine))
-        failed = storage.read_failed(out, sorted((storage.marker_ids(out, storage.FAILED) & set(mine)) - set(done)))
-        report = Stage1Report(mine, done, failed)
-        if not report.complete:
-            missing = len(mine) - len(done) - len(failed)
-            return self.result(EXIT_FAILED, "stage1_done", counters=counts, stage1=report,
-                               message=f"{missing} of these cases have no marker: rerun the same command to continue")
-        owed = "share 1 finalizes" if self.o.share and not self.o.share.leader else "finalize is still owed"
-        return self.result(EXIT_OK, "stage1_done", counters=counts, stage1=report, message=owed)
+def _leader_gave_up(req: RunRequest, record: RunRecord, missing: list[int], counts: dict) -> RunResult:
+    o = req.options
+    # The same data settings (or the output refuses the run) and clinical table.
+    flags = settings_flags(req.settings) + (["--clinical", o.clinical] if o.clinical else [])
+    cmd = coordination.finish_command(record.input, o.output, o.cases or ",".join(map(str, record.requested)), flags)
+    meta = record.write(Status.INCOMPLETE)
+    return RunResult(EXIT_FAILED, Status.INCOMPLETE, metadata=meta, counters=counts,
+                     message=f"{len(missing)} cases have no marker after {o.leader_wait_s:.0f} s: "
+                             f"{missing[:30]}{' ...' if len(missing) > 30 else ''}; finalize is still owed. "
+                             f"To complete the job (committed cases are skipped): {cmd}")
 
-    def leader_gave_up(self, settings: Settings, missing: list[int], counts: dict) -> RunResult:
-        o = self.o
-        # The same data settings (or the output refuses the run) and clinical table.
-        flags = settings_flags(settings) + (["--clinical", o.clinical] if o.clinical else [])
-        cmd = coordination.finish_command(self.input_dir, o.output, o.cases or ",".join(map(str, self.requested)),
-                                          flags)
-        meta = metadata.write_outputs(o.output, settings, "incomplete", requested=self.requested,
-                                      started=self.started, input_dir=self.input_dir,
-                                      clinical_path=self.clinical_path, timings=self.timings, config=self.config(),
-                                      **self.where())
-        return self.result(EXIT_FAILED, "incomplete", metadata=meta, counters=counts,
-                           message=f"{len(missing)} cases have no marker after {o.leader_wait_s:.0f} s: "
-                                   f"{missing[:30]}{' ...' if len(missing) > 30 else ''}; finalize is still owed. "
-                                   f"To complete the job (committed cases are skipped): {cmd}")
 
-    # ---- finalize -----------------------------------------------------------------
+# ---- finalize, verify, interrupted -----------------------------------------------------------
 
-    def finalize(self, stages, settings: Settings) -> dict:
-        """Stage 2 + verification + metadata, from the markers alone."""
-        o = self.o
-        t2 = time.time()
-        done = storage.read_done(o.output)
-        # A case object that is not what its marker says (truncated, missing) is
-        # named and its case demoted to failed (a rerun recomputes it); the
-        # split files are written from the others.
-        damaged = stage2.check_case_objects(o.output, done, spec.SPLIT_NAMES)
-        for cid, detail in damaged.items():
-            _LOG.error("case %s: %s; the case is now failed (%s): rerun to recompute it", cid, detail,
-                       stage2.DAMAGED)
-            storage.demote(o.output, cid, stage2.DAMAGED, detail)
-            done.pop(cid)
-        plans = stage2.plan_shards(o.output, done, spec.SPLIT_NAMES, o.num_shards, settings.split_seed)
-        if plans:
-            counts = self.run_stage(stages, self.stage_job(2, settings, plans=plans))
-            self.timings["stage2_shard_write_s"] = round(counts.get("shard_write_us", 0) / 1e6, 6)
-        stage2.remove_stale_shards(o.output, plans, spec.SPLIT_NAMES)
-        storage.delete(storage.list_files(storage.tmp_glob(o.output)))
-        if stages.stopping:
-            raise Interrupted()
-        t3 = time.time()
-        self.timings["stage2_s"] = round(t3 - t2, 3)
-        verification = stage2.verify_output(o.output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
-        # Damage found only by reading (a changed byte): the split file holding it
-        # is reported; its case is demoted so the next finalize leaves it out.
-        for cid, detail in verification["damaged_cases"].items():
-            storage.demote(o.output, cid, stage2.DAMAGED, detail)
-            done.pop(cid, None)
-        if damaged:
-            verification["ok"] = False
-            verification["problems"] += [f"case {c}: {d} (case demoted to failed: rerun to recompute it)"
-                                         for c, d in damaged.items()]
-        self.timings["verify_s"] = round(time.time() - t3, 3)
-        return metadata.write_outputs(o.output, settings, "complete" if verification["ok"] else "verification_failed",
-                                      requested=self.requested, verification=verification, started=self.started,
-                                      input_dir=self.input_dir, clinical_path=self.clinical_path, done=done,
-                                      timings=self.timings, config=self.config(), **self.where())
+def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) -> RunResult:
+    """Stage 2 alone, with the output's own settings; where the data came from
+    is what the run that made the output recorded."""
+    record.settings = load_settings(req.options.output)
+    record.requested = req.case_ids()
+    if record.input is None and storage.exists(storage.metadata_path(req.options.output)):
+        previous = storage.read_json(storage.metadata_path(req.options.output))
+        record.input, record.clinical = previous.get("input"), record.clinical or previous.get("clinical")
+        record.source, record.clinical_table = previous.get("source"), previous.get("clinical_table")
+    meta = Finalize(record, runner, dataclasses.replace(req, settings=record.settings)).run()
+    status = Status(meta["status"])
+    return RunResult(EXIT_OK if status == Status.COMPLETE else EXIT_FAILED, status, metadata=meta)
 
-    def finalize_command(self, stages) -> RunResult:
-        settings = load_settings(self.o.output)
-        self.requested = self.req.case_ids()
-        # Where the data came from is what the run that made the output recorded.
-        if self.input_dir is None and storage.exists(storage.metadata_path(self.o.output)):
-            self.previous = previous = storage.read_json(storage.metadata_path(self.o.output))
-            self.input_dir, self.clinical_path = previous.get("input"), self.clinical_path or previous.get("clinical")
-        self.req = dataclasses.replace(self.req, settings=settings)
-        meta = self.finalize(stages, settings)
-        code = EXIT_OK if meta["status"] == "complete" else EXIT_FAILED
-        return self.result(code, meta["status"], metadata=meta)
 
-    def verify(self) -> RunResult:
-        load_settings(self.o.output)
-        done = storage.read_done(self.o.output)
-        v = stage2.verify_output(self.o.output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
-        return self.result(EXIT_OK if v["ok"] else EXIT_FAILED, "verified" if v["ok"] else "verification_failed",
-                           verification=v)
+def verify_command(req: RunRequest) -> RunResult:
+    output = req.options.output
+    load_settings(output)
+    v = verify_output(output, storage.read_done(output), spec.SPLIT_NAMES, os.cpu_count() or 1)
+    return RunResult(EXIT_OK if v.ok else EXIT_FAILED, Status.VERIFIED if v.ok else Status.VERIFICATION_FAILED,
+                     verification=v)
 
-    def interrupted(self, stages) -> RunResult:
-        """Records what was done (committed cases are safe) and what is owed."""
-        name = signal.Signals(stages.stop_signal).name if stages.stop_signal else "a signal"
-        meta = None
-        if storage.exists(storage.settings_path(self.o.output)):
-            meta = metadata.write_outputs(self.o.output, load_settings(self.o.output), "incomplete",
-                                          requested=self.requested, started=self.started,
-                                          input_dir=self.input_dir, clinical_path=self.clinical_path,
-                                          timings=self.timings, config=self.config(), **self.where())
-        killed = " (pipeline killed after the grace period)" if stages.child_killed else ""
-        return self.result(EXIT_INTERRUPTED, "interrupted", metadata=meta, stopped_by=name,
-                           message=f"stopped by {name}{killed}; rerun the same command to continue: "
-                                   "committed cases are skipped")
+
+def _interrupted(req: RunRequest, runner: StageRunner, record: RunRecord) -> RunResult:
+    """Records what was done (committed cases are safe) and what is owed."""
+    name = signal.Signals(runner.stop_signal).name if runner.stop_signal else "a signal"
+    meta = None
+    if storage.exists(storage.settings_path(req.options.output)):
+        record.settings = load_settings(req.options.output)
+        meta = record.write(Status.INCOMPLETE)
+    killed = " (pipeline killed after the grace period)" if runner.killed else ""
+    return RunResult(EXIT_INTERRUPTED, Status.INTERRUPTED, metadata=meta, stopped_by=name,
+                     message=f"stopped by {name}{killed}; rerun the same command to continue: "
+                             "committed cases are skipped")
 
 
 def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
     """Runs one request to the end and says how it went; never raises for
     bad input or a failed stage (the result says why)."""
-    ctx = _Run(req, out or sys.stdout)
+    out = out or sys.stdout
     o = req.options
+    t0 = time.time()
+    record = RunRecord(o.output, req.settings, input=o.input, clinical=o.clinical, cases=o.cases,
+                       num_shards=o.num_shards)
+
+    def timed(res: RunResult) -> RunResult:
+        return dataclasses.replace(res, elapsed_s=time.time() - t0)
+
     try:
         from pipeline import runtime
         runtime.setup_io(list(req.beam_args), o.s3_max_attempts, o.s3_retry_mode)
@@ -387,19 +272,18 @@ def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
         s3.preflight({"--input": o.input, "--clinical": o.clinical, "--output": o.output},
                      PipelineOptions(list(req.beam_args)))
         if req.command == "run":
-            preflight_web({"--input": o.input, "--clinical": o.clinical}, o.web())
+            sources.preflight({"--input": o.input, "--clinical": o.clinical}, o.web())
         if req.command == "verify":
-            return ctx.verify()
-        stages = Supervisor(o.shutdown_grace) if req.supervised else InProcess()
-        with stages:
+            return timed(verify_command(req))
+        runner = Supervisor(o.shutdown_grace) if req.supervised else InProcess()
+        with runner:
             try:
                 if req.command == "finalize":
-                    return ctx.finalize_command(stages)
-                return ctx.run(stages)
+                    return timed(finalize_command(req, runner, record))
+                return timed(run_command(req, runner, record, out))
             except Interrupted:
-                return ctx.interrupted(stages)
+                return timed(_interrupted(req, runner, record))
     except (Refused, ClinicalTableError, s3.S3AccessError, OptionError, SourceError) as e:
-        return ctx.result(EXIT_USAGE, "refused", message=str(e))
+        return timed(RunResult(EXIT_USAGE, Status.REFUSED, message=str(e)))
     except StageFailed as e:
-        return ctx.result(EXIT_FAILED, "failed", message=str(e))
-
+        return timed(RunResult(EXIT_FAILED, Status.FAILED, message=str(e)))

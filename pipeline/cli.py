@@ -88,10 +88,10 @@ def summary_lines(res: RunResult) -> list[str]:
         lines += [f"  failed case {c}: {f.reason}: {f.detail}" for c, f in sorted(s1.failed.items())]
         return lines
     if res.verification is not None and meta is None:  # verify
-        for s, d in res.verification["splits"].items():
-            lines.append(f"{s}: {d['examples']} examples in {d['files']} files from {d['cases']} cases "
-                         f"(markers: {d['expected_examples']} from {d['expected_cases']})")
-        lines += [f"VERIFY FAILED: {p}" for p in res.verification["problems"]]
+        for s, d in res.verification.splits.items():
+            lines.append(f"{s}: {d.examples} examples in {d.files} files from {d.cases} cases of {d.patients} "
+                         f"patients (markers: {d.expected_examples} from {d.expected_cases})")
+        lines += [f"VERIFY FAILED: {p}" for p in res.verification.problems]
         lines.append("verify: ok" if res.exit_code == 0 else "verify: FAILED")
         return lines
     if meta is None:

@@ -1,10 +1,13 @@
-"""The contracts between the stages, each one type with its JSON form here.
+"""The contracts between the stages, each one type (the markers with their
+JSON form here).
 
+    Status       how a run, a finalize or a verify ended
     DoneMarker   cases/_done/<id>.json: a committed case (stage 1 -> stage 2,
                  metadata, report, progress, resume)
-    FailedMarker cases/_failed/<id>.json: a failed case and why
+    FailedMarker cases/_failed/<id>.json: a failed case and why (the same type
+                 as stage 1's dead letters, transforms.per_case.CaseFailure)
     ShardPlan    one split file to write: which cases, which gzip members (stage 2)
-    StageJob     what the stage process runs (driver -> pipeline.job.run_stage)
+    StageJob     what a stage runs (pipeline.runtime.run_stage)
 
 Readers get these types, never loose dicts. `from_json` ignores keys it does
 not know and fills fields an older marker lacks with their defaults.
@@ -13,12 +16,30 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
-from transforms.case import CaseFacts
+from transforms.per_case import CaseFacts, CaseFailure
 from transforms.load import ClinicalTable
 from transforms.settings import Settings
 from transforms.sources import Source
+
+
+class Status(str, Enum):
+    """How a command ended (RunResult.status; the metadata's status is one of
+    the first three). A str, so it is written into JSON as its value."""
+
+    COMPLETE = "complete"  # every requested case marked, split files written and verified
+    INCOMPLETE = "incomplete"  # cases without a marker (interrupted, a leader that stopped waiting)
+    VERIFICATION_FAILED = "verification_failed"
+    STAGE1_DONE = "stage1_done"  # this share's stage 1; finalize is owed elsewhere or later
+    VERIFIED = "verified"  # verify: the output reads back as its markers say
+    REFUSED = "refused"  # bad input, said before any work
+    FAILED = "failed"  # a stage's pipeline failed
+    INTERRUPTED = "interrupted"  # SIGTERM/SIGINT
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def _known(cls, d: dict) -> dict:
@@ -68,18 +89,8 @@ class DoneMarker(CaseFacts):
         return DoneMarker(**d)
 
 
-@dataclass(frozen=True)
-class FailedMarker:
-    case_id: int
-    reason: str  # missing_file, corrupt_file, no_tracks, duplicate_clinical_row, damaged_case_object, ...
-    detail: str
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def from_json(d: dict) -> "FailedMarker":
-        return FailedMarker(**_known(FailedMarker, d))
+# A failed case and why: the dead letter of stage 1's DoFns, written as is.
+FailedMarker = CaseFailure
 
 
 @dataclass(frozen=True)
@@ -100,16 +111,6 @@ class ShardPlan:
     @property
     def windows(self) -> int:
         return sum(c.windows for c in self.cases)
-
-    def to_json(self) -> dict:
-        return {"split": self.split, "index": self.index, "count": self.count,
-                "cases": [[c.case_id, c.windows, c.path, [[m.nbytes, m.records] for m in c.members]]
-                          for c in self.cases]}
-
-    @staticmethod
-    def from_json(d: dict) -> "ShardPlan":
-        return ShardPlan(d["split"], d["index"], d["count"],
-                         tuple(PlannedCase(c[0], c[1], c[2], tuple(Member(*m) for m in c[3])) for c in d["cases"]))
 
 
 @dataclass

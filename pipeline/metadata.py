@@ -1,39 +1,38 @@
-"""preprocessing_metadata.json, schema.pbtxt (tensorflow_metadata Schema) and
-the quality report, from the markers."""
+"""What an output says about itself, from the markers: the run's record
+(`RunRecord`) writes preprocessing_metadata.json, schema.pbtxt
+(tensorflow_metadata Schema), config.yaml and the quality report."""
 from __future__ import annotations
 
 import datetime
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
 from pipeline import provenance, report, storage
-from pipeline.contracts import DoneMarker, FailedMarker
+from pipeline.contracts import DoneMarker, FailedMarker, Status
 from transforms import encode, spec
+from transforms.case_ids import format_cases
 from transforms.settings import Settings
 
-def example_features(settings: Settings) -> list[tuple[str, int, int]]:
-    """(name, schema type, length) of every example feature, in the contract's order."""
+
+def example_features(settings: Settings) -> tuple[encode.ExampleFeature, ...]:
+    """Every example feature of an output with these settings, in the contract's order."""
     fs = settings.feature_spec()
-    feats = [("timeseries", schema_pb2.FLOAT, settings.window * fs.n_features),
-             ("static", schema_pb2.FLOAT, spec.N_STATIC),
-             ("targets", schema_pb2.FLOAT, fs.n_targets),
-             ("case_id", schema_pb2.INT, 1),
-             ("window_start", schema_pb2.INT, 1)]
-    if settings.emit_mask:
-        feats.append(("observed", schema_pb2.FLOAT, settings.window * fs.n_features))
-    if settings.emit_delta:
-        feats.append(("since_measured", schema_pb2.FLOAT, settings.window * fs.n_features))
-    return feats
+    return encode.example_features(settings.window, fs.n_features, spec.N_STATIC, fs.n_targets,
+                                   settings.emit_mask, settings.emit_delta)
+
+
+_SCHEMA_TYPE = {"float": schema_pb2.FLOAT, "int64": schema_pb2.INT}
 
 
 def schema_text(settings: Settings) -> str:
     schema = schema_pb2.Schema()
-    for name, ftype, length in example_features(settings):
-        f = schema.feature.add(name=name, type=ftype)
-        f.shape.dim.add(size=length)
+    for feat in example_features(settings):
+        f = schema.feature.add(name=feat.name, type=_SCHEMA_TYPE[feat.kind])
+        f.shape.dim.add(size=feat.length)
         f.presence.min_fraction = 1.0
         f.presence.min_count = 1
     return text_format.MessageToString(schema)
@@ -91,11 +90,58 @@ def transfer_summary(done: dict[int, DoneMarker]) -> Optional[dict]:
             "requests": sum(i.get("requests", 0) for i in remote), "retries": sum(i.get("retries", 0) for i in remote)}
 
 
-def build_metadata(*, settings: Settings, status: str, requested: list[int], done: dict[int, DoneMarker],
-                   failed: dict[int, FailedMarker], verification: Optional[dict], started: str,
-                   input_dir: Optional[str], clinical: Optional[str], output: str,
-                   not_done: Optional[list[int]] = None, config: Optional[dict] = None,
-                   source: Optional[dict] = None, clinical_table: Optional[dict] = None) -> dict:
+@dataclass
+class RunRecord:
+    """One invocation as its output records it: when it started, what it was
+    asked (cases, input, clinical table), what it found (the source, the
+    table's identity and format), its times and configuration. `write`
+    writes the metadata, the schema, config.yaml and the report."""
+
+    output: str
+    settings: Settings
+    started: str = field(default_factory=lambda: utcnow())
+    requested: Optional[list[int]] = None
+    input: Optional[str] = None  # as given: a folder, a prefix, a URL, "vitaldb"
+    source: Optional[dict] = None  # transforms.sources.Source.describe()
+    clinical: Optional[str] = None
+    clinical_table: Optional[dict] = None  # the identity of the table read (path, sha256, format, split key)
+    cases: Optional[str] = None  # --cases as given
+    num_shards: int = 0
+    timings: dict = field(default_factory=dict)
+
+    def config(self) -> dict:
+        """The effective configuration, in the form --config reads: giving it
+        back rebuilds the same dataset."""
+        cfg = self.settings.as_json()
+        cfg.update(input=self.input, clinical=self.clinical, output=self.output,
+                   cases=format_cases(self.requested) if self.requested else self.cases, num_shards=self.num_shards)
+        return {k: v for k, v in cfg.items() if v is not None}
+
+    def write(self, status: Status, verification=None, done: Optional[dict[int, DoneMarker]] = None) -> dict:
+        """Metadata, schema, config.yaml and the quality report, from the
+        markers (`done` if already read); returns the metadata."""
+        out = self.output
+        done = storage.read_done(out) if done is None else done
+        failed = {c: f for c, f in storage.read_failed(out).items() if c not in done}
+        requested = self.requested if self.requested is not None else sorted(set(done) | set(failed))
+        not_done = [c for c in requested if c not in done and c not in failed]
+        if status == Status.COMPLETE and not_done:
+            status = Status.INCOMPLETE
+        t = time.time()
+        config = self.config()
+        meta = build_metadata(self, status, requested, done, failed, verification, not_done, config)
+        report.write_report(out, done, failed, meta["status"], self.settings.feature_spec(), meta["provenance"])
+        timings = dict(self.timings, metadata_report_s=round(time.time() - t, 3))
+        meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
+        storage.write_json(storage.metadata_path(out), meta)
+        storage.write_atomic(storage.schema_path(out), schema_text(self.settings).encode())
+        storage.write_atomic(storage.config_path(out), config_text(config).encode())
+        return meta
+
+
+def build_metadata(record: RunRecord, status: Status, requested: list[int], done: dict[int, DoneMarker],
+                   failed: dict[int, FailedMarker], verification, not_done: list[int], config: dict) -> dict:
+    settings, output = record.settings, record.output
     fs = settings.feature_spec()
     prov = provenance.build(done)
     splits = {}
@@ -108,33 +154,32 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
     w = settings.window
     return {
         "status": status,
-        "started": started,
+        "started": record.started,
         "finished": utcnow(),
-        "input": input_dir,
-        "source": source,
-        "clinical": clinical,
-        "clinical_table": clinical_table,
+        "input": record.input,
+        "source": record.source,
+        "clinical": record.clinical,
+        "clinical_table": record.clinical_table,
         "output": output,
         "settings": fingerprint(settings),
         "format": {**encode.FORMAT,
-                   "pattern": "<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz",
+                   "pattern": storage.SHARD_PATTERN,
                    "schema": storage.SCHEMA_NAME,
-                   "features": {n: {"type": "float" if t == schema_pb2.FLOAT else "int64", "length": L}
-                                for n, t, L in example_features(settings)},
+                   "features": {f.name: {"type": f.kind, "length": f.length} for f in example_features(settings)},
                    "shapes": {"timeseries": [w, fs.n_features], "static": [spec.N_STATIC],
                               "targets": [fs.n_targets]},
                    "timeseries_layout": "row-major (time, feature)",
                    "target_second": f"window_start + {w} - 1 + horizon"},
         "spec": spec.spec_as_dict(fs),
         "splits": splits,
-        "split": split_summary(settings, done, clinical_table),
+        "split": split_summary(settings, done, record.clinical_table),
         "transfer": transfer_summary(done),
         "cases": {
             "requested": len(requested),
             "ok": sorted(c for c, m in done.items() if m.status == "ok"),
             "too_short": sorted(c for c, m in done.items() if m.status == "too_short"),
-            "failed": [{"case_id": c, "reason": f.reason, "detail": f.detail} for c, f in sorted(failed.items())],
-            "not_done": not_done or [],
+            "failed": [f.to_json() for _, f in sorted(failed.items())],
+            "not_done": not_done,
             "static_defaults": {str(c): m.static_defaults for c, m in sorted(done.items()) if m.static_defaults},
             # Clinical entry errors (outside the plausible range, not a number, a sex other
             # than M/F): treated as missing, so their features are in static_defaults too.
@@ -145,39 +190,11 @@ def build_metadata(*, settings: Settings, status: str, requested: list[int], don
             # Processed again because the input file changed after an earlier commit.
             "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
         },
-        "verification": verification,
+        "verification": verification.as_json() if verification is not None else None,
         "versions": prov["versions"],  # also in provenance; kept here for readers of earlier outputs
         "provenance": prov,
         "config": config,
     }
-
-
-def write_outputs(output: str, settings: Settings, status: str, *, requested: Optional[list[int]] = None,
-                  verification: Optional[dict] = None, started: Optional[str] = None, input_dir: Optional[str] = None,
-                  clinical_path: Optional[str] = None, done: Optional[dict[int, DoneMarker]] = None,
-                  timings: Optional[dict] = None, config: Optional[dict] = None, source: Optional[dict] = None,
-                  clinical_table: Optional[dict] = None) -> dict:
-    """Metadata, schema, the run's configuration file and the quality report,
-    from the markers; returns the metadata."""
-    done = storage.read_done(output) if done is None else done
-    failed = {c: f for c, f in storage.read_failed(output).items() if c not in done}
-    requested = requested if requested is not None else sorted(set(done) | set(failed))
-    not_done = [c for c in requested if c not in done and c not in failed]
-    if status == "complete" and not_done:
-        status = "incomplete"
-    t = time.time()
-    meta = build_metadata(settings=settings, status=status, requested=requested, done=done, failed=failed,
-                          verification=verification, started=started or utcnow(),
-                          input_dir=input_dir, clinical=clinical_path, output=output, not_done=not_done,
-                          config=config, source=source, clinical_table=clinical_table)
-    report.write_report(output, done, failed, meta["status"], settings.feature_spec(), meta["provenance"])
-    timings = dict(timings or {}, metadata_report_s=round(time.time() - t, 3))
-    meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
-    storage.write_json(storage.metadata_path(output), meta)
-    storage.write_atomic(storage.schema_path(output), schema_text(settings).encode())
-    if config is not None:
-        storage.write_atomic(storage.config_path(output), config_text(config).encode())
-    return meta
 
 
 def config_text(config: dict) -> str:

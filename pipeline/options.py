@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from pipeline.coordination import Share
-from transforms.cases import parse_cases
+from transforms.case_ids import parse_cases
 from transforms.documents import DocumentError, read_document
 from transforms.remote import WebOptions
 from transforms.settings import (OptionError, Settings, declared, flag_name, fraction, from_mapping, is_switch,

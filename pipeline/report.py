@@ -19,7 +19,7 @@ import numpy as np
 from pipeline import provenance, storage
 from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import features, spec
-from transforms.case import HIST_BINS
+from transforms.per_case import HIST_BINS
 
 
 def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],

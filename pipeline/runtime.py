@@ -1,5 +1,7 @@
-"""The process-wide setup a run needs, in one place: logging, S3 settings
-for every client (Beam's and ours), and the Beam pipeline object.
+"""Where a stage runs: the process-wide setup (logging, S3 settings for every
+client, Beam's and ours), the Beam pipeline object, and one stage run to its
+end, `run_stage(StageJob)`, in this process or in the supervisor's child
+process (`run_in_child`).
 
 Without --runner the job runs on Beam's FnApiRunner (the DirectRunner's
 engine, pinned so it behaves the same offline and online) in
@@ -7,8 +9,11 @@ multi_processing mode with one worker process per core.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+from typing import Callable, Optional, Protocol
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -16,7 +21,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline import s3
+from pipeline import s3, stage1, stage2
+from pipeline.contracts import StageJob
+from pipeline.options import RunRequest
+from transforms import sources
 from transforms.beam import NAMESPACE
 
 
@@ -69,3 +77,100 @@ def counters(result) -> dict[str, int]:
     except (NotImplementedError, AttributeError):
         return {}
     return {c.key.metric.name: int(c.committed or c.attempted or 0) for c in res["counters"]}
+
+
+def run_stage(job: StageJob) -> dict[str, int]:
+    """Builds and runs the stage's pipeline; returns its counters."""
+    p = make_pipeline(job.beam_args, job.stage)
+    if job.stage == 1:
+        stage1.build_stage1(p, job)
+    else:
+        stage2.build_stage2(p, job)
+    result = p.run()
+    result.wait_until_finish()
+    return counters(result)
+
+
+def run_in_child(job: StageJob, result_path: str) -> int:
+    """The stage process's work (pipeline.supervisor forks it): a fresh set
+    of S3 clients and connections (the parent's are not shared), the stage,
+    its counters written for the parent."""
+    s3.forget_clients()
+    sources.forget_clients()
+    setup_io(job.beam_args, job.s3_max_attempts, job.s3_retry_mode)
+    counts = run_stage(job)
+    with open(result_path, "w") as fh:
+        json.dump({"counters": counts}, fh)
+    return 0
+
+
+# ---- how a command has its stages run ------------------------------------------------
+
+class StageFailed(Exception):
+    """A stage's pipeline failed (its log says why); committed work is kept."""
+
+
+class Interrupted(Exception):
+    """A shutdown was asked for (SIGTERM/SIGINT); committed work is kept."""
+
+
+class StageRunner(Protocol):
+    """Runs Beam stages for a command: `pipeline.supervisor.Supervisor` (each
+    stage in a child process group it can drain and kill on SIGTERM) or
+    `InProcess` (in this process, for embedding and tests)."""
+
+    stopping: bool  # a shutdown was asked for
+    stop_signal: Optional[int]  # the signal that asked
+    killed: bool  # the stage was killed after the grace period
+
+    def __enter__(self) -> "StageRunner": ...
+
+    def __exit__(self, *exc) -> bool: ...
+
+    def run_job(self, job: StageJob, progress: Optional[Callable[[], None]] = None,
+                progress_interval_s: float = 30.0) -> tuple[int, dict[str, int]]:
+        """(exit code, counters) of the stage; `progress()` is called every
+        `progress_interval_s` while it runs (where the runner can)."""
+        ...
+
+
+class InProcess(StageRunner):
+    """Each stage in this process (RunRequest.supervised=False): no signal
+    handling, no progress lines while a stage runs."""
+
+    def __init__(self):
+        self.stopping = False
+        self.stop_signal = None
+        self.killed = False
+
+    def __enter__(self) -> "InProcess":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def run_job(self, job: StageJob, progress: Optional[Callable[[], None]] = None,
+                progress_interval_s: float = 30.0) -> tuple[int, dict[str, int]]:
+        return 0, run_stage(job)
+
+
+def stage_job(req: RunRequest, stage: int, **kw) -> StageJob:
+    """A stage of this request: its Beam flags and S3 settings, and `kw`."""
+    o = req.options
+    return StageJob(stage=stage, output=o.output, settings=req.settings, beam_args=list(req.beam_args),
+                    verbose=o.verbose, s3_max_attempts=o.s3_max_attempts, s3_retry_mode=o.s3_retry_mode, **kw)
+
+
+def run_with(runner: StageRunner, job: StageJob, progress: Optional[Callable[[], None]] = None,
+             progress_interval_s: float = 30.0) -> dict[str, int]:
+    """The stage's counters; Interrupted if a shutdown was asked for before or
+    during it, StageFailed if its pipeline failed."""
+    if runner.stopping:
+        raise Interrupted()
+    rc, counts = runner.run_job(job, progress, progress_interval_s)
+    if runner.stopping:
+        raise Interrupted()
+    if rc != 0:
+        raise StageFailed(f"stage {job.stage} pipeline failed (exit code {rc}, see the log above); "
+                          "committed cases are kept, rerun the same command to continue")
+    return counts

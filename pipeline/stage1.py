@@ -23,7 +23,7 @@ from pipeline import s3, storage
 from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
 from transforms import encode, sources
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
-from transforms.case import CaseFacts, CaseWindows
+from transforms.per_case import CaseFacts, CaseWindows
 from transforms.load import CaseTodo, RawCase
 from transforms.remote import TransferError
 from transforms.settings import Settings
@@ -115,7 +115,7 @@ class CommitCases(beam.DoFn):
         marker = commit_case(self._out, facts, examples)
         (self._ok if examples else self._short).inc()
         self._windows.inc(len(examples))
-        yield {"case_id": marker.case_id, "split": marker.split, "windows": marker.windows, "status": marker.status}
+        yield marker
 
 
 class RecordFailures(beam.DoFn):
@@ -123,9 +123,9 @@ class RecordFailures(beam.DoFn):
         self._out = output
         self._failed = Metrics.counter(NAMESPACE, "cases_failed")
 
-    def process(self, fail: dict):
-        _LOG.warning("case %s failed: %s: %s", fail["case_id"], fail["reason"], fail["detail"])
-        storage.write_failed(self._out, FailedMarker(fail["case_id"], fail["reason"], fail["detail"]))
+    def process(self, fail: FailedMarker):
+        _LOG.warning("case %s failed: %s: %s", fail.case_id, fail.reason, fail.detail)
+        storage.write_failed(self._out, fail)
         self._failed.inc()
         yield fail
 
@@ -133,7 +133,8 @@ class RecordFailures(beam.DoFn):
 @beam.ptransform_fn
 def ProcessCases(case_ids, source: Source, output: str, settings: Settings, clinical,
                  stop_file: Optional[str] = None):
-    """case ids -> committed cases; returns (committed, failed) PCollections."""
+    """case ids -> committed cases; returns (committed, failed) PCollections
+    of DoneMarker and FailedMarker."""
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
             | "SkipCommitted" >> beam.ParDo(SkipCommitted(source, output, stop_file)))

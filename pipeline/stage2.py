@@ -1,4 +1,5 @@
-"""Stage 2 (finalize): committed cases -> final split files, then verify.
+"""Stage 2: committed cases -> final split files (pipeline.finalize runs it,
+pipeline.verify checks what it wrote).
 
     PlanShards (driver, from the markers) -> Create -> Reshuffle -> WriteShards
 
@@ -20,12 +21,10 @@ byte-identical files.
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from dataclasses import dataclass
 
 import apache_beam as beam
 import numpy as np
@@ -35,10 +34,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline import s3, storage
 from pipeline.contracts import DoneMarker, PlannedCase, ShardPlan, StageJob
-from transforms import encode
 from transforms.beam import NAMESPACE
-
-_LOG = logging.getLogger(__name__)
 WINDOWS_PER_SHARD = 20000  # ~50 MB compressed per shard with the defaults
 
 
@@ -83,7 +79,16 @@ def interleave_order(plan: ShardPlan, seed: int) -> np.ndarray:
     return rng.permutation(owners)
 
 
-def write_shard(output: str, plan: ShardPlan, seed: int) -> dict:
+@dataclass(frozen=True)
+class ShardWritten:
+    """A split file written from its plan: where, and how many examples."""
+
+    split: str
+    path: str
+    records: int
+
+
+def write_shard(output: str, plan: ShardPlan, seed: int) -> ShardWritten:
     """Copies the members of the plan's cases, interleaved, into the shard
     (a temporary object, renamed when complete)."""
     final = storage.shard_path(output, plan.split, plan.index, plan.count)
@@ -114,7 +119,7 @@ def write_shard(output: str, plan: ShardPlan, seed: int) -> dict:
         for r in readers:
             r.close()
     FileSystems.rename([tmp], [final])
-    return {"split": plan.split, "path": final, "records": records}
+    return ShardWritten(plan.split, final, records)
 
 
 class WriteShard(beam.DoFn):
@@ -133,10 +138,10 @@ class WriteShard(beam.DoFn):
         res = write_shard(self._out, plan, self._seed)
         seconds = time.perf_counter() - t
         # Progress on stdout (local workers share it; remote runners log it).
-        print(f"stage 2: wrote {res['path']} ({res['records']} examples, {seconds:.2f} s)", flush=True)
+        print(f"stage 2: wrote {res.path} ({res.records} examples, {seconds:.2f} s)", flush=True)
         self._us.inc(int(round(seconds * 1e6)))
         self._shards.inc()
-        self._records.inc(res["records"])
+        self._records.inc(res.records)
         yield res
 
 
@@ -156,131 +161,3 @@ def remove_stale_shards(output: str, plans: list[ShardPlan], splits: tuple[str, 
     stale = [f for s in splits for f in storage.list_files(storage.split_files_glob(output, s)) if f not in keep]
     storage.delete(stale)
     return stale
-
-
-# ---- damaged case objects ------------------------------------------------------
-
-DAMAGED = "damaged_case_object"
-
-
-def check_case_objects(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...]) -> dict[int, str]:
-    """Committed cases whose object is missing or not the size its marker
-    says (truncated, replaced, appended to): {case id: what is wrong}. One
-    listing per split, no reads."""
-    sizes: dict[str, int] = {}
-    for s in splits:
-        sizes.update(storage.list_sizes(storage.case_objects_glob(output, s)))
-    bad = {}
-    for cid, m in sorted(done.items()):
-        if not m.has_windows:
-            continue
-        path = storage.case_object(output, m.split, cid)
-        want, got = sum(x.nbytes for x in m.members), sizes.get(path)
-        if got is None:
-            bad[cid] = f"case object {path} is missing"
-        elif got != want:
-            bad[cid] = f"case object {path} has {got} bytes, its marker says {want}"
-    return bad
-
-
-def read_case_object(path: str, windows: int) -> Optional[str]:
-    """Reads a case object through, every CRC checked: None if it holds its
-    `windows` records, else what is wrong."""
-    try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            n = sum(1 for _ in encode.iter_records(fh))
-    except (encode.CorruptRecordError, OSError) as e:
-        return f"case object {path} is damaged: {e}"
-    return None if n == windows else f"case object {path} holds {n} records, its marker says {windows}"
-
-
-# ---- verification -----------------------------------------------------------
-
-def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
-    """(case_id, window_start) of every record of a file, CRCs checked."""
-    dec = encode.examples_decoder({"case_id": "int", "window_start": "int"})
-    cids, starts = [], []
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-        batch = []
-        for rec in encode.iter_records(fh):
-            batch.append(rec)
-            if len(batch) >= 2048:
-                rb = dec.DecodeBatch(batch)
-                cids.append(rb.column("case_id").flatten().to_numpy())
-                starts.append(rb.column("window_start").flatten().to_numpy())
-                batch = []
-        if batch:
-            rb = dec.DecodeBatch(batch)
-            cids.append(rb.column("case_id").flatten().to_numpy())
-            starts.append(rb.column("window_start").flatten().to_numpy())
-    if not cids:
-        return np.empty(0, np.int64), np.empty(0, np.int64)
-    return np.concatenate(cids), np.concatenate(starts)
-
-
-def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4) -> dict:
-    """Reads every split file back and compares with the markers: examples per
-    split and per case, no duplicate (case, window_start), no case and no
-    patient (the markers' split keys) in two splits. Returns {"ok",
-    "problems", "splits": {name: {...}}, "damaged_cases"}."""
-    problems: list[str] = []
-    files = {s: storage.list_files(storage.split_files_glob(output, s)) for s in splits}
-    jobs = [(s, f) for s in splits for f in files[s]]
-
-    def read(job):
-        try:
-            return job, read_shard_ids(job[1]), None
-        except (encode.CorruptRecordError, OSError, ValueError) as e:
-            return job, None, f"{job[1]}: damaged, unreadable: {e}"
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(read, jobs))
-    # A damaged split file: find the damaged case object behind it, if any
-    # (read through only the cases of the splits that failed to read).
-    damaged: dict[int, str] = {}
-    bad_splits = {job[0] for job, _, err in results if err}
-    suspects = [(cid, m) for cid, m in sorted(done.items()) if m.split in bad_splits and m.has_windows]
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for (cid, m), err in zip(suspects, pool.map(
-                lambda cm: read_case_object(storage.case_object(output, cm[1].split, cm[0]), cm[1].windows), suspects)):
-            if err:
-                damaged[cid] = err
-    per_split: dict[str, dict] = {}
-    seen_split: dict[int, str] = {}
-    patient_split: dict[str, tuple[str, int]] = {}  # split key -> (split, a case of it there)
-    for s in splits:
-        expected = {cid: m.windows for cid, m in done.items() if m.split == s and m.has_windows}
-        parts = [r for r in results if r[0][0] == s]
-        for _, _, err in parts:
-            if err:
-                problems.append(err)
-        ids = [r[1] for r in parts if r[1] is not None]
-        cid = np.concatenate([i[0] for i in ids]) if ids else np.empty(0, np.int64)
-        ws = np.concatenate([i[1] for i in ids]) if ids else np.empty(0, np.int64)
-        got_cases, got_counts = np.unique(cid, return_counts=True)
-        got = dict(zip(got_cases.tolist(), got_counts.tolist()))
-        if got != expected:
-            missing = sorted(set(expected) - set(got))
-            extra = sorted(set(got) - set(expected))
-            wrong = sorted(c for c in set(got) & set(expected) if got[c] != expected[c])
-            problems.append(f"{s}: examples do not match the markers (cases missing {missing[:10]}, "
-                            f"unexpected {extra[:10]}, wrong counts {wrong[:10]})")
-        pairs = cid * (1 << 32) + ws
-        if np.unique(pairs).size != pairs.size:
-            problems.append(f"{s}: duplicate (case_id, window_start) examples")
-        patients = set()
-        for c in got:
-            if c in seen_split and seen_split[c] != s:
-                problems.append(f"case {c} is in both {seen_split[c]} and {s}")
-            seen_split[c] = s
-            key = done[c].patient if c in done else str(c)
-            patients.add(key)
-            other = patient_split.setdefault(key, (s, c))
-            if other[0] != s:
-                problems.append(f"patient {key} is in both {other[0]} (case {other[1]}) and {s} (case {c})")
-        per_split[s] = {"files": len(files[s]), "examples": int(cid.size), "cases": len(got),
-                        "patients": len(patients),
-                        "expected_examples": int(sum(expected.values())), "expected_cases": len(expected)}
-    for cid, err in damaged.items():
-        problems.append(f"case {cid}: {err} (the split file above holds its damage)")
-    return {"ok": not problems, "problems": problems, "splits": per_split, "damaged_cases": damaged}

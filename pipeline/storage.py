@@ -33,6 +33,9 @@ DONE, FAILED = "_done", "_failed"
 METADATA_NAME = "preprocessing_metadata.json"
 SCHEMA_NAME = "schema.pbtxt"
 SUFFIX = ".tfrecord.gz"
+# A split file's name, and the same as the metadata describes it for readers.
+SHARD_NAME = "{split}-{index:05d}-of-{count:05d}" + SUFFIX
+SHARD_PATTERN = "<split>/<split>-SSSSS-of-NNNNN" + SUFFIX
 
 
 def join(base: str, *parts: str) -> str:
@@ -83,7 +86,7 @@ def split_files_glob(out: str, split: str) -> str:
 
 
 def shard_path(out: str, split: str, index: int, count: int) -> str:
-    return join(out, split, f"{split}-{index:05d}-of-{count:05d}{SUFFIX}")
+    return join(out, split, SHARD_NAME.format(split=split, index=index, count=count))
 
 
 def shard_tmp_path(out: str, split: str, index: int, count: int) -> str:

@@ -18,6 +18,7 @@ While it waits, the supervisor prints progress from the markers.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ import traceback
 from typing import Callable, Optional
 
 from pipeline.contracts import StageJob
+from pipeline.runtime import StageRunner
 
 _LOG = logging.getLogger("master_poc")
 KILLED = -signal.SIGKILL
@@ -41,17 +43,14 @@ def _die_with_parent() -> None:
         pass  # not Linux: the child may outlive a SIGKILLed parent
 
 
-class Supervisor:
-    def __init__(self, grace_s: float = 30.0, progress: Optional[Callable[[], None]] = None,
-                 progress_interval_s: float = 30.0):
+class Supervisor(StageRunner):
+    def __init__(self, grace_s: float = 30.0):
         self.grace_s = grace_s
-        self.progress = progress
-        self.progress_interval_s = progress_interval_s
         self._dir = tempfile.mkdtemp(prefix="master-poc-run-")
         self.stop_file = os.path.join(self._dir, "stop")
         self.stop_signal: Optional[int] = None
         self._stop_at: Optional[float] = None
-        self.child_killed = False
+        self.killed = False
         self._child: Optional["_StageChild"] = None
         self._old = {}
 
@@ -82,12 +81,13 @@ class Supervisor:
         if self.grace_s <= 0 and self._child is not None:  # no grace: the pipeline goes at once
             self._kill_child(self._child)
 
-    def run_job(self, job: StageJob) -> tuple[int, dict[str, int]]:
-        """Runs one stage in a child process group; returns (exit code, its counters)."""
+    def run_job(self, job: StageJob, progress: Optional[Callable[[], None]] = None,
+                progress_interval_s: float = 30.0) -> tuple[int, dict[str, int]]:
+        """Runs one stage in a child process group, told of this supervisor's
+        stop file; returns (exit code, its counters)."""
         result = os.path.join(self._dir, f"job-{job.stage}.result.json")
-        job.stop_file = self.stop_file
-        proc = self._child = _StageChild(job, result)
-        next_progress = time.monotonic() + self.progress_interval_s
+        proc = self._child = _StageChild(dataclasses.replace(job, stop_file=self.stop_file), result)
+        next_progress = time.monotonic() + progress_interval_s
         try:
             while True:
                 now = time.monotonic()
@@ -101,13 +101,13 @@ class Supervisor:
                     wait = max(0.05, next_progress - now)
                 stopping_before = self.stopping
                 rc = proc.wait(timeout=wait, until=lambda: self.stopping != stopping_before)
-                if self.child_killed:
+                if self.killed:
                     return KILLED, {}
                 if rc is not None:
                     break
-                if self.progress and not self.stopping and time.monotonic() >= next_progress:
-                    self.progress()
-                    next_progress = time.monotonic() + self.progress_interval_s
+                if progress and not self.stopping and time.monotonic() >= next_progress:
+                    progress()
+                    next_progress = time.monotonic() + progress_interval_s
         except BaseException:
             self._kill(proc)
             raise
@@ -121,7 +121,7 @@ class Supervisor:
 
     def _kill_child(self, proc: "_StageChild") -> None:
         print(f"grace period over: killing the pipeline (pid {proc.pid} and its workers)", flush=True)
-        self.child_killed = True
+        self.killed = True
         self._kill(proc)
 
     @staticmethod
@@ -136,7 +136,7 @@ class Supervisor:
 class _StageChild:
     """The stage's process: forked from this one, so it starts with the
     modules already imported (importing Beam alone takes ~3 s, measured; a
-    fresh `python -m pipeline.job` paid that once per stage). It leads its
+    fresh process paid that once per stage). It leads its
     own process group (Beam's worker processes join it), dies with its
     parent, and inherits no signal handler and no open S3 connection."""
 
@@ -151,8 +151,8 @@ class _StageChild:
                 _die_with_parent()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                from pipeline import job as stage_job
-                code = stage_job.run_in_child(job, result_path)
+                from pipeline import runtime
+                code = runtime.run_in_child(job, result_path)
             except BaseException:
                 traceback.print_exc()
             finally:

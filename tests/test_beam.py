@@ -10,7 +10,7 @@ from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS
 from pipeline import stage1, stage2, storage
 from pipeline.contracts import DoneMarker, StageJob
 from transforms.beam import FAILED, ArraysCoder, LoadCase, TransformCase
-from transforms.case import CaseWindows
+from transforms.per_case import CaseWindows
 from transforms.settings import Settings
 from transforms.load import ClinicalTable, RawCase, read_clinical
 from transforms.sources import Source
@@ -26,7 +26,7 @@ def test_load_case_routes_broken_files_to_the_dead_letter_output(dataset):
                | beam.ParDo(LoadCase(Source.for_location(dataset), Settings()), side).with_outputs(FAILED, main="ok"))
         assert_that(res.ok | beam.Map(lambda r: (r.case_id, r.raw.shape[1] > 0, r.row["caseid"])),
                     equal_to([(1, True, 1)]), label="Loaded")
-        assert_that(res[FAILED] | beam.Map(lambda f: (f["case_id"], f["reason"])),
+        assert_that(res[FAILED] | beam.Map(lambda f: (f.case_id, f.reason)),
                     equal_to([(TRUNCATED, "corrupt_file"), (BAD_MAGIC, "corrupt_file"), (EMPTY, "corrupt_file"),
                               (NO_TRACKS, "no_tracks"), (MISSING, "missing_file"),
                               (DUPLICATE_ROW, "duplicate_clinical_row")]), label="Failed")
@@ -52,9 +52,9 @@ def test_process_cases_commits_and_counts(dataset, tmp_path):
     ids = p | beam.Create([1, 2, SHORT, EMPTY])
     side = beam.pvalue.AsSingleton(p | "Clin" >> beam.Create([clinical]))
     committed, failed = ids | stage1.ProcessCases(Source.for_location(dataset), out, Settings(), side)
-    assert_that(committed | beam.Map(lambda d: (d["case_id"], d["status"])),
+    assert_that(committed | beam.Map(lambda d: (d.case_id, d.status)),
                 equal_to([(1, "ok"), (2, "ok"), (SHORT, "too_short")]), label="Committed")
-    assert_that(failed | beam.Map(lambda f: f["case_id"]), equal_to([EMPTY]), label="Failed")
+    assert_that(failed | beam.Map(lambda f: f.case_id), equal_to([EMPTY]), label="Failed")
     result = p.run()
     result.wait_until_finish()
     c = {m.key.metric.name: m.committed for m in result.metrics().query(MetricsFilter())["counters"]}

@@ -12,7 +12,7 @@ from conftest import (INMEM, expected_split, REPO, ALL_CASES, BAD_MAGIC, DUPLICA
 from pipeline import storage
 from pipeline.sample import sample_split
 from transforms import features, load, spec
-from transforms.case import process_case
+from transforms.per_case import process_case
 from transforms.settings import Settings
 from transforms.sources import Source
 

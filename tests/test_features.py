@@ -151,7 +151,7 @@ def test_static_features_and_defaults():
 
 
 def test_case_stats_equal_a_direct_count():
-    from transforms.case import HIST_BINS, case_stats
+    from transforms.per_case import HIST_BINS, case_stats
     rng = np.random.default_rng(7)
     T, F = 97, spec.DEFAULT_SPEC.n_features
     rules = rng.integers(0, len(features.RULE_NAMES), (T, F)).astype(np.int8)
@@ -232,7 +232,7 @@ def test_consumers_take_any_number_of_features_and_sources():
 
     from pipeline import report
     from pipeline.contracts import DoneMarker
-    from transforms.case import process_case
+    from transforms.per_case import process_case
     from transforms.settings import Settings
     base = spec.DEFAULT_SPEC
     bp_map = base.feature("BP_MAP")

@@ -11,7 +11,7 @@ import pytest
 from conftest import INMEM, read_examples, run_cli
 from pipeline import sample, storage
 from transforms import spec
-from transforms.case import process_case
+from transforms.per_case import process_case
 from transforms.load import read_clinical
 from transforms.settings import Settings
 from transforms.windows import assign_split, patient_id, split_bucket, split_key

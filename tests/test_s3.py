@@ -141,6 +141,6 @@ def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_
             assert sorted(storage.read_done(out)) == list(range(1, 61))
         res = stage2.write_shard(out, plan, 42)
     assert not [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
-    assert res["records"] == 240
-    got = sorted(encode.iter_records(io.BytesIO(storage.read_bytes(res["path"]))))
+    assert res.records == 240
+    got = sorted(encode.iter_records(io.BytesIO(storage.read_bytes(res.path))))
     assert got == sorted(f"case {c} window {w}".encode() for c in range(1, 61) for w in range(4))

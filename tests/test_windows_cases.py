@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from transforms import spec
-from transforms.cases import CaseSpecError, case_file_candidates, parse_cases
+from transforms.case_ids import CaseSpecError, case_file_candidates, parse_cases
 from transforms.settings import parse_split
 from transforms.windows import assign_split, make_windows, split_bucket, window_count
 

@@ -1,8 +1,8 @@
 """Thin Beam wrappers around the pure per-case functions.
 
 Each DoFn yields its result on the main output and a failed case on the
-tagged output FAILED as {"case_id", "reason", "detail"} (a dead letter), so
-one broken case never stops the run.
+tagged output FAILED as a CaseFailure (a dead letter, written as the case's
+failed marker), so one broken case never stops the run.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 from apache_beam import pvalue
 
 from transforms import encode, sources
-from transforms.case import CaseWindows, process_case
+from transforms.per_case import CaseFailure, CaseWindows, process_case
 from transforms.settings import Settings
 from transforms.load import CaseError, CaseTodo, ClinicalTable, RawCase, load_case
 from transforms.sources import Source
@@ -27,15 +27,11 @@ FAILED = "failed"
 _LOG = logging.getLogger(__name__)
 
 
-def failure(case_id: int, reason: str, detail: str) -> dict:
-    return {"case_id": int(case_id), "reason": reason, "detail": detail}
-
-
 def _internal(case_id: int, stage: str, e: Exception) -> pvalue.TaggedOutput:
     # A bug or an unexpected library error in one case: recorded with its
     # traceback in the log, the case fails, the run goes on.
     _LOG.error("case %s: unexpected error in %s:\n%s", case_id, stage, traceback.format_exc())
-    return pvalue.TaggedOutput(FAILED, failure(case_id, "internal_error", f"{stage}: {type(e).__name__}: {e}"))
+    return pvalue.TaggedOutput(FAILED, CaseFailure(case_id, "internal_error", f"{stage}: {type(e).__name__}: {e}"))
 
 
 class ArraysCoder(beam.coders.Coder):
@@ -92,7 +88,7 @@ class LoadCase(beam.DoFn):
             rc.clinical = clinical.identity
             yield rc
         except CaseError as e:
-            yield pvalue.TaggedOutput(FAILED, failure(case_id, e.code, e.detail))
+            yield pvalue.TaggedOutput(FAILED, CaseFailure(case_id, e.code, e.detail))
         except Exception as e:  # dead letter, see _internal
             yield _internal(case_id, "LoadCase", e)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import BinaryIO, Iterable, Iterator, Mapping
 
 import deflate
@@ -35,6 +36,34 @@ FORMAT = {"version": FORMAT_VERSION, "files": "GZIP TFRecord of tf.train.Example
           "example_bytes": "protobuf deterministic serialization (features sorted by name)",
           "compression": f"gzip members of up to {WINDOWS_PER_MEMBER} examples, deflate level {GZIP_LEVEL} "
                          "(libdeflate)"}
+
+
+# The example's features (the contract's schema), declared once: the float
+# features are CaseWindows' arrays of the same names; "observed" and
+# "since_measured" only with --emit-mask and --emit-delta.
+CASE_ID, WINDOW_START = "case_id", "window_start"
+FLOAT_FEATURES = ("timeseries", "static", "targets", "observed", "since_measured")
+OPTIONAL_FEATURES = {"observed": "emit_mask", "since_measured": "emit_delta"}  # feature -> the setting that adds it
+
+
+@dataclass(frozen=True)
+class ExampleFeature:
+    name: str
+    kind: str  # "float" or "int64"
+    length: int
+
+
+def example_features(window: int, n_features: int, n_static: int, n_targets: int, emit_mask: bool = False,
+                     emit_delta: bool = False) -> tuple[ExampleFeature, ...]:
+    """Every feature of an example, in the contract's order."""
+    per_window = window * n_features
+    lengths = {"timeseries": per_window, "static": n_static, "targets": n_targets, "observed": per_window,
+               "since_measured": per_window}
+    on = {"emit_mask": emit_mask, "emit_delta": emit_delta}
+    floats = [ExampleFeature(n, "float", lengths[n]) for n in FLOAT_FEATURES
+              if n not in OPTIONAL_FEATURES or on[OPTIONAL_FEATURES[n]]]
+    return tuple(floats[:3] + [ExampleFeature(CASE_ID, "int64", 1), ExampleFeature(WINDOW_START, "int64", 1)]
+                 + floats[3:])
 
 
 def _varint(v: int) -> bytes:
@@ -94,17 +123,17 @@ def encode_examples(case_id: int, starts: np.ndarray, floats: Mapping[str, np.nd
     cols = {k: np.ascontiguousarray(np.broadcast_to(v, (n,) + np.shape(v)[-1:]), dtype="<f4")
             for k, v in floats.items()}
     heads = {k: _float_entry_head(k, c.shape[1]) for k, c in cols.items()}
-    case_part = _int64_entry("case_id", [case_id])
-    names = sorted(list(cols) + ["case_id", "window_start"])
+    case_part = _int64_entry(CASE_ID, [case_id])
+    names = sorted(list(cols) + [CASE_ID, WINDOW_START])
     fixed = len(case_part) + sum(len(heads[k]) + 4 * cols[k].shape[1] for k in cols)
     out = []
     for i in range(n):
-        start_part = _int64_entry("window_start", [starts[i]])
+        start_part = _int64_entry(WINDOW_START, [starts[i]])
         parts = []
         for k in names:
-            if k == "case_id":
+            if k == CASE_ID:
                 parts.append(case_part)
-            elif k == "window_start":
+            elif k == WINDOW_START:
                 parts.append(start_part)
             else:
                 parts.append(heads[k])

@@ -398,15 +398,6 @@ class ClinicalTable:
     def by_patient(self) -> bool:
         return self.identity.get("split_key") == "subjectid"
 
-    def to_json(self) -> dict:
-        return {"path": self.path, "rows": {str(k): v for k, v in self.rows.items()},
-                "duplicates": {str(k): v for k, v in self.duplicates.items()}, "identity": self.identity}
-
-    @staticmethod
-    def from_json(d: dict) -> "ClinicalTable":
-        return ClinicalTable(d["path"], {int(k): v for k, v in d["rows"].items()},
-                             {int(k): v for k, v in d.get("duplicates", {}).items()}, d.get("identity") or {})
-
 
 def _plain(v):
     if isinstance(v, float) and math.isnan(v):

@@ -27,7 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from transforms import remote
-from transforms.cases import case_file_candidates, case_id_from_path
+from transforms.case_ids import case_file_candidates, case_id_from_path
 
 _LOG = logging.getLogger(__name__)
 
@@ -154,11 +154,20 @@ class Source:
         raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
         return remote.CountingReader(raw, path, transfer)
 
-    # ---- before the run
-    def preflight(self) -> None:
-        """A web server that cannot be reached is refused at start."""
-        if self.kind == "web":
-            check_reachable(self.location, self.web)
+
+def preflight(paths: dict, web: remote.WebOptions) -> None:
+    """Refuses at start ({flag: path}, SourceError naming the flag) an input
+    or a clinical table on a web server that does not answer, as an
+    unreachable S3 endpoint is refused."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        url = Source.for_location(path, web).location if flag == "--input" else path
+        if is_web(url):
+            try:
+                check_reachable(url, web)
+            except SourceError as e:
+                raise SourceError(f"{flag} {path}: {e}") from None
 
 
 def check_reachable(url: str, web: remote.WebOptions) -> None:

@@ -52,7 +52,7 @@ sys.path.insert(0, ROOT)
 from pipeline import sample  # noqa: E402
 from pipeline import storage  # noqa: E402
 from transforms import encode, load, spec  # noqa: E402
-from transforms.case import Settings, process_case  # noqa: E402
+from transforms.per_case import Settings, process_case  # noqa: E402
 from transforms.sources import Source  # noqa: E402
 
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")

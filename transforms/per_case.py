@@ -11,7 +11,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from transforms import features, spec, windows
+from transforms import encode, features, spec, windows
 from transforms.settings import Settings
 
 HIST_BINS = 20
@@ -45,6 +45,23 @@ class CaseFacts:
     clinical: dict = field(default_factory=dict)  # the clinical table's identity (path, bytes, sha256)
 
 
+@dataclass(frozen=True)
+class CaseFailure:
+    """A case that failed and why: the dead letter the DoFns hand on, and
+    (pipeline.contracts.FailedMarker) what cases/_failed/<id>.json holds."""
+
+    case_id: int
+    reason: str  # missing_file, corrupt_file, no_tracks, download_failed, duplicate_clinical_row, ...
+    detail: str
+
+    def to_json(self) -> dict:
+        return {"case_id": int(self.case_id), "reason": self.reason, "detail": self.detail}
+
+    @staticmethod
+    def from_json(d: Mapping) -> "CaseFailure":  # keys it does not know are ignored
+        return CaseFailure(int(d["case_id"]), str(d["reason"]), str(d["detail"]))
+
+
 @dataclass
 class CaseWindows:
     case_id: int
@@ -58,13 +75,8 @@ class CaseWindows:
     since_measured: Optional[np.ndarray] = None  # (n, window*F) float32 or None
 
     def example_floats(self) -> dict[str, np.ndarray]:
-        """The float features of this case's examples, by name (the schema)."""
-        out = {"timeseries": self.timeseries, "static": self.static, "targets": self.targets}
-        if self.observed is not None:
-            out["observed"] = self.observed
-        if self.since_measured is not None:
-            out["since_measured"] = self.since_measured
-        return out
+        """The float features of this case's examples, by name (encode.FLOAT_FEATURES, the schema)."""
+        return {n: getattr(self, n) for n in encode.FLOAT_FEATURES if getattr(self, n) is not None}
 
 
 def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
