@@ -32,9 +32,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from launch.entrypoint import NOT_HYPERPARAMETERS
+from launch.entrypoint import NOT_HYPERPARAMETERS, REQUIRED
 from pipeline.options import SAGEMAKER_SECTION, RunOptions, read_config, request_from_mapping
-from transforms.sources import VITALDB, is_web
+from transforms import sources
+from transforms.sources import Source
 from transforms.settings import (OptionError, Settings, add_flags, declared, from_mapping, option, parse_bool,
                                  positive_int, text_value)
 
@@ -159,17 +160,16 @@ def resolve(args: argparse.Namespace) -> dict:
     except (OptionError, ValueError) as e:  # a track map's own errors are ValueErrors too
         problems.append(str(e))
         req = None
-    for key in ("cases", "input", "output"):
+    for key in REQUIRED:
         if not job.get(key):
             problems.append(f"--{key} is required")
     if job.get("output") and not str(job["output"]).startswith("s3://"):
         problems.append(f"--output must be an s3:// prefix for SageMaker (got {job['output']!r})")
-    # Inputs the instances can reach: S3, or a web server (VitalDB's open dataset, a mirror).
-    if job.get("input") and not (str(job["input"]).startswith("s3://") or is_web(str(job["input"]))
-                                 or str(job["input"]).strip().lower() == VITALDB):
+    # Inputs the instances can reach: an object store, or a web server (VitalDB's open dataset, a mirror).
+    if job.get("input") and not _remote(str(job["input"])):
         problems.append(f"--input must be an s3:// prefix, an https:// base URL or 'vitaldb' for SageMaker "
                         f"(got {job['input']!r})")
-    if job.get("clinical") and not (str(job["clinical"]).startswith("s3://") or is_web(str(job["clinical"]))):
+    if job.get("clinical") and not _remote(str(job["clinical"]), table=True):
         problems.append(f"--clinical must be on s3:// or https:// (got {job['clinical']!r})")
     for key in ("image_uri", "role", "region"):
         if not getattr(lo, key):
@@ -188,6 +188,14 @@ def resolve(args: argparse.Namespace) -> dict:
     if problems:
         raise LaunchError("; ".join(problems))
     return {"launch": lo, "max_wait": max_wait, "hyperparameters": hyperparameters(req, job)}
+
+
+def _remote(location: str, table: bool = False) -> bool:
+    """Whether the instances can read it: not a path on this machine."""
+    try:
+        return not sources.is_local(location) if table else Source.for_location(location).kind != "folder"
+    except ValueError:  # a filesystem Beam does not know
+        return False
 
 
 HYPERPARAMETER_MAX = 2500  # characters per value, SageMaker's limit

@@ -30,7 +30,7 @@ from pipeline.contracts import FailedMarker, Status
 from pipeline.finalize import Finalize
 from pipeline.metadata import RunRecord, fingerprint
 from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionError, RunRequest,
-                              settings_flags)
+                              finish_command, settings_flags)
 from pipeline.progress import Progress
 from pipeline.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
 from pipeline.supervisor import Supervisor
@@ -208,7 +208,7 @@ def _leader_gave_up(req: RunRequest, record: RunRecord, missing: list[int], coun
     o = req.options
     # The same data settings (or the output refuses the run) and clinical table.
     flags = settings_flags(req.settings) + (["--clinical", o.clinical] if o.clinical else [])
-    cmd = coordination.finish_command(record.input, o.output, o.cases or ",".join(map(str, record.requested)), flags)
+    cmd = finish_command(record.input, o.output, o.cases or ",".join(map(str, record.requested)), flags)
     meta = record.write(Status.INCOMPLETE)
     return RunResult(EXIT_FAILED, Status.INCOMPLETE, metadata=meta, counters=counts,
                      message=f"{len(missing)} cases have no marker after {o.leader_wait_s:.0f} s: "

@@ -23,11 +23,10 @@ import sys
 from typing import Optional
 
 from pipeline.api import RunResult, run
-from pipeline.options import COMMANDS, EXIT_USAGE, RunOptions, RunRequest, load_config, request_from_mapping
+from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
 from transforms import spec
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
-PROG = "master-poc-preprocess"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,14 +57,14 @@ def parse_request(argv: list[str]) -> RunRequest:
 
 
 def _inspect(argv: list[str]) -> int:
-    from pipeline import runtime
+    from pipeline import runtime, s3
     from pipeline.inspect_cmd import inspect
     ap = argparse.ArgumentParser(prog=f"{PROG} inspect", allow_abbrev=False,
                                  description="counts, shapes and example windows in clinical units")
     ap.add_argument("path", help="a .tfrecord.gz file, a split folder or an output folder (local or s3://)")
     ap.add_argument("--examples", type=int, default=2, help="example windows to print (default 2)")
     args, beam_args = ap.parse_known_args(argv)
-    runtime.setup_io(beam_args, 10, "standard")
+    runtime.setup_io(beam_args, s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
     try:
         return inspect(args.path, args.examples)
     except FileNotFoundError as e:

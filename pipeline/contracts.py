@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
+from pipeline.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
 from transforms.per_case import CaseFacts, CaseFailure
 from transforms.load import ClinicalTable
 from transforms.settings import Settings
@@ -123,8 +124,8 @@ class StageJob:
     settings: Settings
     beam_args: list = field(default_factory=list)
     verbose: bool = False
-    s3_max_attempts: int = 10
-    s3_retry_mode: str = "standard"
+    s3_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    s3_retry_mode: str = DEFAULT_RETRY_MODE
     case_ids: list = field(default_factory=list)
     source: Optional[Source] = None
     clinical: Optional[ClinicalTable] = None

@@ -13,10 +13,9 @@ share; committed cases are skipped.
 from __future__ import annotations
 
 import re
-import shlex
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from pipeline import storage
 
@@ -72,13 +71,3 @@ def wait_for_markers(output: str, case_ids: list[int], wait_s: float, poll_s: fl
             return missing
         say(f"leader: waiting for {len(missing)} cases from the other shares")
         sleep(max(0.0, min(poll_s, deadline - clock())))  # polling shared storage, by design
-
-
-def finish_command(input_dir: Optional[str], output: str, cases: str, flags: list[str] = ()) -> str:
-    """What completes a job whose leader stopped waiting: the whole job once
-    more in one process, with the job's `flags`; committed cases are
-    skipped, so it processes only what is missing, then finalizes."""
-    cmd = ["master-poc-preprocess", "--output", output, "--cases", cases, *flags]
-    if input_dir:
-        cmd[1:1] = ["--input", input_dir]
-    return shlex.join(cmd)

@@ -8,6 +8,7 @@ import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
+from pipeline import s3
 from pipeline.coordination import Share
 from transforms.case_ids import parse_cases
 from transforms.documents import DocumentError, read_document
@@ -16,6 +17,7 @@ from transforms.settings import (OptionError, Settings, declared, flag_name, fra
                                  non_negative_float, non_negative_int, option, parse_bool, positive_float, positive_int,
                                  text_value)
 
+PROG = "master-poc-preprocess"  # the command (setup.py's console script of the same name)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGINT; rerun to continue
 COMMANDS = ("run", "finalize", "verify")
@@ -65,9 +67,9 @@ class RunOptions:
     shutdown_grace: float = option(30.0, "seconds to drain after SIGTERM/SIGINT before the pipeline is killed",
                                    parse=non_negative_float)
     progress_interval: float = option(30.0, "seconds between progress lines", parse=non_negative_float)
-    s3_max_attempts: int = option(10, "attempts per S3 call, Beam's and ours (botocore retries)",
+    s3_max_attempts: int = option(s3.DEFAULT_MAX_ATTEMPTS, "attempts per S3 call, Beam's and ours (botocore retries)",
                                   parse=positive_int)
-    s3_retry_mode: str = option("standard", "botocore retry mode", choices=("standard", "adaptive"))
+    s3_retry_mode: str = option(s3.DEFAULT_RETRY_MODE, "botocore retry mode", choices=("standard", "adaptive"))
     http_timeout: float = option(30.0, "web input: seconds to connect, and the longest wait for the next bytes",
                                  parse=positive_float)
     http_max_attempts: int = option(8, "web input: attempts per request (backoff with jitter; Retry-After honoured)",
@@ -164,5 +166,15 @@ def settings_flags(settings: Settings) -> list[str]:
     return out
 
 
-__all__ = ["RunOptions", "RunRequest", "request_from_mapping", "settings_flags", "OptionError",
+def finish_command(input_dir: Optional[str], output: str, cases: str, flags: list[str] = ()) -> str:
+    """What completes a job whose leader stopped waiting: the whole job once
+    more in one process, with the job's `flags`; committed cases are
+    skipped, so it processes only what is missing, then finalizes."""
+    cmd = [PROG, "--output", output, "--cases", cases, *flags]
+    if input_dir:
+        cmd[1:1] = ["--input", input_dir]
+    return shlex.join(cmd)
+
+
+__all__ = ["RunOptions", "RunRequest", "request_from_mapping", "settings_flags", "finish_command", "OptionError",
            "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "COMMANDS"]

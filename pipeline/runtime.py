@@ -9,7 +9,6 @@ multi_processing mode with one worker process per core.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -44,8 +43,7 @@ def setup_io(beam_args: list[str], s3_max_attempts: int, s3_retry_mode: str) -> 
     the S3 options are also exported to the environment, which the stage
     process and local Beam workers inherit."""
     s3.apply_retry_env(s3_max_attempts, s3_retry_mode)
-    s3.log_retries()
-    s3.share_boto3_clients()
+    s3.prepare_process()
     options = PipelineOptions(list(beam_args))
     FileSystems.set_options(options)
     s3.export_options_to_env(options)

@@ -17,6 +17,9 @@ import types
 from urllib.parse import urlparse
 
 _LOG = logging.getLogger("master_poc.s3")
+# The retries every S3 call gets by default (--s3-max-attempts, --s3-retry-mode).
+DEFAULT_MAX_ATTEMPTS = 10
+DEFAULT_RETRY_MODE = "standard"
 # Connections one shared client keeps: our thread pools (marker reads: 16,
 # verification: one per core) stay below it; shard writers ask for more.
 DEFAULT_POOL_SIZE = 32
@@ -127,6 +130,13 @@ class _SharedSession:
                 _SharedSession._clients[key] = c
                 _SharedSession.created += 1
             return c
+
+
+def prepare_process() -> None:
+    """What every process that talks to S3 needs (the driver, each Beam
+    worker's DoFns in setup): retries logged, Beam's boto3 clients shared."""
+    log_retries()
+    share_boto3_clients()
 
 
 def forget_clients() -> None:

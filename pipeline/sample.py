@@ -31,11 +31,11 @@ import vitaldb
 from pipeline import storage
 from transforms import spec
 from transforms.settings import Settings
+from transforms.sources import CLINICAL_FILE
 from transforms.windows import assign_split, split_key
 
 DT0 = 4102444800.0  # 2100-01-01, like VitalDB's anonymised start times
 IMPLAUSIBLE_WEIGHT_KG = 900.0
-CLINICAL_FILE = "clinical_data.csv"
 
 
 def _walk(rng, n, scale, smooth=120):
@@ -320,7 +320,7 @@ def write_sample(output: str, case_ids: list[int], duration_s: Optional[int] = N
                 rows.append(row)
     buf = io.StringIO()
     pd.DataFrame(rows).to_csv(buf, index=False)
-    path = storage.join(output, CLINICAL_FILE)
+    path = storage.join(output, CLINICAL_FILE)  # where a folder's table is looked for
     storage.write_atomic(path, buf.getvalue().encode())
     return path
 

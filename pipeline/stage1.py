@@ -51,8 +51,7 @@ class SkipCommitted(beam.DoFn):
         self._deferred = Metrics.counter(NAMESPACE, "cases_deferred")
 
     def setup(self):
-        s3.log_retries()
-        s3.share_boto3_clients()
+        s3.prepare_process()
 
     def process(self, case_id: int):
         if self._stop_file and os.path.exists(self._stop_file):

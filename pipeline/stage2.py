@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -94,8 +93,7 @@ def write_shard(output: str, plan: ShardPlan, seed: int) -> ShardWritten:
     final = storage.shard_path(output, plan.split, plan.index, plan.count)
     tmp = storage.shard_tmp_path(output, plan.split, plan.index, plan.count)
     for p in (tmp, final):
-        if storage.is_local(p):
-            os.makedirs(os.path.dirname(p), exist_ok=True)
+        storage.ensure_parent(p)
     s3.ensure_pool_size(len(plan.cases) + 8)  # one open stream per case object (see s3.ensure_pool_size)
     readers = [FileSystems.open(c.path, compression_type=CompressionTypes.UNCOMPRESSED) for c in plan.cases]
     nxt = [0] * len(plan.cases)
@@ -130,8 +128,7 @@ class WriteShard(beam.DoFn):
         self._us = Metrics.counter(NAMESPACE, "shard_write_us")
 
     def setup(self):
-        s3.log_retries()
-        s3.share_boto3_clients()
+        s3.prepare_process()
 
     def process(self, plan: ShardPlan):
         t = time.perf_counter()

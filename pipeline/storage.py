@@ -116,7 +116,8 @@ def output_parts(out: str, splits: tuple[str, ...]) -> list[str]:
     return [cases_dir(out), join(out, "report")] + [split_dir(out, s) for s in splits]
 
 
-def _ensure_parent(path: str) -> None:
+def ensure_parent(path: str) -> None:
+    """A local file's folder (object stores have none to make)."""
     if is_local(path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
 
@@ -148,8 +149,8 @@ def write_atomic(path: str, data: bytes, tmp_root: Optional[str] = None) -> None
         tmp = join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
     else:
         tmp = join(parent, "_tmp", f"{uuid.uuid4().hex}-{name}")
-    _ensure_parent(tmp)
-    _ensure_parent(path)
+    ensure_parent(tmp)
+    ensure_parent(path)
     fh = FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED)
     fh.write(data)
     fh.close()  # only a successful close makes an S3 upload visible

@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
@@ -32,7 +31,6 @@ from typing import Callable, Optional
 from pipeline.contracts import StageJob
 from pipeline.runtime import StageRunner
 
-_LOG = logging.getLogger("master_poc")
 KILLED = -signal.SIGKILL
 
 

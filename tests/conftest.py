@@ -25,6 +25,18 @@ INTELLIVUE_TRACKS = ["Intellivue/ECG_HR", "Intellivue/HR", "Intellivue/ABP_SYS",
 IMPLAUSIBLE_ROW = {"weight": 900.0, "height": 500.0, "age": 430.0, "asa": 7.0, "sex": " m "}
 
 
+# What the run over every case kind records as failures.
+EXPECTED_FAILURES = {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file",
+                     NOT_VITAL: "corrupt_file", NO_TRACKS: "no_tracks", MISSING: "missing_file",
+                     DUPLICATE_ROW: "duplicate_clinical_row"}
+# VitalDB's track names -> a Philips IntelliVue monitor's, as Vital Recorder names them.
+TO_INTELLIVUE = {"Solar8000/HR": "Intellivue/HR", "Solar8000/ART_SBP": "Intellivue/ABP_SYS",
+                 "Solar8000/ART_DBP": "Intellivue/ABP_DIA", "Solar8000/ART_MBP": "Intellivue/ABP_MEAN",
+                 "Solar8000/NIBP_SBP": "Intellivue/NIBP_SYS", "Solar8000/NIBP_DBP": "Intellivue/NIBP_DIA",
+                 "Solar8000/NIBP_MBP": "Intellivue/NIBP_MEAN", "Solar8000/PLETH_SPO2": "Intellivue/PLETH_SAT_O2",
+                 "Solar8000/ETCO2": "Intellivue/AWAY_CO2_ET", "Solar8000/RR": "Intellivue/RR"}
+
+
 def write_foreign_monitor_file(path: str, tracks=INTELLIVUE_TRACKS, seconds: int = 1200) -> None:
     """A .vital file another monitor wrote, made like a user would with the
     library: tracks added, the header's times left to vitaldb."""
@@ -135,6 +147,23 @@ def read_examples(files, features=None) -> list[dict]:
 
 def examples_by_key(examples) -> dict:
     return {(int(e["case_id"][0]), int(e["window_start"][0])): e for e in examples}
+
+
+def assert_same_examples(got: dict, ref: dict) -> None:
+    """Two {(case, window_start): example} maps hold the same values."""
+    import numpy as np
+    assert got.keys() == ref.keys()
+    for k in ref:
+        for f in ("timeseries", "static", "targets"):
+            np.testing.assert_array_equal(got[k][f], ref[k][f])
+
+
+def split_bytes(out: str) -> dict:
+    """{relative path: bytes} of an output's split files."""
+    from pipeline import storage
+    from transforms import spec
+    return {os.path.relpath(f, out): open(f, "rb").read()
+            for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(out, s))}
 
 
 @pytest.fixture(scope="session")

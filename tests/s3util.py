@@ -8,7 +8,9 @@ import os
 import random
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import LoopbackServer
 
 REGION = "us-east-1"
 KEY, SECRET = "testing", "testing"
@@ -71,7 +73,7 @@ _ERRORS = {
 }
 
 
-class FaultProxy:
+class FaultProxy(LoopbackServer):
     """HTTP reverse proxy answering a share of requests with 500, 503
     SlowDown or a dropped connection; the rest go to the upstream server.
     Reads (GET/HEAD) may also be dropped after the upstream answered."""
@@ -83,7 +85,6 @@ class FaultProxy:
         self.lock = threading.Lock()
         self.counts = {"requests": 0, "500": 0, "503": 0, "drop": 0, "drop_after": 0}
         self.sent: dict[str, int] = {}  # body bytes of GET answers passed on, per path
-        self.port = free_port()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -156,9 +157,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler)
 
     def _choose(self, method: str):
         with self.lock:
@@ -176,12 +175,4 @@ class FaultProxy:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        return self.url

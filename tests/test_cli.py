@@ -90,6 +90,9 @@ def test_help_lists_every_declared_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    for flag in ("--window", "--split-seed", "--crop-anaesthesia", "--emit-mask", "--share", "--num-shards",
-                 "--leader-wait-s", "--s3-max-attempts"):
-        assert flag in text
+    from pipeline.options import RunOptions
+    from transforms.settings import Settings, declared, flag_name
+    flags = [flag_name(f.name) for f in declared(Settings) + declared(RunOptions)]
+    assert len(flags) > 25
+    for flag in flags:
+        assert f"{flag} " in text or f"{flag}\n" in text or f"{flag}," in text, flag

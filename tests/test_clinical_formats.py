@@ -2,15 +2,13 @@
 tabs, a Windows code page, a BOM; detected, said, and the same windows as
 the comma-separated twin."""
 import json
-import os
 import shutil
 
 import pandas as pd
 import pytest
 
-from conftest import INMEM, run_cli
-from pipeline import sample, storage
-from transforms import spec
+from conftest import INMEM, run_cli, split_bytes
+from pipeline import sample
 from transforms.load import ClinicalTableError, read_clinical, sniff_format
 
 
@@ -62,11 +60,6 @@ def test_an_unreadable_table_is_refused_naming_what_was_tried(tmp_path, twins, c
     assert run_cli("--input", twins, "--clinical", str(bad), "--output", str(tmp_path / "o"), "--cases", "1",
                    INMEM) == 2
     assert "as semicolon-separated" in capsys.readouterr().err
-
-
-def split_bytes(out: str) -> dict:
-    return {os.path.relpath(f, out): open(f, "rb").read()
-            for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(out, s))}
 
 
 def test_the_same_windows_as_the_comma_twin(twins, tmp_path, capsys):

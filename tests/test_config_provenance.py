@@ -8,16 +8,10 @@ import shutil
 import google_crc32c
 import pytest
 
-from conftest import INMEM, run_cli
+from conftest import INMEM, run_cli, split_bytes
 from pipeline import storage
 from pipeline.cli import parse_request
-from transforms import spec
 from transforms.settings import OptionError
-
-
-def split_bytes(out):
-    return {os.path.relpath(f, out): open(f, "rb").read()
-            for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(out, s))}
 
 
 def test_config_file_runs_a_job_flags_win_and_unknown_keys_are_named(tmp_path):

@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from conftest import INMEM, examples_by_key, read_examples, run_cli
+from conftest import INMEM, assert_same_examples, examples_by_key, read_examples, run_cli
 from pipeline.options import EXIT_INTERRUPTED
 from s3util import beam_s3_args, boto_client, download_prefix, s3_env, sample_on_s3
 from transforms import spec
@@ -83,14 +83,6 @@ def read_output(client, bucket, prefix, tmp):
     return out
 
 
-def assert_same(got, ref):
-    import numpy as np
-    assert got.keys() == ref.keys()
-    for k in ref:
-        for f in ("timeseries", "static", "targets"):
-            np.testing.assert_array_equal(got[k][f], ref[k][f])
-
-
 def test_kill_9_at_many_moments_then_rerun_equals_one_clean_run(moto_endpoint, s3_thirty, tmp_path):
     src, ref = s3_thirty
     out = "s3://durability/killed"
@@ -110,7 +102,7 @@ def test_kill_9_at_many_moments_then_rerun_equals_one_clean_run(moto_endpoint, s
     c = boto_client(moto_endpoint)
     meta = json.loads(c.get_object(Bucket="durability", Key="killed/preprocessing_metadata.json")["Body"].read())
     assert meta["status"] == "complete" and meta["verification"]["ok"]  # no duplicates, counts = markers
-    assert_same(read_output(c, "durability", "killed", tmp_path), ref)
+    assert_same_examples(read_output(c, "durability", "killed", tmp_path), ref)
     assert all(n >= 2 for _, _, n in survived)  # main + the stage job (+ workers) were killed each time
 
 
@@ -144,7 +136,7 @@ def test_sigterm_drains_and_a_rerun_completes(moto_endpoint, s3_thirty, tmp_path
     capsys.readouterr()
     assert run_cli("--input", src, "--output", out, INMEM, *beam_s3_args(moto_endpoint)) == 0
     assert f"{len(committed)} skipped" in capsys.readouterr().out
-    assert_same(read_output(c, "durability", "sigterm", tmp_path), ref)
+    assert_same_examples(read_output(c, "durability", "sigterm", tmp_path), ref)
 
 
 def test_sigterm_kills_the_pipeline_when_the_grace_period_runs_out(moto_endpoint, s3_thirty):

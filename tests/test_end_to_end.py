@@ -6,8 +6,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import (INMEM, expected_split, REPO, ALL_CASES, BAD_MAGIC, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, MISSING,
-                      NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, TRUNCATED, copy_repo, examples_by_key, read_examples,
+from conftest import (EXPECTED_FAILURES, INMEM, expected_split, REPO, ALL_CASES, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, copy_repo, examples_by_key, read_examples,
                       run_cli)
 from pipeline import storage
 from pipeline.sample import sample_split
@@ -16,8 +15,6 @@ from transforms.per_case import process_case
 from transforms.settings import Settings
 from transforms.sources import Source
 
-EXPECTED_FAILURES = {TRUNCATED: "corrupt_file", BAD_MAGIC: "corrupt_file", EMPTY: "corrupt_file", NOT_VITAL: "corrupt_file",
-                     NO_TRACKS: "no_tracks", MISSING: "missing_file", DUPLICATE_ROW: "duplicate_clinical_row"}
 
 
 def split_files(out, split):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import INMEM
-from pipeline import cli, sample, storage
-from transforms import spec
+from conftest import INMEM, TO_INTELLIVUE, split_bytes
+from pipeline import cli, sample
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TEXT = README.read_text()
@@ -64,11 +63,6 @@ def run_readme_line(line: str) -> int:
     return cli.main(argv[1:] + [INMEM], supervised=False)
 
 
-def split_bytes(out: str) -> dict:
-    return {os.path.relpath(f, out): open(f, "rb").read()
-            for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(out, s))}
-
-
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """A folder laid out as the README's commands expect it."""
@@ -101,7 +95,6 @@ def run_config(workdir, capsys, monkeypatch):
 
 
 def run_trackmap(workdir, capsys, monkeypatch):
-    from test_trackmap_delta import TO_INTELLIVUE
     sample.write_sample("data/intellivue-files", [1, 2, 3], 1200, rename=TO_INTELLIVUE)
     (line,) = commands(blocks()["trackmap"][1])
     assert run_readme_line(line) == 0

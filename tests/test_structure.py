@@ -101,3 +101,20 @@ def test_the_package_carries_what_it_reads_at_run_time(tmp_path):
     (sdist,) = (tmp_path / "sdist").glob("*.tar.gz")
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
     assert {"requirements.txt", "transforms/trackmaps/intellivue.yaml", "setup.py"} <= members
+
+
+def test_the_readmes_layout_names_every_module_and_only_real_ones():
+    text = (ROOT / "README.md").read_text()
+    layout = text[text.index("## Layout"):]
+    block = re.search(r"```\n(.*?)```", layout, re.S).group(1)
+    modules = {f"{p.parent.name}/{p.name}" for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")
+               if p.name != "__init__.py"}
+    current, named = None, set()
+    for line in block.splitlines():
+        top = re.match(r"^(\w+)/\s", line)
+        if top:
+            current = top.group(1)
+        for name in re.findall(r"\b([\w]+\.py)\b", line.split("  ")[1] if line.startswith("  ") else ""):
+            named.add(f"{current}/{name}")
+    assert modules - named == set(), "modules missing from the README's Layout"
+    assert {n for n in named if n.split("/")[0] in PACKAGES} - modules == set(), "named but not there"

@@ -5,16 +5,11 @@ import re
 import numpy as np
 import pytest
 
-from conftest import INMEM, read_examples, run_cli
+from conftest import INMEM, TO_INTELLIVUE, read_examples, run_cli
 from pipeline import sample, storage
 from transforms import features, spec, trackmap
 
 # The same signals as VitalDB's Solar 8000 writes them, under IntelliVue's names.
-TO_INTELLIVUE = {"Solar8000/HR": "Intellivue/HR", "Solar8000/ART_SBP": "Intellivue/ABP_SYS",
-                 "Solar8000/ART_DBP": "Intellivue/ABP_DIA", "Solar8000/ART_MBP": "Intellivue/ABP_MEAN",
-                 "Solar8000/NIBP_SBP": "Intellivue/NIBP_SYS", "Solar8000/NIBP_DBP": "Intellivue/NIBP_DIA",
-                 "Solar8000/NIBP_MBP": "Intellivue/NIBP_MEAN", "Solar8000/PLETH_SPO2": "Intellivue/PLETH_SAT_O2",
-                 "Solar8000/ETCO2": "Intellivue/AWAY_CO2_ET", "Solar8000/RR": "Intellivue/RR"}
 CASES = [1, 2, 3, 4, 5, 6]
 
 

@@ -30,13 +30,15 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from loopback import LoopbackServer
 
 _CASE = re.compile(r"^/(?:(?P<version>[^/]+)/)?(?P<id>\d+)\.vital$")
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
-class StandIn:
+class StandIn(LoopbackServer):
     def __init__(self, root: str, version: str = "1.0.1", ranges: bool = True, port: int = 0):
         self.root = root
         self.version = version
@@ -46,7 +48,6 @@ class StandIn:
         self.requests: dict[str, int] = defaultdict(int)
         self.sent: dict[str, int] = defaultdict(int)  # body bytes per path
         self.log: list[tuple[str, str, str]] = []  # (method, path, what was answered)
-        self.timed: list[tuple[str, str, str, float]] = []  # the same, with the time it arrived
         self._cache: dict = {}
         self.active = 0  # requests being answered now
         self.most_active = 0  # the most at once
@@ -64,15 +65,9 @@ class StandIn:
             def do_GET(self):
                 standin._serve(self, head=False)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__(Handler, port)
 
     # ---- control
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
     def plan(self, path: str, *faults: str) -> None:
         """The next requests of `path` get these faults, in order."""
         with self.lock:
@@ -80,14 +75,6 @@ class StandIn:
 
     def sent_for(self, case_id: int) -> int:
         return self.sent[f"/{self.version}/{case_id}.vital"]
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
 
     # ---- serving
     def _file(self, path: str):
@@ -135,7 +122,6 @@ class StandIn:
         kind, _, arg = (fault or "").partition(":")
         with self.lock:
             self.log.append((h.command, path, fault or "ok"))
-            self.timed.append((h.command, path, fault or "ok", time.monotonic()))
         if kind == "drop":
             h.close_connection = True
             h.connection.shutdown(socket.SHUT_RDWR)

@@ -8,7 +8,6 @@ import csv
 import gzip
 import hashlib
 import io
-import logging
 import math
 import re
 import threading
@@ -26,7 +25,6 @@ import vitaldb
 from transforms import remote, sources, spec
 from transforms.sources import Source
 
-_LOG = logging.getLogger(__name__)
 # vitaldb's own bound on one recording (7 days); a longer span comes from a
 # bad header time and would allocate a grid of years.
 MAX_RECORDING_S = 7 * 24 * 3600
@@ -159,15 +157,16 @@ class FileHasher:
 
 
 # Per parsing thread: the gzip error vitaldb swallowed, the hasher to feed,
-# and the remote stream vitaldb's urlopen is to return.
+# and the stream vitaldb's urlopen is to return.
 _PARSE_STATE = threading.local()
 _PARSE_LOCK = threading.Lock()
 
 
 def _urlopen(url, *args, **kwargs):
     """vitaldb's `urllib.request.urlopen`: hands it the stream opened for
-    this parse (with timeouts, retries and range reads, transforms.remote).
-    vitaldb never opens a URL itself: its urlopen has no timeout and no retry."""
+    this parse (Source.open: a local file, or a remote one with timeouts,
+    retries and range reads). vitaldb never opens a URL itself: its urlopen
+    has no timeout and no retry."""
     stream = getattr(_PARSE_STATE, "stream", None)
     if stream is None or stream.name != url:
         raise RuntimeError(f"vitaldb may only read streams this pipeline opened (asked for {url})")
@@ -202,13 +201,6 @@ def check_signature(head: bytes) -> None:
         raise CaseError("corrupt_file", "a gzip file, but not a .vital file (no VITA signature)")
 
 
-def _file_head(path: str, stream) -> bytes:
-    if stream is not None:
-        return stream.head
-    with open(path, "rb") as fh:
-        return fh.read(remote.HEAD_BYTES)
-
-
 class _TrackNames(list):
     """The track names handed to vitaldb, which also remembers every name
     vitaldb asks about (`in`, once per track of the file): the file's track
@@ -229,12 +221,13 @@ def _transfer_error(e: Exception) -> CaseError:
     return CaseError("download_failed", f"{e} (a rerun tries again)")
 
 
-def parse_vital(path: str, tracks: list[str], hasher: Optional[FileHasher] = None, stream=None):
+def parse_vital(stream, tracks: list[str], hasher: Optional[FileHasher] = None):
     """vitaldb's parse of the given tracks (full Device/TRACK names) of a
-    local file, or of `stream` (a remote file, read as it arrives), feeding
-    `hasher` with the file's bytes as they are read. Returns (VitalFile,
-    every track name in the file). CaseError names what is wrong: a damaged
-    or truncated gzip stream, not a .vital file, a failed download."""
+    case file's stream (Source.open: local or remote, read as it arrives),
+    feeding `hasher` with the file's bytes as they are read. Returns
+    (VitalFile, every track name in the file). CaseError names what is
+    wrong: a damaged or truncated gzip stream, not a .vital file, a failed
+    download."""
     names = _TrackNames(tracks)
     with _PARSE_LOCK:
         _PARSE_STATE.error = None
@@ -242,7 +235,7 @@ def parse_vital(path: str, tracks: list[str], hasher: Optional[FileHasher] = Non
         _PARSE_STATE.stream = stream
         failed: Optional[Exception] = None
         try:
-            vf = vitaldb.VitalFile(path, track_names=names)
+            vf = vitaldb.VitalFile(stream.name, track_names=names)
         except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
             failed, vf = e, None
         finally:
@@ -253,7 +246,7 @@ def parse_vital(path: str, tracks: list[str], hasher: Optional[FileHasher] = Non
         if isinstance(e, remote.TransferError):
             raise _transfer_error(e)
     if failed is not None or err is not None:
-        check_signature(_file_head(path, stream))  # names a file that is no .vital file at all
+        check_signature(stream.head)  # names a file that is no .vital file at all
     if failed is not None:
         raise CaseError("corrupt_file", f"vitaldb could not parse it ({type(failed).__name__}: {failed})")
     if isinstance(err, EOFError):
@@ -279,7 +272,7 @@ def describe_tracks(names: list[str]) -> str:
 def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_SPEC,
               located: Optional[tuple[str, dict]] = None) -> RawCase:
     """Reads one case's numeric source tracks (those of `fs`) on the 1 s grid,
-    from a local file or a remote one streamed as it is parsed (`located`:
+    from its file's stream (a remote file is parsed as it arrives; `located`:
     its (path, identity) if already found).
 
     Raises CaseError for a missing, corrupt or empty file, one with none of
@@ -299,19 +292,15 @@ def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
     hasher = FileHasher()
     t1 = time.perf_counter()
     try:
-        vf, names = parse_vital(path, tracks, hasher, stream)
+        vf, names = parse_vital(stream, tracks, hasher)
     finally:
-        if stream is not None:
-            stream.close()
+        stream.close()
     parse = time.perf_counter() - t1
-    if stream is None:  # local: the whole file's CRC (its unread rest is cheap to read)
-        identity["crc32c"] = hasher.finish(path)
-    else:  # remote: what it cost, and the CRC of the bytes read (the store's ETag is its identity)
-        identity.update(stream.transfer.as_json(), crc32c_read=hasher.hexdigest())
+    identity.update(stream.finish_identity(hasher))
     # Only exact names: vitaldb matches by suffix and could hand us another track.
     found = [t for t in tracks if t in vf.trks]
     if not found:
-        check_signature(_file_head(path, stream))
+        check_signature(stream.head)
         raise CaseError("no_tracks", "none of the wanted numeric tracks is in the file; " + describe_tracks(names))
     if not any(vf.trks[t].recs for t in found):
         raise CaseError("no_tracks", f"the wanted tracks {found[:SHOW_TRACKS]} hold no records")

@@ -414,6 +414,12 @@ class RangeReader(io.RawIOBase):
         b[:len(data)] = data
         return len(data)
 
+    def finish_identity(self, hasher) -> dict:
+        """What the parse adds to the file's identity: what reading it cost
+        and the CRC-32C of the bytes read (the rest is never transferred;
+        the store's ETag stands for the whole file)."""
+        return {**self.transfer.as_json(), "crc32c_read": hasher.hexdigest()}
+
     def close(self) -> None:
         close = getattr(self.fetch, "close", None)
         if close is not None:
@@ -624,6 +630,8 @@ class CountingReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._raw.tell()
+
+    finish_identity = RangeReader.finish_identity
 
     def close(self) -> None:
         self._raw.close()

@@ -15,6 +15,7 @@ name its default clinical table.
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -139,14 +140,15 @@ class Source:
         raise LookupError("no " + " or ".join(p.rsplit("/", 1)[-1] for p in tried) + f" in {self.location}")
 
     def open(self, identity: dict, transfer: Optional[remote.Transfer] = None):
-        """A remote file as a stream (transforms.remote readers, which count
-        what reading it costs in `transfer` and keep its first bytes,
-        `head`), or None for a local file, which the parser opens itself."""
+        """The file as the stream the parser reads (`name`: the URL vitaldb is
+        given; `head`: its first bytes; `finish_identity(hasher)`: what the
+        read adds to its identity): a local file, or a remote one read as it
+        is parsed (transforms.remote, which counts the cost in `transfer`)."""
         path = identity["path"]
         kind = self.kind
         transfer = transfer if transfer is not None else remote.Transfer()
         if kind == "folder":
-            return None
+            return LocalFile(path)
         if kind == "web":
             return remote.open_web(remote.http_client(self.web), identity, transfer)
         if path.startswith("s3://"):
@@ -168,6 +170,47 @@ def preflight(paths: dict, web: remote.WebOptions) -> None:
                 check_reachable(url, web)
             except SourceError as e:
                 raise SourceError(f"{flag} {path}: {e}") from None
+
+
+class LocalFile(io.RawIOBase):
+    """A local case file as a stream: its identity gets the CRC-32C of the
+    whole file (the rest the parse left unread is read afterwards: cheap on a
+    local disk)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        # vitaldb streams what it is given as a URL (with a host) from our urlopen
+        self.name = "file://localhost" + os.path.abspath(path)
+        self._fh = open(path, "rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        return self._fh.readinto(b)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._fh.read(n)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._fh.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    @property
+    def head(self) -> bytes:
+        """The file's first bytes (a failure path: names what the file is)."""
+        with open(self.path, "rb") as fh:
+            return fh.read(remote.HEAD_BYTES)
+
+    def finish_identity(self, hasher) -> dict:
+        return {"crc32c": hasher.finish(self.path)}
+
+    def close(self) -> None:
+        self._fh.close()
+        super().close()
 
 
 def check_reachable(url: str, web: remote.WebOptions) -> None:

@@ -120,9 +120,10 @@ STATIC: tuple[Static, ...] = (
 SEX_CODES = {"M": 1.0, "F": -1.0}
 STATIC_BY_NAME = {s.name: s for s in STATIC}
 
-# Body size for dose conversion.
-DEFAULT_DOSE_WEIGHT_KG = 70.0
-DEFAULT_HEIGHT_CM = 170.0
+# Body size for dose conversion: a missing or implausible weight or height is
+# the static feature's default.
+DEFAULT_DOSE_WEIGHT_KG = STATIC_BY_NAME["weight"].default
+DEFAULT_HEIGHT_CM = STATIC_BY_NAME["height"].default
 IBW_BASE_KG = {"M": 50.0, "F": 45.5}
 IBW_KG_PER_CM = 0.9055
 IBW_REF_CM = 152.4
