@@ -118,10 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def resolve(args: argparse.Namespace) -> dict:
-    """Flags over the YAML config over defaults; validated. Raises LaunchError.
+@dataclass(frozen=True)
+class LaunchPlan:
+    """A validated launch: the training job's options, the spot wait (None
+    on demand) and the job's options as SageMaker hyperparameters (text)."""
 
-    Returns {"launch": LaunchOptions, "hyperparameters": {name: text}, "max_wait": ...}."""
+    launch: LaunchOptions
+    max_wait: Optional[int]
+    hyperparameters: dict
+
+
+def resolve(args: argparse.Namespace) -> LaunchPlan:
+    """Flags over the YAML config over defaults; validated. Raises LaunchError."""
     src = f"--config {args.config}" if args.config else ""
     try:  # the file the main command reads too; the launcher's own options also at its top level
         cfg, section = read_config(args.config) if args.config else ({}, {})
@@ -187,7 +195,7 @@ def resolve(args: argparse.Namespace) -> dict:
         problems.append("--subnets and --security-group-ids go together: give both to run in a VPC, or neither")
     if problems:
         raise LaunchError("; ".join(problems))
-    return {"launch": lo, "max_wait": max_wait, "hyperparameters": hyperparameters(req, job)}
+    return LaunchPlan(lo, max_wait, hyperparameters(req, job))
 
 
 def _remote(location: str, table: bool = False) -> bool:
@@ -228,18 +236,17 @@ def hyperparameters(req, given: dict) -> dict[str, str]:
     return hp
 
 
-def build_request(resolved: dict, session=None) -> tuple[dict, dict]:
+def build_request(plan: LaunchPlan, session=None) -> tuple[dict, dict]:
     """The CreateTrainingJob request, in boto3 form (printed) and in
     sagemaker-core form (sent), both from one ModelTrainer."""
     from sagemaker.core.training.configs import (CheckpointConfig, Compute, Networking, OutputDataConfig,
                                                  StoppingCondition, Tag)
     from sagemaker.train import ModelTrainer
-    lo: LaunchOptions = resolved["launch"]
-    hp = resolved["hyperparameters"]
+    lo, hp = plan.launch, plan.hyperparameters
     compute = Compute(instance_type=lo.instance_type, instance_count=lo.instance_count,
                       volume_size_in_gb=lo.volume_size, volume_kms_key_id=lo.volume_kms_key,
                       enable_managed_spot_training=lo.use_spot)
-    stopping = StoppingCondition(max_runtime_in_seconds=lo.max_run, max_wait_time_in_seconds=resolved["max_wait"])
+    stopping = StoppingCondition(max_runtime_in_seconds=lo.max_run, max_wait_time_in_seconds=plan.max_wait)
     out = hp["output"].rstrip("/")
     networking = (Networking(subnets=list(lo.subnets), security_group_ids=list(lo.security_group_ids))
                   if lo.subnets else None)
@@ -289,23 +296,23 @@ def follow(client, name: str, poll_s: float = 30.0, out=None) -> int:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        resolved = resolve(args)
+        plan = resolve(args)
     except LaunchError as e:
         print(f"master-poc-launch: error: {e}", file=sys.stderr)
         return 2
-    lo: LaunchOptions = resolved["launch"]
+    lo = plan.launch
     if args.dry_run:
         # The SDK simulates the role's IAM policies in its constructor: an AWS call.
         os.environ["SAGEMAKER_VALIDATE_ROLE"] = "false"
     session = _session(lo.region)
-    wire, core = build_request(resolved, session)
+    wire, core = build_request(plan, session)
     if args.dry_run:
         print(json.dumps(wire, indent=2, sort_keys=True, default=str))
         return 0
     from sagemaker.core.resources import TrainingJob
     TrainingJob.create(session=session.boto_session, **core)
     name = core["training_job_name"]
-    hp = resolved["hyperparameters"]
+    hp = plan.hyperparameters
     print(f"started training job {name} in {lo.region}: {lo.instance_count} x {lo.instance_type}"
           f"{' (spot)' if lo.use_spot else ''}, cases {hp['cases']} -> {hp['output']}")
     print(f"follow: aws sagemaker describe-training-job --training-job-name {name} --region {lo.region}")

@@ -107,16 +107,16 @@ def test_the_launcher_reads_the_same_file(tmp_path, monkeypatch):
                    "sagemaker:\n  instance_count: 6\n  image_uri: img\n  role: arn:aws:iam::1:role/r\n"
                    "  region: eu-north-1\n")
     v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg)]))
-    assert v["launch"].instance_count == 6
-    assert v["hyperparameters"] == {"input": "s3://b/vital", "output": "s3://b/out", "cases": "1-3000",
+    assert v.launch.instance_count == 6
+    assert v.hyperparameters == {"input": "s3://b/vital", "output": "s3://b/out", "cases": "1-3000",
                                     "emit_delta": "true", "tracks": "intellivue"}
     req = parse_request(["--config", str(cfg)])  # the main command reads it too
     assert req.options.cases == "1-3000" and req.settings.emit_delta
     mapfile = tmp_path / "site.json"
     mapfile.write_text(json.dumps({"features": {"HR": {"sources": [{"track": "Site/HR", "unit": "/min"}]}}}))
     v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg), "--tracks", str(mapfile)]))
-    sent = json.loads(v["hyperparameters"]["tracks"])  # a local file travels as its content
+    sent = json.loads(v.hyperparameters["tracks"])  # a local file travels as its content
     assert sent["features"]["HR"]["sources"][0]["track"] == "Site/HR"
     from launch.entrypoint import request_for_host
-    req = request_for_host({**v["hyperparameters"], "tracks": sent}, "algo-1", ["algo-1"])
+    req = request_for_host({**v.hyperparameters, "tracks": sent}, "algo-1", ["algo-1"])
     assert [s.track for s in req.settings.feature_spec().feature("HR").sources] == ["Solar8000/HR", "Site/HR"]

@@ -135,18 +135,18 @@ hyperparameters:
 """)
     v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg), "--instance-count", "4",
                                                              "--window", "900"]))
-    lo = v["launch"]
-    assert (lo.instance_count, lo.instance_type, lo.use_spot, lo.max_run, v["max_wait"], lo.volume_size) == \
+    lo = v.launch
+    assert (lo.instance_count, lo.instance_type, lo.use_spot, lo.max_run, v.max_wait, lo.volume_size) == \
         (4, "ml.m5.xlarge", True, 7200, 10000, 80)
     assert (lo.job_name, lo.tags, lo.volume_kms_key, lo.output_kms_key) == ("mpp-config", {"project": "master-poc"},
                                                                             "kms-vol", "kms-out")
     assert lo.subnets == ("subnet-1", "subnet-2") and lo.security_group_ids == ("sg-1",)
-    assert v["hyperparameters"] == {"cases": "1-200", "input": "s3://a/in", "clinical": "s3://a/in/clinical_data.csv",
+    assert v.hyperparameters == {"cases": "1-200", "input": "s3://a/in", "clinical": "s3://a/in/clinical_data.csv",
                                     "output": "s3://a/out", "num_shards": "4", "window": "900",
                                     "crop_anaesthesia": "true", "emit_mask": "true", "leader_wait_s": "7200.0",
                                     "beam_args": "--direct_running_mode=multi_processing"}
     v = launcher.resolve(launcher.build_parser().parse_args(["--config", str(cfg), "--no-spot"]))
-    assert v["max_wait"] is None
+    assert v.max_wait is None
     wire, _ = launcher.build_request(v)
     assert wire["VpcConfig"] == {"Subnets": ["subnet-1", "subnet-2"], "SecurityGroupIds": ["sg-1"]}
     cfg.write_text(cfg.read_text() + "hyperparamters: {}\n")
