@@ -18,7 +18,8 @@ setup(
     python_requires=">=3.11,<3.12",
     # Exactly the project's packages: never tests/.
     packages=["pipeline", "transforms", "launch"],
-    package_data={"transforms": ["trackmaps/*.yaml"]},  # the shipped track maps, usable by name
+    # the shipped track maps (usable by name) and the launcher's dated price table
+    package_data={"transforms": ["trackmaps/*.yaml"], "launch": ["prices.json"]},
     install_requires=REQUIRES,
     extras_require={
         # TensorFlow reads the output back (tests, users); the pipeline and inspect do not import it.

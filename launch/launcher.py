@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a job option by name (window=600, num_shards=4, ...)")
     ap.add_argument("--dry-run", action="store_true", help="print the CreateTrainingJob request; call nothing")
     ap.add_argument("--wait", action="store_true", help="follow the job and exit with its outcome")
+    e = ap.add_argument_group("estimate instead of launching (launch/estimate.py)")
+    e.add_argument("--estimate-from", metavar="OUTPUT", help="a finished pilot output (local or s3://): print the "
+                                                             "job's time and cost for --cases, type and count")
+    e.add_argument("--target-hours", type=float, help="also suggest the instance count for this wall time")
+    e.add_argument("--price-per-hour", type=float, help="on-demand $ per instance-hour (default: the shipped table)")
+    e.add_argument("--worker-efficiency", type=float, default=None,
+                   help="rate per worker kept at each doubling of the workers (default 0.975, measured 1 -> 2)")
     return ap
 
 
@@ -128,8 +135,9 @@ class LaunchPlan:
     hyperparameters: dict
 
 
-def resolve(args: argparse.Namespace) -> LaunchPlan:
-    """Flags over the YAML config over defaults; validated. Raises LaunchError."""
+def _gather(args: argparse.Namespace) -> tuple[LaunchOptions, dict, list[str]]:
+    """Flags over the YAML config over defaults: the launch options, the
+    job's options, and what is wrong with them so far."""
     src = f"--config {args.config}" if args.config else ""
     try:  # the file the main command reads too; the launcher's own options also at its top level
         cfg, section = read_config(args.config) if args.config else ({}, {})
@@ -163,6 +171,12 @@ def resolve(args: argparse.Namespace) -> LaunchPlan:
     if bad_job:
         problems.append(f"unknown hyperparameter(s) {bad_job} (known: {sorted(JOB_NAMES)})")
         job = {k: v for k, v in job.items() if k in JOB_NAMES}
+    return lo, job, problems
+
+
+def resolve(args: argparse.Namespace) -> LaunchPlan:
+    """Flags over the YAML config over defaults; validated. Raises LaunchError."""
+    lo, job, problems = _gather(args)
     try:  # the container parses them with the same declaration
         req = request_from_mapping(job, "job options")
     except (OptionError, ValueError) as e:  # a track map's own errors are ValueErrors too
@@ -293,8 +307,49 @@ def follow(client, name: str, poll_s: float = 30.0, out=None) -> int:
         time.sleep(poll_s)  # polling a remote service, not synchronising tests
 
 
+def run_estimate(args: argparse.Namespace) -> int:
+    """--estimate-from: the job's time and cost from a pilot output; launches nothing."""
+    from launch import estimate as est
+    from pipeline import runtime, s3
+    from transforms.case_ids import parse_cases
+    lo, job, problems = _gather(args)
+    if not job.get("cases"):
+        problems.append("--cases is required: the job's case count")
+    if problems:
+        raise LaunchError("; ".join(problems))
+    try:
+        n = len(parse_cases(str(job["cases"])))
+    except ValueError as e:
+        raise LaunchError(f"--cases {job['cases']!r}: {e}") from None
+    runtime.setup_io(list(shlex_split(job.get("beam_args"))), s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+    kw = {"price_per_hour": args.price_per_hour}
+    if args.worker_efficiency is not None:
+        kw["efficiency"] = args.worker_efficiency
+    try:
+        pilot = est.read_pilot(args.estimate_from)
+        e = est.estimate(pilot, n, lo.instance_count, lo.instance_type, **kw)
+        target = args.target_hours * 3600 if args.target_hours else None
+        best = est.suggest_hosts(pilot, n, lo.instance_type, target, **kw) if target else None
+    except est.EstimateError as err:
+        raise LaunchError(str(err)) from None
+    for line in est.report(pilot, e, lo.use_spot, est.price_table(), best, target):
+        print(line)
+    return 0
+
+
+def shlex_split(text) -> list[str]:
+    import shlex
+    return shlex.split(text) if isinstance(text, str) else list(text or [])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.estimate_from:
+        try:
+            return run_estimate(args)
+        except LaunchError as e:
+            print(f"master-poc-launch: error: {e}", file=sys.stderr)
+            return 2
     try:
         plan = resolve(args)
     except LaunchError as e:

@@ -35,7 +35,7 @@ from pipeline.progress import Progress
 from pipeline.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
 from pipeline.supervisor import Supervisor
 from pipeline.verify import Verification, verify_output
-from transforms import sources, spec
+from transforms import sources
 from transforms.load import ClinicalTable, ClinicalTableError, TableFormat, read_clinical
 from transforms.settings import Settings
 from transforms.sources import Source, SourceError
@@ -82,14 +82,16 @@ def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
         old = dict(fingerprint(Settings()), **storage.read_json(path))
         if old == new:
             return
+        old_names = Settings.from_json(old).split_names
         if not overwrite:
             diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
             raise Refused(f"{output} was made with other settings {diff} (old, new); use another --output, "
                           "the same settings, or --overwrite to start over")
         _LOG.warning("--overwrite: removing %s made with other settings", output)
-        for part in storage.output_parts(output, spec.SPLIT_NAMES):
+        for part in storage.output_parts(output, tuple(dict.fromkeys(old_names + settings.split_names))):
             storage.delete_tree(part)
-        storage.delete([storage.metadata_path(output), storage.schema_path(output), storage.config_path(output)])
+        storage.delete([storage.metadata_path(output), storage.schema_path(output), storage.config_path(output),
+                        storage.statistics_path(output)])
     storage.write_json(path, new)
 
 
@@ -234,8 +236,8 @@ def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) ->
 
 def verify_command(req: RunRequest) -> RunResult:
     output = req.options.output
-    load_settings(output)
-    v = verify_output(output, storage.read_done(output), spec.SPLIT_NAMES, os.cpu_count() or 1)
+    settings = load_settings(output)
+    v = verify_output(output, storage.read_done(output), settings.split_names, os.cpu_count() or 1)
     return RunResult(EXIT_OK if v.ok else EXIT_FAILED, Status.VERIFIED if v.ok else Status.VERIFICATION_FAILED,
                      verification=v)
 

@@ -24,7 +24,6 @@ from typing import Optional
 
 from pipeline.api import RunResult, run
 from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
-from transforms import spec
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
 
@@ -72,6 +71,10 @@ def _inspect(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
@@ -109,13 +112,13 @@ def summary_lines(res: RunResult) -> list[str]:
     if c["not_done"]:
         lines.append(f"  not done yet: {c['not_done'][:50]}{' ...' if len(c['not_done']) > 50 else ''}")
     split = meta["split"]
+    shares = f"{split['folds']} folds" if split.get("folds") else f"{'/'.join(map(str, split['percent']))} %"
     lines.append(f"  split by {'patient (subjectid)' if split['by'] == 'patient' else 'case id'}, seed "
-                 f"{split['seed']}, {'/'.join(map(str, split['percent']))} %"
+                 f"{split['seed']}, {shares}"
                  + ("" if split["by"] == "patient" else ": the clinical table has no subjectid column"))
-    for s in spec.SPLIT_NAMES:
-        d = meta["splits"][s]
-        lines.append(f"  {s}: {d['windows']} windows from {d['cases']} cases of {d['patients']} patients -> "
-                     f"{meta['output'].rstrip('/')}/{s}/ ({len(d['files'])} file(s))")
+    for s, d in meta["splits"].items():
+        lines.append(f"  {s}: {d['windows']} windows from {_n(d['cases'], 'case')} of {_n(d['patients'], 'patient')}"
+                     f" -> {meta['output'].rstrip('/')}/{s}/ ({len(d['files'])} file(s))")
     if split["cases_split_by_case_id"]:
         lines.append(f"  split by case id, their clinical row names no patient (no subjectid): "
                      f"{split['cases_split_by_case_id'][:50]}{' ...' if len(split['cases_split_by_case_id']) > 50 else ''}")

@@ -30,7 +30,6 @@ from pipeline.metadata import RunRecord
 from pipeline.options import RunRequest
 from pipeline.runtime import Interrupted, StageRunner, run_with, stage_job
 from pipeline.verify import DAMAGED, Verification
-from transforms import spec
 
 _LOG = logging.getLogger("master_poc")
 
@@ -58,12 +57,12 @@ class Finalize:
     def check(self, done: dict[int, DoneMarker]) -> dict[int, str]:
         """A case object that is not what its marker says (missing, truncated)
         is named and its case demoted, before any shard is written."""
-        damaged = verify.check_case_objects(self.output, done, spec.SPLIT_NAMES)
+        damaged = verify.check_case_objects(self.output, done, self.record.settings.split_names)
         self.demote(done, damaged)
         return damaged
 
     def plan(self, done: dict[int, DoneMarker]) -> list[ShardPlan]:
-        return stage2.plan_shards(self.output, done, spec.SPLIT_NAMES, self.req.options.num_shards,
+        return stage2.plan_shards(self.output, done, self.record.settings.split_names, self.req.options.num_shards,
                                   self.record.settings.split_seed)
 
     def write(self, plans: list[ShardPlan]) -> None:
@@ -73,7 +72,7 @@ class Finalize:
             self.record.timings["stage2_shard_write_s"] = round(counts.get("shard_write_us", 0) / 1e6, 6)
 
     def clean_up(self, plans: list[ShardPlan]) -> None:
-        stage2.remove_stale_shards(self.output, plans, spec.SPLIT_NAMES)
+        stage2.remove_stale_shards(self.output, plans, self.record.settings.split_names)
         storage.delete(storage.list_files(storage.tmp_glob(self.output)))
         if self.runner.stopping:
             raise Interrupted()
@@ -82,7 +81,7 @@ class Finalize:
         """Everything read back. Damage found only by reading (a changed byte)
         names the split file holding it, and its case is demoted so the next
         finalize leaves it out; damage the check found is a problem too."""
-        v = verify.verify_output(self.output, done, spec.SPLIT_NAMES, os.cpu_count() or 1)
+        v = verify.verify_output(self.output, done, self.record.settings.split_names, os.cpu_count() or 1)
         self.demote(done, v.damaged_cases)
         return v.with_problems([f"case {c}: {d} (case demoted to failed: rerun to recompute it)"
                                 for c, d in damaged_before.items()])

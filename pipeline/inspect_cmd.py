@@ -8,7 +8,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline import storage
-from transforms import encode, spec
+from transforms import encode, tfrecord
 from transforms.features import SINCE_MEASURED_CAP_S as SINCE_CAP_S, denormalise
 
 
@@ -18,7 +18,8 @@ def locate(path: str) -> tuple[list[str], str]:
     if path.endswith(storage.SUFFIX):
         return [path], path.rsplit("/", 2)[0]
     if storage.exists(storage.metadata_path(path)):
-        return [f for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(path, s))], path
+        splits = storage.read_json(storage.metadata_path(path))["splits"]  # train/validation/test, or the folds
+        return [f for s in splits for f in storage.list_files(storage.split_files_glob(path, s))], path
     root, split = path.rsplit("/", 1) if "/" in path else (".", path)
     files = storage.list_files(storage.split_files_glob(root, split))
     if not files:
@@ -47,7 +48,7 @@ def inspect(path: str, n_examples: int = 2, seconds=None, out=None) -> int:
     for f in files:
         records, count = [], 0  # count every record, keep only those to show
         with FileSystems.open(f, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            for rec in encode.iter_records(fh):
+            for rec in tfrecord.iter_records(fh):
                 if count < n_examples - shown:
                     records.append(rec)
                 count += 1

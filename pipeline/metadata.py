@@ -13,7 +13,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 
 from pipeline import provenance, report, storage
 from pipeline.contracts import DoneMarker, FailedMarker, Status
-from transforms import encode, spec
+from transforms import encode, spec, statistics
 from transforms.case_ids import format_cases
 from transforms.settings import Settings
 
@@ -68,13 +68,49 @@ def split_summary(settings: Settings, done: dict[int, DoneMarker], clinical_tabl
         "by": "patient" if by_patient else "case",
         "key": "subjectid" if by_patient else "caseid",
         "rule": "bucket = int(sha256(f'{seed}:{key}')) % 100, key = 's<subjectid>' (else the case id); "
-                "train below percent[0], validation below percent[0] + percent[1], test otherwise",
+                + (f"fold-(floor(bucket * {settings.folds} / 100) + 1)" if settings.folds else
+                   "train below percent[0], validation below percent[0] + percent[1], test otherwise"),
         "seed": settings.split_seed,
         "percent": list(settings.split),
+        "folds": settings.folds,
+        "names": list(settings.split_names),
         "patients": {s: len({m.patient for m in done.values() if m.split == s and m.has_windows})
-                     for s in spec.SPLIT_NAMES},
+                     for s in settings.split_names},
         # Split by case id although the table names patients: their row has no subjectid (or no row).
         "cases_split_by_case_id": sorted(c for c, m in done.items() if by_patient and not m.split_key.startswith("s")),
+    }
+
+
+def statistics_of(settings: Settings, done: dict[int, DoneMarker]) -> dict:
+    """Per split, per feature, target and static feature: count, mean, std,
+    min, max and quantiles in clinical units, of all values and of the
+    measured ones, as the examples hold them (transforms.statistics), summed
+    from the cases' statistics in their markers."""
+    fs = settings.feature_spec()
+    groups = {"timeseries": [(f.name, f.unit, *f.norm) for f in fs.timeseries],
+              "targets": [(n, fs.feature(n).unit, *fs.feature(n).norm) for n in fs.targets],
+              "static": [(s.name, s.unit, *s.span) for s in spec.STATIC]}
+    kinds = ("all", "measured")
+    acc = {s: {g: {k: statistics.Accumulator(len(cols)) for k in kinds} for g, cols in groups.items()}
+           for s in settings.split_names}
+    for m in done.values():
+        values = m.stats.get("values")
+        if values and m.split in acc:
+            for g in groups:
+                for k in kinds:
+                    acc[m.split][g][k].add(values[g][k])
+    return {
+        "about": "in clinical units, over the values as the examples hold them (a second once per window it "
+                 "is in; targets and static features once per window; values outside a feature's "
+                 "normalisation range at its bound); 'measured': measured values only (static: not "
+                 "defaulted); std is the population's; quantiles are within 'resolution' (one histogram "
+                 "bin) of the exact inverted-CDF quantile",
+        "bins": statistics.STAT_BINS,
+        "splits": {s: {g: {name: {"unit": unit, "resolution": (hi - lo) / statistics.STAT_BINS,
+                                  **{k: acc[s][g][k].summary(j, lo, hi) for k in kinds}}
+                           for j, (name, unit, lo, hi) in enumerate(cols)}
+                       for g, cols in groups.items()}
+                   for s in settings.split_names},
     }
 
 
@@ -130,10 +166,12 @@ class RunRecord:
         t = time.time()
         config = self.config()
         meta = build_metadata(self, status, requested, done, failed, verification, not_done, config)
-        report.write_report(out, done, failed, meta["status"], self.settings.feature_spec(), meta["provenance"])
+        report.write_report(out, done, failed, meta["status"], self.settings.feature_spec(), meta["provenance"],
+                            self.settings.split_names)
         timings = dict(self.timings, metadata_report_s=round(time.time() - t, 3))
         meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
         storage.write_json(storage.metadata_path(out), meta)
+        storage.write_json(storage.statistics_path(out), meta["statistics"])
         storage.write_atomic(storage.schema_path(out), schema_text(self.settings).encode())
         storage.write_atomic(storage.config_path(out), config_text(config).encode())
         return meta
@@ -145,7 +183,7 @@ def build_metadata(record: RunRecord, status: Status, requested: list[int], done
     fs = settings.feature_spec()
     prov = provenance.build(done)
     splits = {}
-    for s in spec.SPLIT_NAMES:
+    for s in settings.split_names:
         cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
         splits[s] = {"cases": len(cases), "windows": int(sum(done[c].windows for c in cases)),
                      "patients": len({done[c].patient for c in cases}),
@@ -174,6 +212,7 @@ def build_metadata(record: RunRecord, status: Status, requested: list[int], done
         "splits": splits,
         "split": split_summary(settings, done, record.clinical_table),
         "transfer": transfer_summary(done),
+        "statistics": statistics_of(settings, done),
         "cases": {
             "requested": len(requested),
             "ok": sorted(c for c, m in done.items() if m.status == "ok"),

@@ -1,14 +1,15 @@
 """The data-quality report: <output>/report/index.html and quality.json.
 
 Built from the per-case statistics each case computed inside the pipeline
-(stored in its marker: imputation rule counts, source track counts, a
-histogram of normalised values, clipped counts), combined here; the output
-files are not read again. Charts are rendered by matplotlib to PNG and
+(stored in its marker: imputation rule counts, source track counts, values
+outside the normalisation range, the statistics of the values its examples
+hold), combined here; the output files are not read again. Charts are rendered by matplotlib to PNG and
 embedded in the page as data URIs, so the page is one file, readable offline.
 """
 from __future__ import annotations
 
 import base64
+from collections import Counter
 import html
 import io
 import json
@@ -19,7 +20,9 @@ import numpy as np
 from pipeline import provenance, storage
 from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import features, spec
-from transforms.per_case import HIST_BINS
+from transforms import statistics
+
+HIST_BINS = 20  # the report's distribution charts (from the statistics' finer histograms)
 
 
 def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
@@ -31,6 +34,8 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
     sources = [np.zeros(len(f.sources), np.int64) for f in fs.timeseries]
     hist = {s: np.zeros((F, HIST_BINS), np.int64) for s in splits}
     clipped = {s: np.zeros(F, np.int64) for s in splits}
+    imputed_outside = {s: np.zeros(F, np.int64) for s in splits}
+    measured = {s: np.zeros(F, np.int64) for s in splits}
     seconds = {s: 0 for s in splits}
     case_split: dict[int, str] = {}
     for cid, m in done.items():
@@ -42,8 +47,11 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         rules += np.asarray(st["rules"], np.int64)
         for j, counts in enumerate(st["sources"]):
             sources[j] += np.asarray(counts, np.int64)
-        hist[s] += np.asarray(st["hist"], np.int64)
+        if "values" in st:  # a case with windows: its values as the examples hold them
+            hist[s] += np.array([statistics.downsample(c, HIST_BINS) for c in st["values"]["timeseries"]["all"]])
         clipped[s] += np.asarray(st["clipped"], np.int64)
+        imputed_outside[s] += np.asarray(st["imputed_outside"], np.int64)
+        measured[s] += np.asarray(st["rules"], np.int64)[:, features.MEASURED]
         seconds[s] += int(st["seconds"])
     total = max(1, int(rules[0].sum())) if F else 1
     feats = []
@@ -55,10 +63,15 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
             "measured_share": round(float(rules[j, features.MEASURED]) / total, 6),
             "sources": {src.track: round(float(sources[j][k]) / src_total, 6) for k, src in enumerate(f.sources)},
             "splits": {s: {"hist": hist[s][j].tolist(),
-                           "clipped_share": round(float(clipped[s][j]) / max(1, seconds[s]), 6)} for s in splits},
+                           # of the measured seconds: a range or unit problem when many
+                           "clipped_share": round(float(clipped[s][j]) / max(1, measured[s][j]), 6),
+                           # of all seconds: imputed values outside the range (a clinical zero below it)
+                           "imputed_outside_share": round(float(imputed_outside[s][j]) / max(1, seconds[s]), 6)}
+                       for s in splits},
         })
     by_split = {s: sorted(c for c, x in case_split.items() if x == s) for s in splits}
-    overlap = sorted(set.intersection(*[set(v) for v in by_split.values()])) if len(splits) > 1 else []
+    seen_in = Counter(c for v in by_split.values() for c in v)
+    overlap = sorted(c for c, n in seen_in.items() if n > 1)
     # Patients (split keys) in two splits: a leak a case check cannot see.
     patient_splits: dict[str, set] = {}
     for c, m in done.items():
@@ -88,6 +101,9 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         "provenance": prov,
         "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
+
+
+CLIPPED_WARN = 0.05  # a measured share at +-1 above this is flagged
 
 
 def _png(fig) -> str:
@@ -174,7 +190,9 @@ metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</
 <img alt="measured vs imputed by rule" src="{img_rules}">
 <table><tr><th class="l">feature</th><th class="l">unit</th>{rule_heads}<th class="l">source tracks</th>
 {clip_heads}</tr>{feature_rows}</table>
-<p>Many values at &plusmn;1 (clipped) point to a normalisation range or unit problem.</p>
+<p>Many <em>measured</em> values at &plusmn;1 (clipped: the share of measured seconds) point to a
+normalisation range or unit problem. Imputed values at &plusmn;1 (the share of all seconds) are shown
+apart: a clinical zero below a range (ETCO2's 0 kPa, FiO2 and RR at 0 off the ventilator) is expected.</p>
 <img alt="distributions of normalised values per split" src="{img_hist}">
 <h2 id="cases">Cases</h2>
 <p>{n_ok} cases with windows, {n_short} too short for one window, {n_failed} failed.
@@ -222,7 +240,9 @@ def render_html(q: dict, title: str, status: str) -> str:
         f"<tr><td class='l'>{e(f['name'])}</td><td class='l'>{e(f['unit'])}</td>"
         + "".join(f"<td>{f['rules'][r]:.1%}</td>" for r in rules)
         + f"<td class='l'>{e(', '.join(f'{t} {v:.0%}' for t, v in f['sources'].items()))}</td>"
-        + "".join(f"<td>{f['splits'][s]['clipped_share']:.1%}</td>" for s in splits) + "</tr>"
+        + "".join(f"<td{' class=warn' if f['splits'][s]['clipped_share'] > CLIPPED_WARN else ''}>"
+                  f"{f['splits'][s]['clipped_share']:.1%}</td>" for s in splits)
+        + "".join(f"<td>{f['splits'][s]['imputed_outside_share']:.1%}</td>" for s in splits) + "</tr>"
         for f in q["features"])
     case_rows = "".join(
         f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['patient']))}</td><td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
@@ -239,7 +259,8 @@ def render_html(q: dict, title: str, status: str) -> str:
         title=e(title), status=e(status), split_rows=split_rows, overlap=overlap, img_cases=charts["cases"],
         img_rules=charts["rules"], img_hist=charts["hist"],
         rule_heads="".join(f"<th>{e(r.replace('_', ' '))}</th>" for r in rules),
-        clip_heads="".join(f"<th>clipped ({e(s)})</th>" for s in splits), feature_rows=feature_rows,
+        clip_heads="".join(f"<th>clipped, measured ({e(s)})</th>" for s in splits)
+        + "".join(f"<th>imputed at &plusmn;1 ({e(s)})</th>" for s in splits), feature_rows=feature_rows,
         n_ok=sum(1 for c in q["cases"] if c["status"] == "ok"),
         n_short=sum(1 for c in q["cases"] if c["status"] == "too_short"), n_failed=len(q["failed"]),
         defaults=f"{defaults} cases", implausible=f"{sum(1 for c in q['cases'] if c['static_implausible'])} cases",
@@ -263,8 +284,9 @@ def _provenance_fields(q: dict) -> dict:
 
 
 def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,
-                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC, prov: Optional[dict] = None) -> dict:
-    q = combine(done, failed, fs, prov=prov)
+                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC, prov: Optional[dict] = None,
+                 splits: tuple[str, ...] = spec.SPLIT_NAMES) -> dict:
+    q = combine(done, failed, fs, splits, prov)
     storage.write_json(storage.report_path(output, "quality.json"), q)
     storage.write_atomic(storage.report_path(output, "index.html"), render_html(q, output, status).encode())
     return q

@@ -29,7 +29,6 @@ import pandas as pd
 import vitaldb
 
 from pipeline import storage
-from transforms import spec
 from transforms.settings import Settings
 from transforms.sources import CLINICAL_FILE
 from transforms.windows import assign_split, split_key
@@ -79,7 +78,8 @@ def patient_cases(case_id: int) -> list[int]:
 def sample_split(case_id: int, settings: Optional[Settings] = None) -> str:
     """The split a generated case lands in (by its patient, contract 1.2)."""
     settings = settings or Settings()
-    return assign_split(split_key(case_id, subject_id(case_id)), settings.split, settings.split_seed)
+    return assign_split(split_key(case_id, subject_id(case_id)), settings.split, settings.split_seed,
+                        settings.split_names, settings.folds)
 
 
 def case_profile(case_id: int) -> dict:
@@ -332,8 +332,8 @@ def sample_case_ids(n: int, settings: Optional[Settings] = None) -> list[int]:
     the lowest patients whose split still has room, under the run's split
     settings; sorted."""
     settings = settings or Settings()
-    names = spec.SPLIT_NAMES
-    wanted = [pct for pct in settings.split]
+    names = settings.split_names
+    wanted = list(settings.split_shares)
     quota = [int(n * p / 100) for p in wanted]
     for i in sorted(range(len(names)), key=lambda i: -wanted[i]):  # hand out what rounding left
         if sum(quota) >= n:

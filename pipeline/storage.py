@@ -97,6 +97,11 @@ def metadata_path(out: str) -> str:
     return join(out, METADATA_NAME)
 
 
+def statistics_path(out: str) -> str:
+    """The statistics of every split (also in the metadata), for a reader who wants only them."""
+    return join(out, "statistics.json")
+
+
 def schema_path(out: str) -> str:
     return join(out, SCHEMA_NAME)
 

@@ -20,7 +20,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline import storage
 from pipeline.contracts import DoneMarker
-from transforms import encode
+from transforms import encode, tfrecord
 
 DAMAGED = "damaged_case_object"  # the failure reason of a committed case whose object is damaged
 
@@ -83,8 +83,8 @@ def read_case_object(path: str, windows: int) -> Optional[str]:
     `windows` records, else what is wrong."""
     try:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
-            n = sum(1 for _ in encode.iter_records(fh))
-    except (encode.CorruptRecordError, OSError) as e:
+            n = sum(1 for _ in tfrecord.iter_records(fh))
+    except (tfrecord.CorruptRecordError, OSError) as e:
         return f"case object {path} is damaged: {e}"
     return None if n == windows else f"case object {path} holds {n} records, its marker says {windows}"
 
@@ -101,7 +101,7 @@ def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
 
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as fh:
         batch = []
-        for rec in encode.iter_records(fh):
+        for rec in tfrecord.iter_records(fh):
             batch.append(rec)
             if len(batch) >= 2048:
                 decode(batch)
@@ -124,7 +124,7 @@ def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, .
     def read(job):
         try:
             return job, read_shard_ids(job[1]), None
-        except (encode.CorruptRecordError, OSError, ValueError) as e:
+        except (tfrecord.CorruptRecordError, OSError, ValueError) as e:
             return job, None, f"{job[1]}: damaged, unreadable: {e}"
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:

@@ -72,13 +72,13 @@ def test_portable_runner_through_the_console_script_equals_the_default_runner(ru
 def records(out: str) -> dict:
     """{(case_id, window_start): serialized example} of an output's split files."""
     from pipeline import storage
-    from transforms import encode, spec
+    from transforms import encode, spec, tfrecord
     dec = encode.examples_decoder({"case_id": "int", "window_start": "int"})
     found = {}
     for s in spec.SPLIT_NAMES:
         for f in storage.list_files(storage.split_files_glob(out, s)):
             with open(f, "rb") as fh:
-                recs = list(encode.iter_records(fh))
+                recs = list(tfrecord.iter_records(fh))
             rb = dec.DecodeBatch(recs)
             keys = zip(rb.column("case_id").flatten().to_pylist(), rb.column("window_start").flatten().to_pylist())
             found.update(dict(zip(keys, recs)))

@@ -151,7 +151,7 @@ def test_static_features_and_defaults():
 
 
 def test_case_stats_equal_a_direct_count():
-    from transforms.per_case import HIST_BINS, case_stats
+    from transforms.per_case import case_stats
     rng = np.random.default_rng(7)
     T, F = 97, spec.DEFAULT_SPEC.n_features
     rules = rng.integers(0, len(features.RULE_NAMES), (T, F)).astype(np.int8)
@@ -164,11 +164,10 @@ def test_case_stats_equal_a_direct_count():
         assert st["rules"][f] == [int((rules[:, f] == r).sum()) for r in range(len(features.RULE_NAMES))]
         n_src = len(spec.DEFAULT_SPEC.timeseries[f].sources)
         assert st["sources"][f] == [int((source[:, f] == k).sum()) for k in range(n_src)]
-        assert sum(st["hist"][f]) == T
-        assert st["hist"][f][0] == int((norm[:, f] < -1 + 2 / HIST_BINS).sum())
-        assert st["hist"][f][-1] == int((norm[:, f] >= 1 - 2 / HIST_BINS).sum())
         lo, hi = spec.DEFAULT_SPEC.timeseries[f].norm
-        assert st["clipped"][f] == int(((filled[:, f] < lo) | (filled[:, f] > hi)).sum())
+        outside = (filled[:, f] < lo) | (filled[:, f] > hi)
+        assert st["clipped"][f] == int((outside & (rules[:, f] == features.MEASURED)).sum())
+        assert st["imputed_outside"][f] == int((outside & (rules[:, f] != features.MEASURED)).sum())
 
 
 # ---- clinical entry errors (contract 1.1) ------------------------------------

@@ -116,6 +116,19 @@ def run_vitaldb(workdir, capsys, monkeypatch):
     assert meta["transfer"]["cases"] == 20 and meta["split"]["by"] == "patient"
 
 
+def run_estimate(workdir, capsys, monkeypatch):
+    """The estimate from a pilot: ./run.sh's sample output stands for it."""
+    from launch import launcher
+    run_readme_line("./run.sh --input data/vital-files --clinical data/clinical_data.csv --output output")
+    (line,) = commands(blocks()["estimate"][1])
+    argv = shlex.split(line)
+    assert argv[0] == ".venv/bin/master-poc-launch"
+    capsys.readouterr()
+    assert launcher.main(argv[1:]) == 0
+    text = capsys.readouterr().out
+    assert "3000 cases on 6 x ml.m5.2xlarge" in text and "cost on spot" in text and "within 1 h 00 min" in text
+
+
 def run_portable(workdir, capsys, monkeypatch):
     (line,) = commands(blocks()["portable"][1])
     assert run_readme_line(line) == 0
@@ -169,7 +182,7 @@ def run_launch(workdir, capsys, monkeypatch):
 RUN_HERE = {"real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
             "portable": run_portable, "share-kubernetes": run_shares, "share-batch": run_shares,
             "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch,
-            "launch-vitaldb": run_launch, "vitaldb": run_vitaldb}
+            "launch-vitaldb": run_launch, "vitaldb": run_vitaldb, "estimate": run_estimate}
 
 
 @pytest.mark.parametrize("runner", sorted(set(RUN_HERE.values()), key=lambda f: f.__name__),
@@ -195,6 +208,28 @@ def test_every_declared_option_is_in_the_readme():
     from transforms.settings import Settings, flag_name
     for f in list(fields(Settings)) + list(fields(RunOptions)):
         assert f"`{flag_name(f.name)}`" in TEXT, f.name
+
+
+def run_snippet(name: str, out: str) -> dict:
+    block = re.search(rf"<!-- snippet:{name} -->\s*```python\n(.*?)```", TEXT, re.S).group(1)
+    assert 'out = "output"' in block
+    ns: dict = {}
+    exec(compile(block.replace('out = "output"', f"out = {out!r}"), f"README:{name}", "exec"), ns)
+    return ns
+
+
+def test_readme_numpy_snippet_runs(run_output, capsys):
+    ns = run_snippet("numpy", run_output[1])
+    assert "(64, 300, 16) (64, 6) (64, 8)" in capsys.readouterr().out
+    meta = json.load(open(f"{run_output[1]}/preprocessing_metadata.json"))
+    assert ns["n"] == meta["splits"]["validation"]["windows"]
+
+
+def test_readme_pytorch_snippet_runs(run_output, capsys):
+    pytest.importorskip("torch", reason="PyTorch is not installed: .ci/run installs its CPU build from a wheel on "
+                                        "the machine's disk; from the registry it pulls the CUDA libraries (GBs)")
+    run_snippet("torch", run_output[1])
+    assert "torch.Size([64, 300, 16]) torch.Size([64, 8])" in capsys.readouterr().out
 
 
 def test_readme_reading_snippet_runs(run_output, capsys):

@@ -31,11 +31,15 @@ def test_quality_numbers_match_the_metadata(run_output):
     assert hr["sources"] == {"Solar8000/HR": 1.0}
     assert q["failed_by_reason"] == {"corrupt_file": 4, "missing_file": 1, "no_tracks": 1, "duplicate_clinical_row": 1}
     assert {c["case_id"] for c in q["cases"] if c["no_clinical_row"]} == {NO_ROW}
-    # A drug at 0 mg/kg/h sits at -1 but is not "clipped"; ETCO2 0 kPa (no ventilation) is below lo = 2 kPa.
+    # A drug at 0 mg/kg/h sits at -1 but is not outside its range; ETCO2 0 kPa imputed off the
+    # ventilator is below lo = 2 kPa: shown apart, not counted as clipped (that warns of a unit problem).
     names = [f["name"] for f in q["features"]]
-    prop = q["features"][names.index("Propofol_INF")]["splits"]["train"]["clipped_share"]
-    etco2 = q["features"][names.index("ETCO2")]["splits"]["train"]["clipped_share"]
-    assert prop < 0.05 < etco2
+    train = {n: q["features"][names.index(n)]["splits"]["train"] for n in ("Propofol_INF", "ETCO2", "FIO2", "RR")}
+    assert train["Propofol_INF"]["imputed_outside_share"] == 0
+    for n in ("ETCO2", "FIO2", "RR"):
+        assert train[n]["clipped_share"] < 0.01 < 0.1 < train[n]["imputed_outside_share"], (n, train[n])
+    hr = q["features"][0]["splits"]["train"]["hist"]
+    assert sum(hr) == sum(w for c in q["cases"] if c["split"] == "train" for w in [c["windows"] * 300])
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")

@@ -111,7 +111,7 @@ def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_
 
     from pipeline import s3, stage2, storage
     from pipeline.contracts import Member, PlannedCase, ShardPlan
-    from transforms import encode
+    from transforms import encode, tfrecord
     s3.share_boto3_clients()
     FileSystems.set_options(PipelineOptions(beam_s3_args(moto_endpoint)))
     out = f"s3://{s3_bucket}/o"
@@ -130,5 +130,5 @@ def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_
         res = stage2.write_shard(out, plan, 42)
     assert not [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
     assert res.records == 240
-    got = sorted(encode.iter_records(io.BytesIO(storage.read_bytes(res.path))))
+    got = sorted(tfrecord.iter_records(io.BytesIO(storage.read_bytes(res.path))))
     assert got == sorted(f"case {c} window {w}".encode() for c in range(1, 61) for w in range(4))

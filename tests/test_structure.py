@@ -94,13 +94,14 @@ def test_the_package_carries_what_it_reads_at_run_time(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "transforms/trackmaps/intellivue.yaml" in names and "pipeline/api.py" in names
+    assert "launch/prices.json" in names
     assert not [n for n in names if n.startswith("tests/")]
     res = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "sdist")], cwd=src,
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     (sdist,) = (tmp_path / "sdist").glob("*.tar.gz")
     members = {m.split("/", 1)[1] for m in tarfile.open(sdist).getnames() if "/" in m}
-    assert {"requirements.txt", "transforms/trackmaps/intellivue.yaml", "setup.py"} <= members
+    assert {"requirements.txt", "transforms/trackmaps/intellivue.yaml", "launch/prices.json", "setup.py"} <= members
 
 
 def test_the_readmes_layout_names_every_module_and_only_real_ones():

@@ -11,10 +11,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from transforms import encode, features, spec, windows
+from transforms import encode, features, spec, statistics, windows
 from transforms.settings import Settings
 
-HIST_BINS = 20
 
 
 @dataclass
@@ -92,20 +91,59 @@ def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: 
                fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
     """Per-feature counts for the quality report (summed over cases later):
     seconds per imputation rule, per source track (each feature's own
-    sources, any number), a histogram of normalised values, clipped seconds."""
+    sources, any number), and the seconds whose clinical value lay outside
+    the normalisation range (set to -1 or +1): measured ("clipped": many
+    point to a range or unit problem) and imputed ("imputed_outside": a
+    clinical zero below the range, as ETCO2's 0 kPa, is no problem). The
+    distribution of values is in value_stats."""
     F, R, S = fs.n_features, len(features.RULE_NAMES), fs.max_sources + 1
     col = np.arange(F)
     # One bincount per table over (value + feature * width), not a pass per value.
     rule_counts = np.bincount((rules + col * R).ravel(), minlength=F * R).reshape(F, R)
     src_counts = np.bincount((source.astype(np.int64) + 1 + col * S).ravel(), minlength=F * S).reshape(F, S)[:, 1:]
-    bins = np.clip(((norm.astype(np.float64) + 1.0) / 2.0 * HIST_BINS).astype(np.int64), 0, HIST_BINS - 1)
-    hist = np.bincount((bins + col * HIST_BINS).ravel(), minlength=F * HIST_BINS).reshape(F, HIST_BINS)
-    # Clipped: the clinical value lay outside (lo, hi) and was cut to -1 or +1
-    # (a drug at 0 with lo = 0 is exactly -1, not clipped).
-    clipped = ((filled < fs.norm_lo) | (filled > fs.norm_hi)).sum(axis=0)
+    # Outside (lo, hi): cut to -1 or +1 (a drug at 0 with lo = 0 is exactly -1, not outside).
+    outside = (filled < fs.norm_lo) | (filled > fs.norm_hi)
+    clipped = (outside & (rules == features.MEASURED)).sum(axis=0)
     return {"seconds": int(norm.shape[0]), "rules": rule_counts.tolist(),
             "sources": [src_counts[j, :len(f.sources)].tolist() for j, f in enumerate(fs.timeseries)],
-            "hist": hist.tolist(), "clipped": clipped.tolist()}
+            "clipped": clipped.tolist(), "imputed_outside": (outside.sum(axis=0) - clipped).tolist()}
+
+
+def value_stats(norm: np.ndarray, measured: np.ndarray, starts: np.ndarray, static: np.ndarray,
+                static_defaults: list, settings: Settings, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
+    """The case's statistics of the values its examples hold, in clinical
+    units (transforms.statistics): the time series (each second once per
+    window it is in), the targets and the static features (once per
+    window); all values, and the measured ones. `starts` relative to `norm`."""
+    n, T = len(starts), norm.shape[0]
+    lo, hi, ti = fs.norm_lo, fs.norm_hi, fs.target_index
+    # Feature-major (F, T), so that each feature's reductions run over one row.
+    clinical = np.ascontiguousarray(norm.T)
+    clinical += 1.0
+    clinical *= ((hi - lo) / 2.0)[:, None]
+    clinical += lo[:, None]
+    meas = np.ascontiguousarray(measured.T)
+    bins = statistics.bins_of(clinical, lo, hi)
+    edges = np.zeros(T + 1, np.int64)
+    np.add.at(edges, starts, 1)
+    np.add.at(edges, starts + settings.window, -1)
+    per_second = np.cumsum(edges[:T])  # the windows holding each second
+    rows = starts + settings.window - 1 + settings.horizon
+    targets, target_meas = clinical[ti][:, rows], meas[ti][:, rows]
+    once = np.ones(n, np.int64)
+    s_lo, s_hi = np.array([s.span for s in spec.STATIC]).T
+    static_values = (s_lo + (static.astype(np.float64) + 1.0) * ((s_hi - s_lo) / 2.0))[:, None]
+    static_meas = np.array([[s.name not in static_defaults] for s in spec.STATIC])
+    per_case = np.array([n])
+    column = statistics.case_columns
+    return {
+        "timeseries": {"all": column(clinical, per_second, lo, hi, bins=bins),
+                       "measured": column(clinical, per_second, lo, hi, meas, bins)},
+        "targets": {"all": column(targets, once, lo[ti], hi[ti]),
+                    "measured": column(targets, once, lo[ti], hi[ti], target_meas)},
+        "static": {"all": column(static_values, per_case, s_lo, s_hi),
+                   "measured": column(static_values, per_case, s_lo, s_hi, static_meas)},
+    }
 
 
 def _jsonable(v: Any) -> Any:
@@ -127,22 +165,25 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     norm = features.normalise_timeseries(filled, fs)
     starts, ts, targets = windows.make_windows(norm, settings.window, settings.step, settings.horizon,
                                                fs.target_index)
+    measured = rules == features.MEASURED
     observed = since = None
     if settings.emit_mask:
-        measured = (rules == features.MEASURED).astype(np.float32)
-        observed = windows.make_windows(measured, settings.window, settings.step, settings.horizon,
-                                        fs.target_index)[1]
+        observed = windows.make_windows(measured.astype(np.float32), settings.window, settings.step,
+                                        settings.horizon, fs.target_index)[1]
     if settings.emit_delta:
-        since = windows.make_windows(features.since_measured(rules == features.MEASURED), settings.window,
+        since = windows.make_windows(features.since_measured(measured), settings.window,
                                      settings.step, settings.horizon, fs.target_index)[1]
+    stats = case_stats(filled, norm, rules, source, fs)
+    if len(starts):
+        stats["values"] = value_stats(norm, measured, starts, static, static_defaults, settings, fs)
     starts = starts + lo  # seconds from the recording start, also when cropped
     key = windows.split_key(case_id, (row or {}).get("subjectid"))
-    split = windows.assign_split(key, settings.split, settings.split_seed)
+    split = windows.assign_split(key, settings.split, settings.split_seed, folds=settings.folds)
     facts = CaseFacts(
         case_id=case_id, split=split, split_key=key, windows=int(len(starts)), duration_s=int(T_full), used_from_s=int(lo),
         used_seconds=int(raw.shape[0]), no_clinical_row=row is None, static_defaults=static_defaults,
         static_implausible={k: _jsonable(v) for k, v in cv.implausible.items()},
         dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,
-        stats=case_stats(filled, norm, rules, source, fs))
+        stats=stats)
     return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts, since)
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
-from transforms import spec, trackmap
+from transforms import spec, trackmap, windows
 
 
 class OptionError(ValueError):
@@ -182,6 +182,13 @@ def parse_split(value) -> tuple[int, int, int]:
     return vals  # type: ignore[return-value]
 
 
+def parse_folds(value) -> int:
+    v = _int(value)
+    if v == 1 or not 0 <= v <= 100:
+        raise ValueError("expected 0 (no folds) or a number of folds from 2 to 100")
+    return v
+
+
 def _list(v) -> list:
     return list(v)
 
@@ -201,6 +208,9 @@ class Settings:
     split: tuple[int, int, int] = option(spec.SPLIT_PERCENT, "train,validation,test percentages",
                                          parse=parse_split, dump=_list, metavar="T,V,T")
     split_seed: int = option(spec.SPLIT_SEED, "split hash seed", parse=_int)
+    folds: int = option(0, "K: write K patient-disjoint folds fold-1 ... fold-K for cross-validation instead of "
+                           "train/validation/test (fold = floor(bucket * K / 100) + 1, the split's bucket); 0: "
+                           "no folds", parse=parse_folds, metavar="K")
     crop_anaesthesia: bool = option(False, "use only [anestart, aneend] of the clinical table "
                                            "(default: the whole recording)", parse=parse_bool)
     emit_mask: bool = option(False, "add feature 'observed' (1 = measured second, 0 = imputed)",
@@ -211,6 +221,21 @@ class Settings:
         None, "track map (YAML or JSON, or a shipped map's name: " + ", ".join(trackmap.shipped())
               + "): source tracks of other monitors, added to or replacing the built-in ones",
         parse=trackmap.load, dump=trackmap.TrackMap.as_json, metavar="FILE")
+
+    def __post_init__(self):
+        if self.folds and self.split != spec.SPLIT_PERCENT:
+            raise OptionError("folds and split exclude each other: folds take the place of "
+                              "train/validation/test")
+
+    @property
+    def split_names(self) -> tuple[str, ...]:
+        """The output's splits: train, validation, test; or the folds."""
+        return windows.fold_names(self.folds) if self.folds else spec.SPLIT_NAMES
+
+    @property
+    def split_shares(self) -> tuple[float, ...]:
+        """Each split's percentage of the buckets."""
+        return (100 / self.folds,) * self.folds if self.folds else tuple(self.split)
 
     def as_json(self) -> dict:
         return as_json(self)

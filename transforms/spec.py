@@ -60,6 +60,12 @@ class Static:
     # Inclusive range of a believable entry; outside it the value is an entry
     # error and treated as missing (also for dose weight and IBW).
     plausible: Optional[tuple[float, float]] = None
+    unit: str = ""
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The range of its values in the examples: (lo, hi), or the codes -1..+1."""
+        return self.norm if self.norm else (-1.0, 1.0)
 
 
 def _vital(name, unit, sources, plausible, before, carry_s, lo, hi):
@@ -108,14 +114,14 @@ TARGETS: tuple[str, ...] = (
     "Propofol_INF", "Remifentanil_INF", "Noradrenalin_INF", "TV", "PEEP", "FIO2", "RR", "etSEV")
 
 STATIC: tuple[Static, ...] = (
-    Static("age", "age", 50.0, (0, 120), plausible=(0, 120)),
-    Static("sex", "sex", -1.0, None),  # default F; 'M'/'F' in any case, spaces ignored
-    Static("height", "height", 170.0, (100, 230), plausible=(30, 250)),
-    Static("weight", "weight", 70.0, (20, 200), plausible=(1, 350)),
+    Static("age", "age", 50.0, (0, 120), plausible=(0, 120), unit="years"),
+    Static("sex", "sex", -1.0, None, unit="M +1, F -1"),  # default F; 'M'/'F' in any case, spaces ignored
+    Static("height", "height", 170.0, (100, 230), plausible=(30, 250), unit="cm"),
+    Static("weight", "weight", 70.0, (20, 200), plausible=(1, 350), unit="kg"),
     # Missing or implausible: weight / (height / 100) ** 2 from plausible
     # weight and height, itself checked against the same range.
-    Static("bmi", "bmi", 24.2, (10, 50), plausible=(5, 100)),
-    Static("asa", "asa", 2.0, (1, 6), plausible=(1, 6)),
+    Static("bmi", "bmi", 24.2, (10, 50), plausible=(5, 100), unit="kg/m2"),
+    Static("asa", "asa", 2.0, (1, 6), plausible=(1, 6), unit="class"),
 )
 SEX_CODES = {"M": 1.0, "F": -1.0}
 STATIC_BY_NAME = {s.name: s for s in STATIC}
@@ -208,7 +214,7 @@ def spec_as_dict(fs: FeatureSpec = DEFAULT_SPEC) -> dict:
         "targets": [{"index": i, "name": n, "feature_index": int(fs.target_index[i]),
                      "unit": fs.feature(n).unit, "norm": {"lo": fs.feature(n).norm[0], "hi": fs.feature(n).norm[1]}}
                     for i, n in enumerate(fs.targets)],
-        "static": [{"index": i, "name": s.name, "column": s.column, "default": s.default,
+        "static": [{"index": i, "name": s.name, "column": s.column, "unit": s.unit, "default": s.default,
                     "norm": ({"lo": s.norm[0], "hi": s.norm[1]} if s.norm else None),
                     "plausible": list(s.plausible) if s.plausible else None,
                     **({"codes": SEX_CODES} if s.norm is None else {})}

@@ -86,11 +86,18 @@ def split_bucket(key, seed: int = spec.SPLIT_SEED) -> int:
     return int(digest, 16) % 100
 
 
+def fold_names(folds: int) -> tuple[str, ...]:
+    return tuple(f"fold-{i}" for i in range(1, folds + 1))
+
+
 def assign_split(key, percent: tuple[int, ...] = spec.SPLIT_PERCENT,
-                 seed: int = spec.SPLIT_SEED, names: tuple[str, ...] = spec.SPLIT_NAMES) -> str:
+                 seed: int = spec.SPLIT_SEED, names: tuple[str, ...] = spec.SPLIT_NAMES, folds: int = 0) -> str:
     """The split of a split key (split_key; an int is a case id): by patient,
-    never by window; stable on every host and rerun."""
+    never by window; stable on every host and rerun. With `folds` K, the
+    fold from the same bucket: fold-(floor(bucket * K / 100) + 1)."""
     bucket = split_bucket(key, seed)
+    if folds:
+        return f"fold-{bucket * folds // 100 + 1}"
     edge = 0
     for name, pct in zip(names, percent):
         edge += pct

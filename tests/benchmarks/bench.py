@@ -30,6 +30,11 @@ carry them. Printed, from one invocation (medians of --repeat runs):
   without its waveform tracks, written the same way) plus 1 MiB.
 
     .venv/bin/python tests/benchmarks/bench.py --remote-only   # only the remote inputs (~1 min)
+
+* reading an output: pipeline.reader (numpy) against tf.data (TFRecordDataset
+  + parse_single_example), examples per second, both on one core.
+
+    .venv/bin/python tests/benchmarks/bench.py --reader-only OUTPUT   # only the reader, on an output
 """
 from __future__ import annotations
 
@@ -51,7 +56,7 @@ sys.path.insert(0, ROOT)
 
 from pipeline import sample  # noqa: E402
 from pipeline import storage  # noqa: E402
-from transforms import encode, load, spec  # noqa: E402
+from transforms import encode, load, spec, tfrecord  # noqa: E402
 from transforms.per_case import Settings, process_case  # noqa: E402
 from transforms.sources import Source  # noqa: E402
 
@@ -98,7 +103,7 @@ def case_examples(data: str, n: int) -> list[bytes]:
     for cid in range(1, n + 1):
         rc = load.load_case(Source.for_location(data), cid)
         cw = process_case(cid, rc.raw, clinical.row(cid), Settings())
-        out.append(encode.frame_records(encode.encode_examples(cid, cw.starts, cw.example_floats())))
+        out.append(tfrecord.frame_records(encode.encode_examples(cid, cw.starts, cw.example_floats())))
     return out
 
 
@@ -311,6 +316,57 @@ def remote_report(rows: list, transfers: list) -> tuple[list, list]:
     return lines, targets
 
 
+def reader_speed(output: str, repeat: int = 3) -> tuple[list, list]:
+    """Examples per second over the output's files, pipeline.reader and
+    tf.data, in a child process pinned to one core (TensorFlow's thread
+    pools too)."""
+    code = r"""
+import json, os, sys, time
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+out, repeat = sys.argv[1], int(sys.argv[2])
+from pipeline.reader import OutputReader
+meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+split = max(meta["splits"], key=lambda s: meta["splits"][s]["windows"])
+def ours():
+    return sum(1 for _ in OutputReader(out, split))
+def ours_batched():
+    return sum(len(b["case_id"]) for b in OutputReader(out, split, batch_size=256))
+import tensorflow as tf
+tf.config.threading.set_inter_op_parallelism_threads(1)
+tf.config.threading.set_intra_op_parallelism_threads(1)
+r = OutputReader(out, split)
+feats = {n: tf.io.FixedLenFeature([f["length"]], tf.float32 if f["type"] == "float" else tf.int64)
+         for n, f in meta["format"]["features"].items()}
+def theirs():
+    ds = tf.data.TFRecordDataset(r.files, compression_type="GZIP").map(
+        lambda x: tf.io.parse_single_example(x, feats), num_parallel_calls=1)
+    return sum(1 for _ in ds.as_numpy_iterator())
+def theirs_batched():
+    ds = tf.data.TFRecordDataset(r.files, compression_type="GZIP").batch(256).map(
+        lambda x: tf.io.parse_example(x, feats), num_parallel_calls=1)
+    return sum(len(b["case_id"]) for b in ds.as_numpy_iterator())
+res = {}
+for name, f in (("reader", ours), ("tf.data", theirs), ("reader batched", ours_batched),
+                ("tf.data batched", theirs_batched)):
+    f()
+    best = []
+    for _ in range(repeat):
+        t = time.perf_counter(); n = f(); best.append(n / (time.perf_counter() - t))
+    res[name] = (n, max(best))
+print(json.dumps(res))
+"""
+    res = subprocess.run([sys.executable, "-c", code, output, str(repeat)], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    speeds = json.loads(res.stdout.strip().splitlines()[-1])
+    (n, ours), (_, theirs) = speeds["reader"], speeds["tf.data"]
+    ours_b, theirs_b = speeds["reader batched"][1], speeds["tf.data batched"][1]
+    rows = [("reader, one core", f"{ours:,.0f} examples/s (pipeline.reader, numpy); tf.data {theirs:,.0f} "
+                                 f"(parse_single_example); {n} examples"),
+            ("  batches of 256", f"{ours_b:,.0f} examples/s; tf.data {theirs_b:,.0f} (batch, then parse_example)")]
+    return rows, [("reader / tf.data examples per second (one core)", ours / theirs, None, None),
+                  ("reader / tf.data, batches of 256", ours_b / theirs_b, None, None)]
+
+
 def med(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -324,6 +380,7 @@ def main() -> int:
     ap.add_argument("--scaling", action="store_true", help="also compare peak memory of 200 and 20 cases")
     ap.add_argument("--scaling-only", action="store_true", help="only the 200 vs 20 cases memory comparison")
     ap.add_argument("--remote-only", action="store_true", help="only the remote inputs (web API and S3)")
+    ap.add_argument("--reader-only", metavar="OUTPUT", help="only the reader against tf.data, on this output")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-out"))
     args = ap.parse_args()
     if args.quick:
@@ -332,6 +389,9 @@ def main() -> int:
     data = generate(args.workdir, N, args.hours)
     out = os.path.join(args.workdir, "out")
 
+    if args.reader_only:
+        lines, targets = reader_speed(args.reader_only)
+        return print_results(lines, targets)
     if args.remote_only:
         lines, targets = remote_report(*remote_inputs(args.workdir, data, N, args.repeat))
         return print_results(lines, targets)
@@ -409,7 +469,9 @@ def main() -> int:
         rows.append(("peak memory 20 vs 200 cases", f"PSS {m20['pss'] / 2**20:.0f} vs {m200['pss'] / 2**20:.0f} MiB"))
         targets.append(("200-case / 20-case peak memory <= 1.15", m200["pss"] / m20["pss"], None, 1.15))
     lines, remote_targets = remote_report(*remote_inputs(args.workdir, data, N, args.repeat))
-    return print_results(rows + lines, targets + remote_targets)
+    run_pipeline(data, out, N, 1)
+    reader_lines, reader_targets = reader_speed(out)
+    return print_results(rows + lines + reader_lines, targets + remote_targets + reader_targets)
 
 
 def print_results(rows: list, targets: list) -> int:
@@ -420,6 +482,9 @@ def print_results(rows: list, targets: list) -> int:
     print()
     ok = True
     for name, value, separate, limit in targets:
+        if name.startswith("reader"):  # a figure, not a target
+            print(f"      {name}: {value:.2f}")
+            continue
         good = value >= 1.7 if limit is None else value <= limit
         ok &= good
         extra = "" if separate is None else f"  (parse floor of separate passes: {separate:.2f})"
