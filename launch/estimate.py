@@ -57,9 +57,9 @@ class Pilot:
 
 
 def read_pilot(output: str) -> Pilot:
-    from pipeline import storage
+    from pipeline import names, storage
     if not storage.exists(storage.metadata_path(output)):
-        raise EstimateError(f"{output} has no {storage.METADATA_NAME}: not a finished output")
+        raise EstimateError(f"{output} has no {names.METADATA_NAME}: not a finished output")
     meta = storage.read_json(storage.metadata_path(output))
     done = storage.read_done(output)
     if len(done) < 2:
@@ -114,13 +114,13 @@ class Estimate:
 
 def estimate(pilot: Pilot, cases: int, hosts: int, instance_type: str, price_per_hour: Optional[float] = None,
              efficiency: float = WORKER_EFFICIENCY, startup_s: float = STARTUP_S,
-             table: Optional[dict] = None) -> Estimate:
+             table: Optional[dict] = None, vcpus: Optional[int] = None) -> Estimate:
     table = table or price_table()
-    kind = table["types"].get(instance_type)
-    if kind is None:
+    kind = table["types"].get(instance_type) or {}
+    if not kind and (price_per_hour is None or vcpus is None):
         raise EstimateError(f"{instance_type} is not in the price table ({', '.join(table['types'])}); "
-                            "give --price-per-hour and a type of the table, or extend launch/prices.json")
-    vcpus = kind["vcpus"]
+                            "give its --price-per-hour and --vcpus, or a type of the table")
+    vcpus = vcpus or kind["vcpus"]
     per_host = math.ceil(cases / hosts)
     stage1 = per_host * pilot.seconds_per_case / speedup(vcpus, efficiency)
     return Estimate(cases, hosts, instance_type, vcpus,

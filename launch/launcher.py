@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                              "job's time and cost for --cases, type and count")
     e.add_argument("--target-hours", type=float, help="also suggest the instance count for this wall time")
     e.add_argument("--price-per-hour", type=float, help="on-demand $ per instance-hour (default: the shipped table)")
+    e.add_argument("--vcpus", type=int, help="vCPUs of the instance type (default: the shipped table)")
     e.add_argument("--worker-efficiency", type=float, default=None,
                    help="rate per worker kept at each doubling of the workers (default 0.975, measured 1 -> 2)")
     return ap
@@ -322,7 +323,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise LaunchError(f"--cases {job['cases']!r}: {e}") from None
     runtime.setup_io(list(shlex_split(job.get("beam_args"))), s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
-    kw = {"price_per_hour": args.price_per_hour}
+    kw = {"price_per_hour": args.price_per_hour, "vcpus": args.vcpus}
     if args.worker_efficiency is not None:
         kw["efficiency"] = args.worker_efficiency
     try:

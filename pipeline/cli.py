@@ -109,6 +109,9 @@ def summary_lines(res: RunResult) -> list[str]:
     if res.counters.get("cases_input_changed"):
         lines.append(f"  {res.counters['cases_input_changed']} committed case(s) processed again because their "
                      f"input file changed since the commit (all such cases: {c['changed_inputs']})")
+    if res.counters.get("cases_split_key_changed"):
+        lines.append(f"  {res.counters['cases_split_key_changed']} committed case(s) processed again because their "
+                     f"split key changed (the clinical table's subjectid): they moved with their patient")
     if c["not_done"]:
         lines.append(f"  not done yet: {c['not_done'][:50]}{' ...' if len(c['not_done']) > 50 else ''}")
     split = meta["split"]
@@ -125,8 +128,9 @@ def summary_lines(res: RunResult) -> list[str]:
     if meta.get("transfer"):
         t = meta["transfer"]
         share = f" ({t['share_read']:.1%})" if t["share_read"] is not None else ""
-        lines.append(f"  read {_mb(t['bytes_read'])} of the {_mb(t['file_bytes'])} in {t['cases']} remote input "
-                     f"files{share}: {t['requests']} requests, {t['retries']} retried")
+        lines.append(f"  the committed cases' remote input files: {_mb(t['bytes_read'])} read of "
+                     f"{_mb(t['file_bytes'])} in {t['cases']} files{share}, {t['requests']} requests, "
+                     f"{t['retries']} retried (when each case was committed)")
     if c["static_defaults"]:
         lines.append(f"  static defaults used: {c['static_defaults']}")
     for cid, bad in c["static_implausible"].items():

@@ -78,7 +78,9 @@ class DoneMarker(CaseFacts):
         return self.split_key or str(self.case_id)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
+        # Shallow: the fields already hold JSON values (dataclasses.asdict deep-copies
+        # the statistics, ~5 ms per 4-hour case, measured).
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["members"] = [[m.nbytes, m.records] for m in self.members]
         return d
 

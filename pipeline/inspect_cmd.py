@@ -7,7 +7,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import storage
+from pipeline import names, storage
 from transforms import encode, tfrecord
 from transforms.features import SINCE_MEASURED_CAP_S as SINCE_CAP_S, denormalise
 
@@ -15,7 +15,7 @@ from transforms.features import SINCE_MEASURED_CAP_S as SINCE_CAP_S, denormalise
 def locate(path: str) -> tuple[list[str], str]:
     """(files, output folder) for a file, a split folder or an output folder."""
     path = path.rstrip("/")
-    if path.endswith(storage.SUFFIX):
+    if path.endswith(names.SUFFIX):
         return [path], path.rsplit("/", 2)[0]
     if storage.exists(storage.metadata_path(path)):
         splits = storage.read_json(storage.metadata_path(path))["splits"]  # train/validation/test, or the folds
@@ -23,7 +23,7 @@ def locate(path: str) -> tuple[list[str], str]:
     root, split = path.rsplit("/", 1) if "/" in path else (".", path)
     files = storage.list_files(storage.split_files_glob(root, split))
     if not files:
-        raise FileNotFoundError(f"no {storage.SUFFIX} files at {path}")
+        raise FileNotFoundError(f"no {names.SUFFIX} files at {path}")
     return files, root
 
 

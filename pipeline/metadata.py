@@ -11,7 +11,7 @@ from typing import Optional
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from pipeline import provenance, report, storage
+from pipeline import names, provenance, report, storage
 from pipeline.contracts import DoneMarker, FailedMarker, Status
 from transforms import encode, spec, statistics
 from transforms.case_ids import format_cases
@@ -30,6 +30,8 @@ _SCHEMA_TYPE = {"float": schema_pb2.FLOAT, "int64": schema_pb2.INT}
 
 def schema_text(settings: Settings) -> str:
     schema = schema_pb2.Schema()
+    # The splits (or folds) the files are in: split:<name> tags, for tools that read the schema alone.
+    schema.annotation.tag.extend(f"split:{s}" for s in settings.split_names)
     for feat in example_features(settings):
         f = schema.feature.add(name=feat.name, type=_SCHEMA_TYPE[feat.kind])
         f.shape.dim.add(size=feat.length)
@@ -167,7 +169,7 @@ class RunRecord:
         config = self.config()
         meta = build_metadata(self, status, requested, done, failed, verification, not_done, config)
         report.write_report(out, done, failed, meta["status"], self.settings.feature_spec(), meta["provenance"],
-                            self.settings.split_names)
+                            self.settings.split_names, meta["split"])
         timings = dict(self.timings, metadata_report_s=round(time.time() - t, 3))
         meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
         storage.write_json(storage.metadata_path(out), meta)
@@ -181,7 +183,7 @@ def build_metadata(record: RunRecord, status: Status, requested: list[int], done
                    failed: dict[int, FailedMarker], verification, not_done: list[int], config: dict) -> dict:
     settings, output = record.settings, record.output
     fs = settings.feature_spec()
-    prov = provenance.build(done)
+    prov = provenance.build(done, record.source)
     splits = {}
     for s in settings.split_names:
         cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
@@ -201,8 +203,8 @@ def build_metadata(record: RunRecord, status: Status, requested: list[int], done
         "output": output,
         "settings": fingerprint(settings),
         "format": {**encode.FORMAT,
-                   "pattern": storage.SHARD_PATTERN,
-                   "schema": storage.SCHEMA_NAME,
+                   "pattern": names.SHARD_PATTERN,
+                   "schema": names.SCHEMA_NAME,
                    "features": {f.name: {"type": f.kind, "length": f.length} for f in example_features(settings)},
                    "shapes": {"timeseries": [w, fs.n_features], "static": [spec.N_STATIC],
                               "targets": [fs.n_targets]},

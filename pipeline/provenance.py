@@ -49,13 +49,15 @@ def versions() -> dict:
     return {"python": platform.python_version(), **{d: _version(d) for d in VERSIONED}}
 
 
-def build(done: dict[int, DoneMarker]) -> dict:
+def build(done: dict[int, DoneMarker], source: Optional[dict] = None) -> dict:
     """The provenance block of the metadata: package, its commit, library
-    versions, the clinical table(s) and every input file's identity."""
+    versions, where the inputs came from (a named dataset: its URL and
+    version), the clinical table(s) and every input file's identity."""
     tables = Counter(json.dumps(m.clinical, sort_keys=True) for m in done.values() if m.clinical)
     return {
         "package": {"name": PACKAGE, "version": _version(PACKAGE), "commit": commit()},
         "versions": versions(),
+        "source": source,
         # One entry per distinct table the committed cases were made with (normally one).
         "clinical": [dict(json.loads(t), cases=n) for t, n in tables.most_common()],
         "inputs": {str(c): m.input for c, m in sorted(done.items()) if m.input},

@@ -31,6 +31,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from pipeline.names import METADATA_NAME, split_files_glob
 from transforms.tfrecord import CorruptRecordError, iter_records
 
 __all__ = ["OutputReader", "DamagedFile", "parse_example"]
@@ -41,6 +42,8 @@ class DamagedFile(IOError):
 
 
 def _is_local(path: str) -> bool:
+    """Whether to read it directly: a path without a scheme (Beam's FileSystems
+    would read it the same way, at the cost of importing Beam)."""
     return "://" not in path
 
 
@@ -58,8 +61,10 @@ def _list(pattern: str) -> list[str]:
     from apache_beam.io.filesystems import FileSystems
     try:
         return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-    except Exception:  # no such folder yet
-        return []
+    except Exception as e:  # BeamIOError: no such folder (an empty split), else a real error
+        if "No files found" in str(e) or "not found" in str(e).lower():
+            return []
+        raise
 
 
 # ---- tf.train.Example, decoded with numpy ------------------------------------------
@@ -157,7 +162,7 @@ class OutputReader:
         if not 0 <= worker < num_workers:
             raise ValueError(f"worker {worker} of {num_workers}: expected 0 <= worker < num_workers")
         self.output = output.rstrip("/")
-        with _open(f"{self.output}/preprocessing_metadata.json") as fh:
+        with _open(f"{self.output}/{METADATA_NAME}") as fh:
             self.metadata = json.loads(fh.read())
         splits = list(self.metadata["splits"])
         if split not in splits:
@@ -175,7 +180,7 @@ class OutputReader:
             else:
                 self.shapes[name] = () if f["length"] == 1 else (f["length"],)
         self.dtypes = {n: np.float32 if f["type"] == "float" else np.int64 for n, f in fmt["features"].items()}
-        files = _list(f"{self.output}/{split}/*.tfrecord.gz")
+        files = _list(split_files_glob(self.output, split))
         self.files = files[worker::num_workers]
         self.batch_size, self.drop_remainder = batch_size, drop_remainder
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0

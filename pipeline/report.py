@@ -27,8 +27,9 @@ HIST_BINS = 20  # the report's distribution charts (from the statistics' finer h
 
 def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
             fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES,
-            prov: Optional[dict] = None) -> dict:
-    """The report's numbers (quality.json) from the done and failed markers."""
+            prov: Optional[dict] = None, split: Optional[dict] = None) -> dict:
+    """The report's numbers (quality.json) from the done and failed markers;
+    how the cases were split is the metadata's (`split`, metadata.split_summary)."""
     F, R = fs.n_features, len(features.RULE_NAMES)
     rules = np.zeros((F, R), np.int64)
     sources = [np.zeros(len(f.sources), np.int64) for f in fs.timeseries]
@@ -79,8 +80,7 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
             patient_splits.setdefault(m.patient, set()).add(m.split)
     patients_in_two = sorted(p for p, ss in patient_splits.items() if len(ss) > 1)
     prov = prov if prov is not None else provenance.build(done)
-    by_patient = (any(t.get("split_key") == "subjectid" for t in prov["clinical"])
-                  or any(m.split_key.startswith("s") for m in done.values()))
+    split = split or {}
     return {
         "features": feats,
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
@@ -92,12 +92,12 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         "failed_by_reason": {r: sum(1 for f in failed.values() if f.reason == r)
                              for r in sorted({f.reason for f in failed.values()})},
         "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].has_windows),
-                       "patients": len({done[c].patient for c in by_split[s] if done[c].has_windows}),
+                       "patients": split.get("patients", {}).get(s, 0),
                        "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
-        "split_by": "patient (subjectid)" if by_patient else "case id",
+        "split_by": "patient (subjectid)" if split.get("by") == "patient" else "case id",
         "cases_in_two_splits": overlap,
         "patients_in_two_splits": patients_in_two,
-        "cases_split_by_case_id": sorted(c for c, m in done.items() if by_patient and not m.split_key.startswith("s")),
+        "cases_split_by_case_id": split.get("cases_split_by_case_id", []),
         "provenance": prov,
         "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
@@ -285,8 +285,8 @@ def _provenance_fields(q: dict) -> dict:
 
 def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,
                  fs: spec.FeatureSpec = spec.DEFAULT_SPEC, prov: Optional[dict] = None,
-                 splits: tuple[str, ...] = spec.SPLIT_NAMES) -> dict:
-    q = combine(done, failed, fs, splits, prov)
+                 splits: tuple[str, ...] = spec.SPLIT_NAMES, split: Optional[dict] = None) -> dict:
+    q = combine(done, failed, fs, splits, prov, split)
     storage.write_json(storage.report_path(output, "quality.json"), q)
     storage.write_atomic(storage.report_path(output, "index.html"), render_html(q, output, status).encode())
     return q

@@ -24,8 +24,8 @@ from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
 from transforms import encode, sources
 from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
 from transforms.per_case import CaseFacts, CaseWindows
-from transforms.load import CaseTodo, RawCase
-from transforms.remote import TransferError
+from transforms.load import CaseTodo, ClinicalTable, RawCase
+from transforms.windows import split_key
 from transforms.settings import Settings
 from transforms.sources import Source
 
@@ -35,9 +35,11 @@ _LOG = logging.getLogger(__name__)
 class SkipCommitted(beam.DoFn):
     """Drops cases that already have a done marker (resume) whose input file
     is still the one they were committed from (a stat: size and mtime, the
-    store's ETag, a web server's HEAD; nothing is downloaded); a case whose
-    input changed since is processed again, as a CaseTodo that remembers the
-    old identity. Drops every case once the stop file exists (a shutdown was
+    store's ETag, a web server's HEAD; nothing is downloaded) and whose split
+    key is still the one the clinical table gives (a table that gained or
+    changed a subjectid would otherwise leave a patient in two splits); a
+    case whose input or key changed since is processed again, as a CaseTodo
+    that remembers the old input identity. Drops every case once the stop file exists (a shutdown was
     asked for: drain, start nothing new). The stop file is local to the
     machine that was signalled; on remote workers it never exists and this
     check is a no-op."""
@@ -49,11 +51,12 @@ class SkipCommitted(beam.DoFn):
         self._skipped = Metrics.counter(NAMESPACE, "cases_skipped")
         self._changed = Metrics.counter(NAMESPACE, "cases_input_changed")
         self._deferred = Metrics.counter(NAMESPACE, "cases_deferred")
+        self._rekeyed = Metrics.counter(NAMESPACE, "cases_split_key_changed")
 
     def setup(self):
         s3.prepare_process()
 
-    def process(self, case_id: int):
+    def process(self, case_id: int, clinical: ClinicalTable):
         if self._stop_file and os.path.exists(self._stop_file):
             self._deferred.inc()
             return
@@ -61,12 +64,20 @@ class SkipCommitted(beam.DoFn):
         if not storage.exists(marker):
             yield case_id
             return
-        committed = DoneMarker.from_json(storage.read_json(marker)).input
+        done = DoneMarker.from_json(storage.read_json(marker))
+        key = split_key(case_id, (clinical.row(case_id) or {}).get("subjectid"))
+        if done.split_key != key:
+            _LOG.warning("case %s: its split key changed since its commit (%s -> %s, the clinical table's "
+                         "subjectid): processing it again", case_id, done.split_key, key)
+            self._rekeyed.inc()
+            yield case_id
+            return
+        committed = done.input
         try:
             located = self._source.locate(case_id)
         except LookupError:
             located = None  # the file is gone: the committed case stands
-        except TransferError as e:
+        except Exception as e:  # a failing store or server (TransferError, botocore's ClientError, ...)
             _LOG.warning("case %s: cannot check its input file (%s); its committed result stands", case_id, e)
             located = None
         if located is None or not committed or sources.same_file(committed, located[1]):
@@ -81,7 +92,8 @@ class SkipCommitted(beam.DoFn):
 def commit_case(output: str, facts: CaseFacts, examples: list[bytes]) -> DoneMarker:
     """Writes the case object (complete or not at all), then its marker."""
     timings = dict(facts.timings)
-    marker = DoneMarker(**dataclasses.asdict(facts), status="ok" if examples else "too_short",
+    marker = DoneMarker(**{f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)},
+                        status="ok" if examples else "too_short",
                         host=os.environ.get("MASTER_POC_HOST") or socket.gethostname(), worker=os.getpid())
     t = time.perf_counter()
     if examples:
@@ -136,7 +148,7 @@ def ProcessCases(case_ids, source: Source, output: str, settings: Settings, clin
     of DoneMarker and FailedMarker."""
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
-            | "SkipCommitted" >> beam.ParDo(SkipCommitted(source, output, stop_file)))
+            | "SkipCommitted" >> beam.ParDo(SkipCommitted(source, output, stop_file), clinical))
     loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(source, settings), clinical).with_output_types(RawCase)
               .with_outputs(FAILED, main="ok"))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))

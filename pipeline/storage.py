@@ -27,15 +27,11 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.contracts import DoneMarker, FailedMarker
+from pipeline.names import CONFIG_NAME, METADATA_NAME, SCHEMA_NAME, SHARD_NAME, STATISTICS_NAME, SUFFIX
+from pipeline.names import split_files_glob  # noqa: F401 (storage hands out every path of an output)
 from transforms.sources import is_local  # one helper for the sources and the pipeline
 
 DONE, FAILED = "_done", "_failed"
-METADATA_NAME = "preprocessing_metadata.json"
-SCHEMA_NAME = "schema.pbtxt"
-SUFFIX = ".tfrecord.gz"
-# A split file's name, and the same as the metadata describes it for readers.
-SHARD_NAME = "{split}-{index:05d}-of-{count:05d}" + SUFFIX
-SHARD_PATTERN = "<split>/<split>-SSSSS-of-NNNNN" + SUFFIX
 
 
 def join(base: str, *parts: str) -> str:
@@ -81,10 +77,6 @@ def split_dir(out: str, split: str) -> str:
     return join(out, split)
 
 
-def split_files_glob(out: str, split: str) -> str:
-    return join(out, split, "*" + SUFFIX)
-
-
 def shard_path(out: str, split: str, index: int, count: int) -> str:
     return join(out, split, SHARD_NAME.format(split=split, index=index, count=count))
 
@@ -99,7 +91,7 @@ def metadata_path(out: str) -> str:
 
 def statistics_path(out: str) -> str:
     """The statistics of every split (also in the metadata), for a reader who wants only them."""
-    return join(out, "statistics.json")
+    return join(out, STATISTICS_NAME)
 
 
 def schema_path(out: str) -> str:
@@ -108,7 +100,7 @@ def schema_path(out: str) -> str:
 
 def config_path(out: str) -> str:
     """The run's effective configuration, a --config file that rebuilds the output."""
-    return join(out, "config.yaml")
+    return join(out, CONFIG_NAME)
 
 
 def report_path(out: str, name: str = "index.html") -> str:
@@ -162,8 +154,11 @@ def write_atomic(path: str, data: bytes, tmp_root: Optional[str] = None) -> None
     FileSystems.rename([tmp], [path])
 
 
-def write_json(path: str, obj, tmp_root: Optional[str] = None) -> None:
-    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True, default=_json_default).encode(), tmp_root)
+def write_json(path: str, obj, tmp_root: Optional[str] = None, compact: bool = False) -> None:
+    """JSON for people (indented, keys sorted), or compact for machines (markers)."""
+    text = (json.dumps(obj, separators=(",", ":"), default=_json_default) if compact
+            else json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+    write_atomic(path, text.encode(), tmp_root)
 
 
 def _json_default(o):
@@ -235,7 +230,8 @@ def read_failed(out: str, ids: Optional[Iterable[int]] = None) -> dict[int, Fail
 
 
 def write_done(out: str, marker: DoneMarker) -> None:
-    write_json(marker_path(out, DONE, marker.case_id), marker.to_json(), tmp_dir(out))
+    # compact: a marker carries the case's statistics (~50 KB indented, ~18 KB compact)
+    write_json(marker_path(out, DONE, marker.case_id), marker.to_json(), tmp_dir(out), compact=True)
     # A failure marker of an earlier try is stale now.
     delete([marker_path(out, FAILED, marker.case_id)])
 

@@ -15,6 +15,7 @@ from launch import estimate as est
 from launch import launcher
 from pipeline import storage
 from pipeline.contracts import DoneMarker, Status
+from s3util import free_port
 
 
 def synthetic_pilot(out: str) -> None:
@@ -60,12 +61,6 @@ def test_the_estimate_from_a_pilot_whose_timings_are_known(tmp_path, capsys):
     assert "not in the price table" in capsys.readouterr().err
     assert launcher.main(["--estimate-from", str(tmp_path / "none"), "--cases", "1-10"]) == 2
     assert "not a finished output" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:

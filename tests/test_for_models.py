@@ -142,6 +142,11 @@ def bucket(seed: int, key: str) -> int:
 
 
 def test_folds_by_hand():
+    # worked out by hand: bucket(42:s9001) = 77, so with 5 folds floor(77 * 5 / 100) + 1 = 4
+    assert bucket(42, "s9001") == 77 and bucket(42, "22") == 18 and bucket(42, "sP-17") == 25
+    assert [assign_split("s9001", folds=k) for k in (2, 3, 5, 10)] == ["fold-2", "fold-3", "fold-4", "fold-8"]
+    assert [assign_split("22", folds=k) for k in (2, 3, 5, 10)] == ["fold-1", "fold-1", "fold-1", "fold-2"]
+    assert [assign_split("sP-17", folds=k) for k in (2, 3, 5, 10)] == ["fold-1", "fold-1", "fold-2", "fold-3"]
     for key in ("s9001", "22", "sP-17", "s42"):
         b = bucket(42, key)
         for k in (2, 3, 5, 10):
@@ -242,6 +247,51 @@ def test_statistics_equal_numpy_over_the_decoded_output(which, featured, run_out
             kept = np.array([f["name"] not in defaults.get(str(c), []) for c in cids])
             check(got["measured"], x[kept], got["resolution"])
     assert checked >= 16 * 2
+
+
+def test_target_and_static_statistics_of_one_case_by_hand():
+    """A 10-second series, windows of 4 every 2 s, horizon 1: windows start at
+    0, 2, 4 (the last target second is 4 + 3 + 1 = 8); targets of feature 7
+    (Propofol, 0..12 mg/kg/h) at seconds 4, 6, 8, measured at 4 and 8 only."""
+    from transforms.per_case import value_stats
+    fs = spec_default()
+    T, F = 10, fs.n_features
+    norm = np.full((T, F), -1.0)
+    clinical = np.array([0, 1, 2, 3, 6, 5, 3, 7, 9, 11], float)  # propofol, mg/kg/h
+    norm[:, 7] = clinical / 12 * 2 - 1
+    measured = np.zeros((T, F), bool)
+    measured[[4, 8], 7] = True
+    measured[[0, 1, 2], 0] = True
+    starts = np.array([0, 2, 4])
+    from transforms.settings import Settings
+    v = value_stats(norm, measured, starts, np.zeros(6, np.float32), ["asa"], Settings(window=4, step=2, horizon=1))
+    ti = list(fs.targets).index("Propofol_INF")
+    acc = statistics.Accumulator(len(fs.targets))
+    acc.add(v["targets"]["all"])
+    got = acc.summary(ti, 0, 12)
+    assert got["count"] == 3 and np.isclose(got["mean"], (6 + 3 + 9) / 3) and (got["min"], got["max"]) == (3, 9)
+    acc = statistics.Accumulator(len(fs.targets))
+    acc.add(v["targets"]["measured"])
+    got = acc.summary(ti, 0, 12)
+    assert got["count"] == 2 and np.isclose(got["mean"], 7.5)  # seconds 4 and 8: 6 and 9
+    # the time series: second s counted once per window holding it (0,1: 1; 2,3: 2; 4,5: 2; 6,7: 1)
+    acc = statistics.Accumulator(F)
+    acc.add(v["timeseries"]["all"])
+    weights = np.array([1, 1, 2, 2, 2, 2, 1, 1, 0, 0])
+    assert acc.summary(7, 0, 12)["count"] == 12
+    assert np.isclose(acc.summary(7, 0, 12)["mean"], (weights * clinical).sum() / 12)
+    acc = statistics.Accumulator(F)
+    acc.add(v["timeseries"]["measured"])
+    assert acc.summary(7, 0, 12)["count"] == 2 and acc.summary(0, 20, 200)["count"] == 1 + 1 + 2
+    # static: once per window; asa was defaulted, so it is not among the measured
+    acc = statistics.Accumulator(6)
+    acc.add(v["static"]["measured"])
+    assert [acc.summary(j, -1, 1)["count"] for j in range(6)] == [3, 3, 3, 3, 3, 0]
+
+
+def spec_default():
+    from transforms import spec
+    return spec.DEFAULT_SPEC
 
 
 def test_statistics_merge_exactly_across_cases():

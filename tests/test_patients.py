@@ -147,3 +147,24 @@ def test_verification_fails_when_a_patient_is_in_two_splits(patients_dataset, tm
     capsys.readouterr()
     assert run_cli("verify", "--output", out) == 1
     assert "is in both train" in capsys.readouterr().out
+
+
+def test_a_table_that_gains_subjectid_moves_committed_cases_with_their_patient(patients_dataset, tmp_path, capsys):
+    """An output first made without subjectid, continued with it: the
+    committed cases whose key changed are processed again, so no patient
+    is left in two splits."""
+    df = pd.read_csv(f"{patients_dataset}/clinical_data.csv").drop(columns=["subjectid"])
+    bare = str(tmp_path / "bare.csv")
+    df.to_csv(bare, index=False)
+    out = str(tmp_path / "o")
+    assert run_cli("--input", patients_dataset, "--clinical", bare, "--output", out, "--cases", "1-6", INMEM) == 0
+    capsys.readouterr()
+    assert run_cli("--input", patients_dataset, "--output", out, "--cases", "1-6", INMEM) == 0
+    text = capsys.readouterr().out
+    assert "6 committed case(s) processed again because their split key changed" in text
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert meta["verification"]["ok"] and meta["split"]["by"] == "patient"
+    split_of = {c: s for s in spec.SPLIT_NAMES for c in meta["splits"][s]["case_ids"]}
+    assert split_of[1] == split_of[2] == split_of[3] and split_of[5] == split_of[6]
+    assert run_cli("--input", patients_dataset, "--output", out, "--cases", "1-6", INMEM) == 0
+    assert "6 skipped (already committed)" in capsys.readouterr().out

@@ -64,7 +64,7 @@ def test_the_open_dataset_from_its_web_api_equals_a_local_run(api, files, local_
     marker = storage.read_json(storage.marker_path(out, storage.DONE, 1))
     assert marker["input"]["bytes_read"] == api.sent_for(1) and marker["input"]["etag"].startswith('"')
     assert marker["input"]["bytes"] == vital_bytes(files, 1)
-    assert f"read {sent / 1e6:.1f} MB of the {held / 1e6:.1f} MB in 4 remote input files" in text
+    assert f"remote input files: {sent / 1e6:.1f} MB read of {held / 1e6:.1f} MB in 4 files" in text
     assert "VitalDB open dataset 1.0.1" in text and "split by patient (subjectid)" in text
     assert ("GET", "/cases", "ok") in api.log
 
@@ -214,3 +214,24 @@ def test_an_interleaved_file_interleaves_and_streams_whole(tmp_path):
         from transforms.load import load_case
         rc = load_case(source, 1)
     assert rc.input["bytes_read"] == os.path.getsize(f"{folder}/0001.vital")
+
+
+@pytest.mark.parametrize("mode", ["no-sizes", "no-head", "redirect"])
+def test_servers_that_send_no_sizes_refuse_head_or_redirect(mode, files, local_run, tmp_path):
+    """Web servers unlike VitalDB's: bodies without Content-Length (they end
+    when the connection closes), HEAD refused (405: the first byte is asked
+    for instead), case files behind a redirect (a mirror, a CDN)."""
+    kw = {"no-sizes": {"sizes": False}, "no-head": {"head": False}, "redirect": {"redirect": True}}[mode]
+    with StandIn(files, version="m", **kw) as s:
+        out = str(tmp_path / "o")
+        assert run_cli("--input", f"{s.url}/m", "--clinical", f"{s.url}/cases", "--output", out, "--cases", "1-4",
+                       INMEM) == 0
+        log = list(s.log)
+    assert split_bytes(out) == split_bytes(local_run)
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert meta["transfer"]["retries"] == 0
+    if mode == "redirect":
+        assert ("GET", "/files/m/1.vital", "ok") in log
+    if mode == "no-head":
+        assert ("HEAD", "/m/1.vital", "ok") in log and meta["provenance"]["inputs"]["1"]["bytes"] == \
+            os.path.getsize(f"{files}/0001.vital")

@@ -39,10 +39,14 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
 class StandIn(LoopbackServer):
-    def __init__(self, root: str, version: str = "1.0.1", ranges: bool = True, port: int = 0):
+    def __init__(self, root: str, version: str = "1.0.1", ranges: bool = True, port: int = 0,
+                 sizes: bool = True, head: bool = True, redirect: bool = False):
         self.root = root
         self.version = version
-        self.ranges = ranges
+        self.ranges = ranges  # answer Range requests (206)
+        self.sizes = sizes  # send Content-Length (without it: bodies end when the connection closes)
+        self.head = head  # answer HEAD (else 405)
+        self.redirect = redirect  # case files redirect (302) to /files/..., as a mirror or CDN would
         self.lock = threading.Lock()
         self.faults: dict[str, list[str]] = defaultdict(list)
         self.requests: dict[str, int] = defaultdict(int)
@@ -132,17 +136,31 @@ class StandIn(LoopbackServer):
             time.sleep(float(arg))  # a server that stalls (the client's read timeout must fire)
             h.close_connection = True
             return
-        if kind in ("503", "429", "500"):
-            body = f"fault {kind}".encode()
-            h.send_response(int(kind))
-            if arg:
+        if kind in ("503", "429", "500", "errcut"):
+            body = f"fault {kind}".encode() if kind != "errcut" else b"<html>error page</html>" * 200
+            h.send_response(503 if kind == "errcut" else int(kind))
+            if arg and kind != "errcut":
                 h.send_header("Retry-After", arg)
             h.send_header("Content-Length", str(len(body)))
             h.end_headers()
             if not head:
-                h.wfile.write(body)
+                h.wfile.write(body[:int(arg)] if kind == "errcut" else body)  # errcut:N: an error page cut
+            if kind == "errcut":
+                h.close_connection = True
+                h.connection.shutdown(socket.SHUT_RDWR)
             return
-        local = self._file(path)
+        if head and not self.head:
+            h.send_response(405)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        if self.redirect and _CASE.match(path):
+            h.send_response(302)
+            h.send_header("Location", "/files" + path)
+            h.send_header("Content-Length", "0")
+            h.end_headers()
+            return
+        local = self._file(path[len("/files"):] if path.startswith("/files/") else path)
         if local is None:
             body = b"not found"
             h.send_response(404)
@@ -159,7 +177,7 @@ class StandIn(LoopbackServer):
             headers.update({"Content-Type": "text/csv", "Content-Encoding": "gzip"})
         else:
             headers["Content-Type"] = "application/octet-stream"
-            if self.ranges:
+            if self.ranges and self.sizes:
                 headers["Accept-Ranges"] = "bytes"
                 m = _RANGE.match(h.headers.get("Range", ""))
                 if m:
@@ -170,7 +188,11 @@ class StandIn(LoopbackServer):
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
-        h.send_header("Content-Length", str(len(data)))
+        if self.sizes or path == "/cases":
+            h.send_header("Content-Length", str(len(data)))
+        else:  # the body ends when the connection closes
+            h.send_header("Connection", "close")
+            h.close_connection = True
         h.end_headers()
         if head:
             return

@@ -158,8 +158,7 @@ class FileHasher:
 
 # Per parsing thread: the gzip error vitaldb swallowed, the hasher to feed,
 # and the stream vitaldb's urlopen is to return.
-_PARSE_STATE = threading.local()
-_PARSE_LOCK = threading.Lock()
+_PARSE_STATE = threading.local()  # per thread: threads parse (and download) side by side
 
 
 def _urlopen(url, *args, **kwargs):
@@ -229,19 +228,18 @@ def parse_vital(stream, tracks: list[str], hasher: Optional[FileHasher] = None):
     wrong: a damaged or truncated gzip stream, not a .vital file, a failed
     download."""
     names = _TrackNames(tracks)
-    with _PARSE_LOCK:
-        _PARSE_STATE.error = None
-        _PARSE_STATE.hasher = hasher
-        _PARSE_STATE.stream = stream
-        failed: Optional[Exception] = None
-        try:
-            vf = vitaldb.VitalFile(stream.name, track_names=names)
-        except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
-            failed, vf = e, None
-        finally:
-            _PARSE_STATE.hasher = None
-            _PARSE_STATE.stream = None
-        err = _PARSE_STATE.error
+    _PARSE_STATE.error = None
+    _PARSE_STATE.hasher = hasher
+    _PARSE_STATE.stream = stream
+    failed: Optional[Exception] = None
+    try:
+        vf = vitaldb.VitalFile(stream.name, track_names=names)
+    except (OSError, EOFError, ValueError, IndexError, KeyError, zlib.error) as e:
+        failed, vf = e, None
+    finally:
+        _PARSE_STATE.hasher = None
+        _PARSE_STATE.stream = None
+    err = _PARSE_STATE.error
     for e in (failed, err):
         if isinstance(e, remote.TransferError):
             raise _transfer_error(e)
@@ -472,8 +470,13 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None, web=None) -> 
         df = pd.read_csv(io.StringIO(text), sep=fmt.separator, decimal=fmt.decimal,
                          dtype={h: str for h in raw_subject})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
-        raise ClinicalTableError(f"clinical table {path} ({fmt.describe()}) is not a readable table: {e}") from None
+        raise ClinicalTableError(f"clinical table {path} is not a readable table: read as {fmt.describe()} "
+                                 f"(the separator under which its header has a caseid column; tried "
+                                 f"{', '.join(n for _, n in SEPARATORS)}): {e}") from None
     df.columns = [_column_name(str(c)) for c in df.columns]
+    if fmt.decimal == "," and "subjectid" in df.columns:  # "42,0" is the integral id 42 of such a table
+        df["subjectid"] = df["subjectid"].where(~df["subjectid"].str.match(r"^\s*[+-]?\d+,\d+\s*$", na=False),
+                                                df["subjectid"].str.replace(",", ".", regex=False))
     ids = pd.to_numeric(df["caseid"], errors="coerce")
     if ids.isna().any():
         bad = df.loc[ids.isna(), "caseid"].head(3).tolist()

@@ -31,6 +31,7 @@ import http.client
 import io
 import ipaddress
 import logging
+import os
 import random
 import socket
 import threading
@@ -38,12 +39,15 @@ import time
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Optional
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 _LOG = logging.getLogger(__name__)
 
 BLOCK = 512 * 1024  # bytes per range request: the most transferred beyond what the parser read
 RETRY_AFTER_MAX_S = 300.0  # a longer Retry-After fails the request instead of stalling the worker
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+ERROR_BODY_MAX = 1 << 20  # an error page is read (to reuse the connection) up to this
 
 
 class TransferError(IOError):
@@ -57,6 +61,14 @@ class ChangedWhileReading(TransferError):
 
 class NotFound(TransferError):
     """404 / 410: there is no such file."""
+
+
+class HTTPStatus(TransferError):
+    """A final answer (403, 405, ...): retrying will not change it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -247,7 +259,12 @@ class HttpClient:
         try:
             hdrs = {k.lower(): v for k, v in resp.getheaders()}
             # HEAD has no body, but the response must be read before the connection is reused
-            body = resp.read() if method == "HEAD" else _read_all(resp, transfer, limit)
+            body = resp.read() if method == "HEAD" else _read_all(resp, transfer, limit if resp.status < 300 else ERROR_BODY_MAX)
+        except _Retry as e:
+            handle.release(False)
+            if resp.status >= 300:  # only a file's bytes are kept for resuming, never an error page's
+                raise _Retry(str(e)) from None
+            raise
         except BaseException:
             handle.release(False)
             raise
@@ -267,17 +284,25 @@ class HttpClient:
         headers = dict(headers or {})
         partial = b""
         last = ""
-        for attempt in range(1, self.opts.max_attempts + 1):
+        target = url
+        attempt = redirects = 0
+        while attempt < self.opts.max_attempts:
+            attempt += 1
             try:
-                r = self._once(method, url, headers, transfer, limit)
+                r = self._once(method, target, headers, transfer, limit)
+                if r.status in ok:
+                    r.body = partial + r.body
+                    return r
+                if r.status in REDIRECTS and r.headers.get("location") and redirects < MAX_REDIRECTS:
+                    target = urljoin(target, r.headers["location"])  # a mirror or a CDN: not an attempt
+                    redirects += 1
+                    attempt -= 1
+                    continue
                 if r.status in missing:
                     raise NotFound(f"{url}: HTTP {r.status}")
                 if r.status == 429 or r.status >= 500:
                     raise _Retry(f"HTTP {r.status}", parse_retry_after(r.headers.get("retry-after")))
-                if r.status not in ok:
-                    raise TransferError(f"{url}: HTTP {r.status} {r.body[:200]!r}")
-                r.body = partial + r.body
-                return r
+                raise HTTPStatus(r.status, f"{url}: HTTP {r.status} {r.body[:200]!r}")
             except _TooLong:
                 raise BodyTooLong(f"{url}: the server sent more than the {limit} bytes asked for") from None
             except _Retry as e:
@@ -296,13 +321,56 @@ class HttpClient:
                 self.sleep(delay)
         raise TransferError(f"{url}: failed after {self.opts.max_attempts} attempts (last: {last})")
 
+    def stream(self, url: str, transfer: Transfer):
+        """GET with the body left to read: (the response, its connection to
+        release). Redirects are followed; an error's page is read and the
+        connection released; _Retry for what may pass (connection errors,
+        5xx, 429), NotFound, HTTPStatus."""
+        target, redirects = url, 0
+        while True:
+            try:
+                resp, handle = self.send("GET", target, {}, transfer)
+            except (ConnectionError, socket.timeout, OSError, http.client.HTTPException) as e:
+                raise _Retry(f"{type(e).__name__}: {e}") from None
+            if resp.status == 200:
+                return resp, handle
+            try:
+                body = _read_all(resp, transfer, ERROR_BODY_MAX)
+            except (_Retry, _TooLong):
+                body = b""
+            finally:
+                handle.release(False)
+            location = resp.getheader("Location")
+            if resp.status in REDIRECTS and location and redirects < MAX_REDIRECTS:
+                target, redirects = urljoin(target, location), redirects + 1
+                continue
+            if resp.status in (404, 410):
+                raise NotFound(f"{url}: HTTP {resp.status}")
+            if resp.status == 429 or resp.status >= 500:
+                raise _Retry(f"HTTP {resp.status}", parse_retry_after(resp.getheader("Retry-After")))
+            raise HTTPStatus(resp.status, f"{url}: HTTP {resp.status} {body[:200]!r}")
+
     def head(self, url: str, transfer: Optional[Transfer] = None) -> Optional[dict]:
         """The file's identity from a HEAD request (web_identity), or None if
-        the server has no such file."""
+        the server has no such file. A server that refuses HEAD is asked for
+        the file's first byte instead (its Content-Range tells the size)."""
         try:
-            r = self.request("HEAD", url, transfer=transfer, ok=(200,))
+            try:
+                r = self.request("HEAD", url, transfer=transfer, ok=(200,))
+            except HTTPStatus as e:
+                if e.status not in (403, 405, 501):
+                    raise
+                r = self.request("GET", url, headers={"Range": "bytes=0-0"}, transfer=transfer, ok=(200, 206),
+                                 limit=1)
+                total = r.headers.get("content-range", "").rpartition("/")[2]
+                if r.status == 206 and total.isdigit():
+                    return web_identity(url, r.headers, int(total))
+                return web_identity(url, {k: v for k, v in r.headers.items() if k != "content-length"}, len(r.body)
+                                    if r.status == 200 else None)
         except NotFound:
             return None
+        except BodyTooLong:  # a 200 with the whole file to a byte range: its size is unknown until read
+            return {"path": url}
         return web_identity(url, r.headers)
 
     def get_bytes(self, url: str, transfer: Optional[Transfer] = None) -> bytes:
@@ -355,6 +423,7 @@ def forget_connections() -> None:
 
 # ---- the reader ---------------------------------------------------------------------
 
+UNKNOWN_SIZE = 1 << 62
 HEAD_BYTES = 64 * 1024  # the file's first bytes, kept to name what is wrong with a file that does not parse
 
 
@@ -363,11 +432,11 @@ class RangeReader(io.RawIOBase):
     bytes at a time as it is read (`fetch(start, end) -> bytes`). Keeps the
     file's first bytes (`head`) and what the reading cost (`transfer`)."""
 
-    def __init__(self, path: str, size: int, fetch: Callable[[int, int], bytes], transfer: Transfer,
+    def __init__(self, path: str, size: Optional[int], fetch: Callable[[int, int], bytes], transfer: Transfer,
                  block: int = BLOCK):
         super().__init__()
         self.name = path
-        self.size = size
+        self.size = size if size is not None else UNKNOWN_SIZE  # until a short block shows the end
         self.fetch = fetch
         self.transfer = transfer
         self.head = b""
@@ -398,6 +467,8 @@ class RangeReader(io.RawIOBase):
             if not self._buf_at <= self._pos < self._buf_at + len(self._buf):
                 end = min(self.size, self._pos + self._block)
                 self._buf, self._buf_at = self.fetch(self._pos, end), self._pos
+                if len(self._buf) < end - self._pos:  # the end of a file of unknown size
+                    self.size = self._pos + len(self._buf)
                 if len(self.head) < HEAD_BYTES and self._buf_at == len(self.head):
                     self.head += self._buf[:HEAD_BYTES - len(self.head)]
                 if not self._buf:
@@ -453,11 +524,14 @@ def _ranged_fetch(client: HttpClient, url: str, etag: Optional[str], transfer: T
 
 class _StreamedFetch:
     """fetch(start, end) over one streamed GET, for a server without range
-    support: reads on from where the last call stopped; a cut (or a jump
-    backwards) asks for the file again and skips to `start`."""
+    support (or a file of unknown size): reads on from where the last call
+    stopped; a cut (or a jump backwards) asks for the file again and skips
+    to `start`. With no known size, the end of the body is the file's end
+    (a short last block)."""
 
-    def __init__(self, client: HttpClient, url: str, etag: Optional[str], transfer: Transfer):
-        self.client, self.url, self.etag, self.transfer = client, url, etag, transfer
+    def __init__(self, client: HttpClient, url: str, etag: Optional[str], transfer: Transfer,
+                 size: Optional[int] = None):
+        self.client, self.url, self.etag, self.transfer, self.size = client, url, etag, transfer, size
         self._resp = self._handle = None
         self._pos = 0
 
@@ -468,18 +542,7 @@ class _StreamedFetch:
 
     def _open(self) -> None:
         self.close()
-        try:
-            resp, handle = self.client.send("GET", self.url, {}, self.transfer)
-        except (ConnectionError, socket.timeout, OSError, http.client.HTTPException) as e:
-            raise _Retry(f"{type(e).__name__}: {e}") from None
-        if resp.status != 200:
-            body = _read_all(resp, self.transfer, 1 << 20)
-            handle.release(False)
-            if resp.status in (404, 410):
-                raise NotFound(f"{self.url}: HTTP {resp.status}")
-            if resp.status == 429 or resp.status >= 500:
-                raise _Retry(f"HTTP {resp.status}", parse_retry_after(resp.getheader("Retry-After")))
-            raise TransferError(f"{self.url}: HTTP {resp.status} {body[:200]!r}")
+        resp, handle = self.client.stream(self.url, self.transfer)
         etag = resp.getheader("ETag")
         if self.etag and etag and etag != self.etag:
             handle.release(False)
@@ -487,11 +550,12 @@ class _StreamedFetch:
         self._resp, self._handle, self._pos = resp, handle, 0
 
     def _read(self, n: int) -> bytes:
+        """Up to n bytes; b"" at the end of a body of unknown size."""
         try:
             data = self._resp.read(n)
         except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as e:
             raise _Retry(f"connection cut ({type(e).__name__})") from None
-        if not data:
+        if not data and (self.size is not None or self._resp.length):
             raise _Retry("the body ended early")
         self.transfer.bytes += len(data)
         self._pos += len(data)
@@ -504,10 +568,14 @@ class _StreamedFetch:
                 if self._resp is None or self._pos > start:
                     self._open()
                 while self._pos < start:
-                    self._read(min(start - self._pos, 1 << 20))
+                    if not self._read(min(start - self._pos, 1 << 20)):
+                        return b""
                 parts = []
                 while self._pos < end:
-                    parts.append(self._read(end - self._pos))
+                    data = self._read(end - self._pos)
+                    if not data:  # the end of a file of unknown size
+                        break
+                    parts.append(data)
                 return b"".join(parts)
             except _Retry as e:
                 self.close()
@@ -526,9 +594,10 @@ class _WebFetch:
     """Range requests; where the server turns out to ignore them (remembered
     for this process), one streamed GET."""
 
-    def __init__(self, client: HttpClient, url: str, etag: Optional[str], transfer: Transfer, ranges: bool):
+    def __init__(self, client: HttpClient, url: str, etag: Optional[str], transfer: Transfer, ranges: bool,
+                 size: Optional[int] = None):
         self._server = HttpClient._split(url)[0]
-        self._streamed = _StreamedFetch(client, url, etag, transfer)
+        self._streamed = _StreamedFetch(client, url, etag, transfer, size)
         ranges = ranges and self._server not in _NO_RANGES
         self._ranged = _ranged_fetch(client, url, etag, transfer) if ranges else None
 
@@ -553,18 +622,20 @@ def open_web(client: HttpClient, identity: dict, transfer: Transfer) -> RangeRea
     or one streamed GET where the server does not support ranges."""
     url = identity["path"]
     size = identity.get("bytes")
-    fetch = _WebFetch(client, url, identity.get("etag"), transfer, ranges=size is not None)
-    return RangeReader(url, size if size is not None else 1 << 62, fetch, transfer)
+    fetch = _WebFetch(client, url, identity.get("etag"), transfer, ranges=size is not None, size=size)
+    return RangeReader(url, size, fetch, transfer)
 
 
 # ---- S3 ---------------------------------------------------------------------------
 
-def open_s3(client, identity: dict, transfer: Transfer, max_attempts: int = 5,
+def open_s3(client, identity: dict, transfer: Transfer, max_attempts: Optional[int] = None,
             sleep: Callable[[float], None] = time.sleep) -> RangeReader:
     """A stream over an S3 object (identity from HeadObject: size, ETag):
     GetObject with a byte range and If-Match per block. botocore retries
-    the requests; a body cut mid-read is fetched again here."""
+    the requests; a body cut mid-read is fetched again here, as often as
+    botocore would try (AWS_MAX_ATTEMPTS, which --s3-max-attempts sets)."""
     from botocore.exceptions import BotoCoreError, ClientError
+    max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
     path = identity["path"]
     bucket, key = path[len("s3://"):].split("/", 1)
     etag = identity.get("etag")

@@ -73,13 +73,15 @@ class Source:
     web: remote.WebOptions = field(default_factory=remote.WebOptions)
     clinical: Optional[str] = None  # its default clinical table (None: <location>/clinical_data.csv)
     dataset: Optional[str] = None  # a named dataset ("VitalDB open dataset 1.0.1")
+    version: Optional[str] = None  # its version (vitaldb.dataset.DATASET_VERSION)
 
     @staticmethod
     def for_location(location: str, web: Optional[remote.WebOptions] = None) -> "Source":
         web = web or remote.WebOptions()
         if location.strip().lower() == VITALDB:
             api, version = vitaldb_dataset()
-            return Source(f"{api}/{version}", web, clinical=f"{api}/cases", dataset=f"VitalDB open dataset {version}")
+            return Source(f"{api}/{version}", web, clinical=f"{api}/cases", dataset=f"VitalDB open dataset {version}",
+                          version=version)
         return Source(location, web)
 
     # ---- what it is
@@ -92,7 +94,7 @@ class Source:
     def describe(self) -> dict:
         d = {"kind": self.kind, "location": self.location, "clinical": self.default_clinical()}
         if self.dataset:
-            d["dataset"] = self.dataset
+            d.update(dataset=self.dataset, version=self.version)
         return d
 
     def default_clinical(self) -> str:
@@ -268,7 +270,8 @@ def _s3_client():
     options = FileSystems._pipeline_options or PipelineOptions([])
     s3o = options.view_as(S3Options)
     key = tuple(getattr(s3o, k, None) for k in ("s3_endpoint_url", "s3_region_name", "s3_access_key_id",
-                                                 "s3_session_token", "s3_verify", "s3_disable_ssl"))
+                                                 "s3_secret_access_key", "s3_session_token", "s3_verify",
+                                                 "s3_disable_ssl"))
     with _S3_LOCK:
         if key not in _S3:
             _S3[key] = boto3_client.Client(options=options).client
