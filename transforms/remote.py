@@ -427,7 +427,29 @@ UNKNOWN_SIZE = 1 << 62
 HEAD_BYTES = 64 * 1024  # the file's first bytes, kept to name what is wrong with a file that does not parse
 
 
-class RangeReader(io.RawIOBase):
+class _RemoteStream(io.RawIOBase):
+    """What every remote stream has: `read` (the subclass's), `readinto` from
+    it, `transfer` (what reading cost), `head` (the first bytes read), and
+    what the read adds to the file's identity."""
+
+    transfer: Transfer
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def finish_identity(self, hasher) -> dict:
+        """What the parse adds to the file's identity: what reading it cost
+        and the CRC-32C of the bytes read (the rest is never transferred;
+        the store's ETag stands for the whole file)."""
+        return {**self.transfer.as_json(), "crc32c_read": hasher.hexdigest()}
+
+
+class RangeReader(_RemoteStream):
     """A read-only stream over a remote file of known size, fetched `block`
     bytes at a time as it is read (`fetch(start, end) -> bytes`). Keeps the
     file's first bytes (`head`) and what the reading cost (`transfer`)."""
@@ -444,9 +466,6 @@ class RangeReader(io.RawIOBase):
         self._buf = b""
         self._buf_at = 0  # file offset of _buf[0]
         self._pos = 0
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -479,17 +498,6 @@ class RangeReader(io.RawIOBase):
             self._pos += len(chunk)
             n -= len(chunk)
         return b"".join(out)
-
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
-    def finish_identity(self, hasher) -> dict:
-        """What the parse adds to the file's identity: what reading it cost
-        and the CRC-32C of the bytes read (the rest is never transferred;
-        the store's ETag stands for the whole file)."""
-        return {**self.transfer.as_json(), "crc32c_read": hasher.hexdigest()}
 
     def close(self) -> None:
         close = getattr(self.fetch, "close", None)
@@ -670,7 +678,7 @@ def open_s3(client, identity: dict, transfer: Transfer, max_attempts: Optional[i
     return RangeReader(path, int(identity["bytes"]), fetch, transfer)
 
 
-class CountingReader(io.RawIOBase):
+class CountingReader(_RemoteStream):
     """Any other filesystem's stream (FileSystems.open), counted."""
 
     def __init__(self, raw, path: str, transfer: Transfer):
@@ -681,9 +689,6 @@ class CountingReader(io.RawIOBase):
         transfer.requests += 1
         self.head = b""
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         data = self._raw.read(n)
         self.transfer.bytes += len(data)
@@ -691,18 +696,11 @@ class CountingReader(io.RawIOBase):
             self.head += data[:HEAD_BYTES - len(self.head)]
         return data
 
-    def readinto(self, b) -> int:
-        data = self.read(len(b))
-        b[:len(data)] = data
-        return len(data)
-
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         return self._raw.seek(offset, whence)
 
     def tell(self) -> int:
         return self._raw.tell()
-
-    finish_identity = RangeReader.finish_identity
 
     def close(self) -> None:
         self._raw.close()
