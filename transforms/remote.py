@@ -168,7 +168,7 @@ class _Conn:
 
 def _read_all(resp, transfer: Transfer, limit: Optional[int] = None) -> bytes:
     """The body, counted; _Retry with what arrived if the connection is cut;
-    TransferError past `limit` bytes."""
+    _TooLong past `limit` bytes."""
     parts: list[bytes] = []
     got = 0
     expected = resp.getheader("Content-Length")
