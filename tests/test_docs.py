@@ -56,3 +56,18 @@ def test_the_contracts_static_table_is_the_spec():
     targets = re.search(r"Its target is the 8 features ([^(]+)\(", CONTRACT).group(1)
     assert [t.strip() for t in re.split(r",\s*|\s+and\s+|\n\s*", targets) if t.strip()] == list(spec.TARGETS)
     assert f"version {spec.SPEC_VERSION}" in CONTRACT.splitlines()[0]
+
+
+def test_the_contracts_ventilator_settings_table_is_the_shipped_map():
+    from transforms import trackmap
+    rows = table_rows(CONTRACT, "| feature | set sources, in order")
+    tm = trackmap.load("ventilator-settings")
+    assert [r[0] for r in rows] == [e.feature for e in tm.features] == ["TV", "PEEP", "FIO2", "RR"]
+    for (feature, sources), e in zip(rows, tm.features):
+        assert e.mode == "before"
+        assert re.findall(r"[A-Za-z0-9]+/[A-Z0-9_]+", sources) == [s.track for s in e.sources], feature
+        if any(s.per == spec.PER_IBW for s in e.sources):
+            assert "/ IBW" in sources
+    assert "× 1000" in rows[0][1] and "× 1.01972" in rows[1][1]
+    assert "Solar8000/VENT_SET_PCP" in CONTRACT and "VENT_SET_PCP" in open(
+        ROOT / "transforms" / "trackmaps" / "ventilator-settings.yaml").read()

@@ -253,7 +253,7 @@ def test_clinical_entry_errors_are_missing_listed_and_shown(run_output, capsys):
                                                                     if k != "sex"}}
     assert meta["cases"]["static_defaults"][str(IMPLAUSIBLE)] == ["age", "height", "weight", "bmi", "asa"]
     assert IMPLAUSIBLE in meta["cases"]["dose_weight_default"]
-    assert meta["settings"]["spec_version"] == "1.2"
+    assert meta["settings"]["spec_version"] == "1.3"
     dup = next(f for f in meta["cases"]["failed"] if f["case_id"] == DUPLICATE_ROW)
     assert "weight" in dup["detail"] and "data rows" in dup["detail"]
     html = open(f"{out}/report/index.html").read()

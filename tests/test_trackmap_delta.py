@@ -1,5 +1,7 @@
 """Recordings from other monitors (track maps) and time since measurement."""
+import dataclasses
 import json
+import os
 import re
 
 import numpy as np
@@ -136,3 +138,105 @@ def test_emit_delta_through_the_pipeline(dataset, tmp_path, capsys):
     assert "[N s] = seconds since measured" in shown and "* = imputed" in shown
     hr_row = next(line for line in shown.splitlines() if line.strip().startswith("HR "))
     assert re.search(r"\[\s*[01] s\]", hr_row)  # HR is at most a second old
+
+
+def test_the_shipped_ventilator_settings_map_puts_the_set_values_first():
+    assert "ventilator-settings" in trackmap.shipped()
+    fs = trackmap.load("ventilator-settings").apply()
+    base = spec.DEFAULT_SPEC
+    expected = {  # feature: [(track, unit, factor, divisor)] of the SET sources, before the built-in ones
+        "TV": [("Primus/SET_TV_L", "L", 1000.0, spec.PER_IBW), ("Solar8000/VENT_SET_TV", "mL", 1.0, spec.PER_IBW)],
+        "PEEP": [("Primus/SET_INTER_PEEP", "mbar", spec.CMH2O_PER_HPA, spec.PER_NONE)],
+        "FIO2": [("Primus/SET_FIO2", "%", 1.0, spec.PER_NONE), ("Solar8000/VENT_SET_FIO2", "%", 1.0, spec.PER_NONE)],
+        "RR": [("Primus/SET_RR_IPPV", "/min", 1.0, spec.PER_NONE)],
+    }
+    for f, b in zip(fs.timeseries, base.timeseries):
+        n = len(expected.get(f.name, []))
+        assert [(s.track, s.unit, s.factor, s.per) for s in f.sources[:n]] == expected.get(f.name, []), f.name
+        assert f.sources[n:] == b.sources, f.name  # the measured sources follow, unchanged
+        assert dataclasses.replace(f, sources=b.sources) == b  # plausible range, rules, norm: the feature's own
+    # The same conversion as the built-in Primus PEEP source.
+    assert fs.feature("PEEP").sources[0].factor == base.feature("PEEP").sources[1].factor == 1.01972
+
+
+IBW_M180 = 50.0 + 0.9055 * (180 - 152.4)  # Devine, male, 180 cm
+SET_UNTIL = 700  # case 1 has the SET tracks in its first 700 s only; case 2 has none
+
+
+def _write_ventilated_case(folder, case_id: int, T: int, with_set: bool) -> None:
+    """A ventilated case made with the vitaldb library: measured Primus tracks
+    every 7 s (TV 450 mL, PEEP 4 mbar, FiO2 50 %, RR 14) and, with `with_set`,
+    the ventilator's settings at the same seconds until SET_UNTIL (0.5 L,
+    5 mbar, 60 %, 12 /min)."""
+    import vitaldb
+    vf = vitaldb.VitalFile()
+    vf.dtstart = sample.DT0 + case_id * 86400.0
+    vf.dtend = vf.dtstart + T
+
+    def add(name, unit, times, value):
+        vf.add_track(name, [{"dt": vf.dtstart + float(t), "val": float(value)} for t in times], unit=unit)
+
+    add("Solar8000/HR", "/min", range(0, T, 2), 70)
+    every7 = range(0, T, 7)
+    for name, unit, value in (("TV", "mL", 450), ("PEEP_MBAR", "mbar", 4), ("FIO2", "%", 50), ("RR_CO2", "/min", 14)):
+        add(f"Primus/{name}", unit, every7, value)
+    if with_set:
+        early = [t for t in every7 if t < SET_UNTIL]
+        for name, unit, value in (("SET_TV_L", "L", 0.5), ("SET_INTER_PEEP", "mbar", 5), ("SET_FIO2", "%", 60),
+                                  ("SET_RR_IPPV", "/min", 12)):
+            add(f"Primus/{name}", unit, early, value)
+    vf.to_vital(os.path.join(folder, f"{case_id:04d}.vital"))
+
+
+def _per_second(examples, case_id: int, feature: str) -> dict:
+    """{second from the recording start: clinical value} of one feature, decoded from the examples."""
+    j = spec.DEFAULT_SPEC.feature_names.index(feature)
+    out = {}
+    for e in examples:
+        if int(e["case_id"][0]) != case_id:
+            continue
+        s0 = int(e["window_start"][0])
+        values = features.denormalise_feature(e["timeseries"].reshape(300, -1)[:, j], feature)
+        out.update({s0 + i: float(v) for i, v in enumerate(values)})
+    return out
+
+
+def test_ventilator_settings_map_takes_the_set_tidal_volume_and_falls_back_to_the_measured_one(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    T = 1500
+    _write_ventilated_case(str(folder), 1, T, with_set=True)
+    _write_ventilated_case(str(folder), 2, T, with_set=False)
+    import pandas as pd
+    pd.DataFrame([{"caseid": c, "subjectid": 500 + c, "age": 60, "sex": "M", "height": 180, "weight": 80,
+                   "bmi": 24.7, "asa": 2} for c in (1, 2)]).to_csv(folder / "clinical_data.csv", index=False)
+    out, plain = str(tmp_path / "o"), str(tmp_path / "plain")
+    assert run_cli("--input", str(folder), "--output", out, "--tracks", "ventilator-settings", INMEM) == 0
+    assert run_cli("--input", str(folder), "--output", plain, INMEM) == 0
+    files, by_key = split_values(out)
+    ex = list(by_key.values())
+    tv1, tv2 = _per_second(ex, 1, "TV"), _per_second(ex, 2, "TV")
+    assert sorted(tv1) == sorted(tv2) == list(range(30 * 39 + 300))  # 40 windows: seconds 0 .. 1469
+    assert IBW_M180 == pytest.approx(74.9918)
+    # Case 1: the set 0.5 L = 500 mL per kg IBW while it is recorded, then the measured 450 mL.
+    for s, v in tv1.items():
+        assert v == pytest.approx((500.0 if s < SET_UNTIL else 450.0) / IBW_M180, abs=1e-5), s
+    # Case 2 (no SET tracks): the measured value throughout, as without the map.
+    assert all(v == pytest.approx(450.0 / IBW_M180, abs=1e-5) for v in tv2.values())
+    for feature, set_value, measured in (("PEEP", 5 * 1.01972, 4 * 1.01972), ("FIO2", 60.0, 50.0), ("RR", 12.0, 14.0)):
+        got = _per_second(ex, 1, feature)
+        assert got[0] == pytest.approx(set_value, abs=1e-4) and got[SET_UNTIL - 1] == pytest.approx(set_value, abs=1e-4)
+        assert got[SET_UNTIL] == pytest.approx(measured, abs=1e-4) and got[1469] == pytest.approx(measured, abs=1e-4)
+    # Without the SET tracks the map changes no value: case 2's examples equal a run without it.
+    _, by_key_plain = split_values(plain)
+    for k, e in by_key.items():
+        if k[0] == 2:
+            for f in ("timeseries", "static", "targets"):
+                np.testing.assert_array_equal(e[f], by_key_plain[k][f])
+    meta = json.load(open(f"{out}/preprocessing_metadata.json"))
+    assert [s["track"] for s in meta["spec"]["timeseries"][10]["sources"]] == [
+        "Primus/SET_TV_L", "Solar8000/VENT_SET_TV", "Solar8000/VENT_TV", "Primus/TV"]
+    assert meta["settings"]["tracks"]["features"]["TV"]["add"] == "before"
+    q = json.load(open(f"{out}/report/quality.json"))
+    shares = q["features"][10]["sources"]
+    assert shares["Primus/SET_TV_L"] > 0.2 and shares["Primus/TV"] > 0.5 and shares["Solar8000/VENT_SET_TV"] == 0.0

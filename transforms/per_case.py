@@ -32,7 +32,10 @@ class CaseFacts:
     used_seconds: int = 0
     no_clinical_row: bool = False
     static_defaults: list = field(default_factory=list)  # static features that took their default
-    static_implausible: dict = field(default_factory=dict)  # clinical entry errors, {column: value as entered}
+    # Clinical entry errors, {column: value as entered}, treated as missing: the
+    # static columns' (contract 1.1) and anestart/aneend (1.3, listed with or
+    # without --crop-anaesthesia: a fact of the row; not in static_defaults).
+    static_implausible: dict = field(default_factory=dict)
     dose_weight_kg: float = 0.0
     dose_weight_default: bool = False
     ibw_kg: float = 0.0
@@ -42,6 +45,8 @@ class CaseFacts:
     # An earlier commit's input identity, when the input file changed since then.
     changed_input: Optional[dict] = None
     clinical: dict = field(default_factory=dict)  # the clinical table's identity (path, bytes, sha256)
+    # The features' source tracks the case's file has (the cohort's require decides from them).
+    tracks: Optional[list] = None
 
 
 @dataclass(frozen=True)
@@ -78,10 +83,40 @@ class CaseWindows:
         return {n: getattr(self, n) for n in encode.FLOAT_FEATURES if getattr(self, n) is not None}
 
 
-def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
-    """[max(0, anestart), min(T, aneend)] in whole seconds; whole recording if unknown."""
+# Contract 1.3: anestart and aneend are seconds from casestart (anestart is
+# usually negative, aneend can lie past caseend: the crop clips them). A value
+# outside this range (inclusive), or one that is not a number, is a clinical
+# entry error and treated as missing (real case 4476: aneend = -3691470416).
+ANAESTHESIA_COLUMNS = ("anestart", "aneend")
+ANAESTHESIA_PLAUSIBLE_S = (-86400.0, 172800.0)  # one day before casestart .. two days after
+
+
+def anaesthesia_period(row: Optional[Mapping]) -> tuple[Optional[float], Optional[float], dict]:
+    """The clinical row's (anestart, aneend) in seconds from casestart, each
+    None where missing or an entry error, and the entry errors, {column: the
+    value as entered}. Both plausible but aneend not after anestart: both
+    are entry errors (and both missing)."""
     row = row or {}
-    a, b = features._number(row.get("anestart")), features._number(row.get("aneend"))
+    lo, hi = ANAESTHESIA_PLAUSIBLE_S
+    values: dict = {}
+    errors: dict = {}
+    for column in ANAESTHESIA_COLUMNS:
+        raw = row.get(column)
+        v = features._number(raw)
+        values[column] = v if v is not None and lo <= v <= hi else None
+        if values[column] is None and not features._blank(raw):
+            errors[column] = raw
+    start, end = values["anestart"], values["aneend"]
+    if start is not None and end is not None and not end > start:
+        errors = {column: row.get(column) for column in ANAESTHESIA_COLUMNS}
+        start = end = None
+    return start, end, errors
+
+
+def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
+    """[max(0, anestart), min(T, aneend)] in whole seconds; a missing bound, or
+    one that is an entry error (anaesthesia_period), is the recording's own."""
+    a, b, _ = anaesthesia_period(row)
     lo = max(0, int(np.floor(a))) if a is not None else 0
     hi = min(T, int(np.ceil(b))) if b is not None else T
     return (lo, hi) if hi > lo else (0, 0)
@@ -154,6 +189,8 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
                  fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> CaseWindows:
     """The whole per-case transform, pure: numpy in, numpy out."""
     cv = features.clean_clinical(row)  # entry errors are missing values from here on
+    # Every entry error of the row, the anaesthesia times' too (contract 1.3), cropped or not.
+    entry_errors = {k: _jsonable(v) for k, v in {**cv.implausible, **anaesthesia_period(row)[2]}.items()}
     weight, weight_default = features.dose_weight(cv)
     ibw = features.ideal_body_weight(cv.get("height"), cv.get("sex"))
     static, static_defaults = features.static_features(cv)
@@ -182,7 +219,7 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     facts = CaseFacts(
         case_id=case_id, split=split, split_key=key, windows=int(len(starts)), duration_s=int(T_full), used_from_s=int(lo),
         used_seconds=int(raw.shape[0]), no_clinical_row=row is None, static_defaults=static_defaults,
-        static_implausible={k: _jsonable(v) for k, v in cv.implausible.items()},
+        static_implausible=entry_errors,
         dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,
         stats=stats)
     return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts, since)

@@ -16,8 +16,9 @@ from typing import Optional
 import numpy as np
 
 # 1.1: clinical entry errors (implausible values, duplicate rows); 1.2: splits by
-# patient (the clinical table's subjectid), not by case.
-SPEC_VERSION = "1.2"
+# patient (the clinical table's subjectid), not by case; 1.3: anaesthesia times
+# (anestart, aneend) that are entry errors count as missing and are listed.
+SPEC_VERSION = "1.3"
 
 MMHG_PER_KPA = 7.50062
 CMH2O_PER_HPA = 1.01972
