@@ -25,17 +25,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional, TextIO
 
+import pandas as pd
+
 from pipeline import coordination, s3, storage
+from pipeline import cohort as cohort_run
 from pipeline.contracts import FailedMarker, Status
 from pipeline.finalize import Finalize
 from pipeline.metadata import RunRecord, fingerprint
 from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionError, RunRequest,
-                              finish_command, settings_flags)
+                              cohort_flags, finish_command, settings_flags)
 from pipeline.progress import Progress
 from pipeline.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
 from pipeline.supervisor import Supervisor
 from pipeline.verify import Verification, verify_output
-from transforms import sources
+from transforms import cohort, sources
 from transforms.load import ClinicalTable, ClinicalTableError, TableFormat, read_clinical
 from transforms.settings import Settings
 from transforms.sources import Source, SourceError
@@ -50,10 +53,11 @@ class Stage1Report:
     requested: list[int]
     done: list[int]
     failed: dict[int, FailedMarker]
+    excluded: list[int] = field(default_factory=list)  # by the cohort's criteria, decided in stage 1
 
     @property
     def complete(self) -> bool:
-        return len(self.done) + len(self.failed) == len(self.requested)
+        return len(self.done) + len(self.failed) + len(self.excluded) == len(self.requested)
 
 
 @dataclass
@@ -91,7 +95,7 @@ def guard_output(output: str, settings: Settings, overwrite: bool) -> None:
         for part in storage.output_parts(output, tuple(dict.fromkeys(old_names + settings.split_names))):
             storage.delete_tree(part)
         storage.delete([storage.metadata_path(output), storage.schema_path(output), storage.config_path(output),
-                        storage.statistics_path(output)])
+                        storage.statistics_path(output), storage.table1_path(output)])
     storage.write_json(path, new)
 
 
@@ -143,6 +147,27 @@ def _cases_and_clinical(req: RunRequest, source: Source, record: RunRecord) -> t
     return listed, read_clinical(record.clinical, listed, web)
 
 
+def _cohort_plan(req: RunRequest, source: Source, case_ids: list[int], clinical: ClinicalTable,
+                 fs, out: TextIO) -> cohort_run.CohortPlan:
+    """The criteria checked against the clinical table and the feature spec,
+    and what the inputs decide (refused, exit 2, when they leave no case)."""
+    o = req.options
+    criteria = cohort.ordered(o.cohort)
+    try:
+        cohort.check(criteria, clinical.frame if clinical.frame is not None else pd.DataFrame(), fs)
+    except cohort.CohortError as e:
+        raise Refused(str(e)) from None
+    table, where = None, None
+    if any(c.kind == cohort.REQUIRE for c in criteria):
+        where = o.track_list or source.track_list
+        if where:
+            t = time.time()
+            table = cohort_run.read_track_table(where, o.web())
+            _say(out, f"track list {where}: {len(table)} rows, {table['caseid'].nunique()} cases "
+                      f"({time.time() - t:.1f} s)")
+    return cohort_run.plan(case_ids, criteria, clinical, fs, table, where)
+
+
 def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: TextIO) -> RunResult:
     o = req.options
     req.case_ids()  # a bad --cases is refused before any work
@@ -157,30 +182,48 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
     case_ids, clinical = _cases_and_clinical(req, source, record)
     record.requested, record.clinical_table = case_ids, clinical.identity
     _say(out, clinical_line(clinical))
+    fs = req.settings.feature_spec()
+    plan = _cohort_plan(req, source, case_ids, clinical, fs, out)  # refused before anything is written
+    record.criteria, record.track_list, record.clinical_frame = plan.criteria, plan.track_list, clinical.frame
     guard_output(o.output, req.settings, o.overwrite)
 
-    mine = o.share.select(case_ids) if o.share else case_ids
-    who = f" (share {o.share} of {len(case_ids)} cases)" if o.share else ""
+    work = plan.work
+    mine = o.share.select(work) if o.share else work
+    by_inputs = sorted(plan.by_inputs)
+    mine_out = o.share.select(by_inputs) if o.share else by_inputs
+    from_markers, check = cohort_run.decide_from_markers(o.output, mine, plan, fs)
+    cohort_run.record(o.output, mine + mine_out, {**{c: plan.by_inputs[c] for c in mine_out}, **from_markers})
+    todo = [c for c in mine if c not in from_markers]
+    if plan.criteria:
+        _say(out, f"cohort: {len(case_ids) - len(work)} of {len(case_ids)} requested cases left out by the "
+                  f"clinical{' and track' if plan.track_list else ''} criteria"
+                  + (f", {len(from_markers)} more by what the output recorded" if from_markers else "")
+                  + (f"; {len(check)} to check by their file's track list" if check else ""))
+    who = f" (share {o.share} of {len(work)} cases)" if o.share else ""
     what = f"{source.dataset} ({source.location})" if source.dataset else source.location
-    _say(out, f"stage 1: {len(mine)} cases{who} from {what} -> {storage.cases_dir(o.output)}")
+    _say(out, f"stage 1: {len(todo)} cases{who} from {what} -> {storage.cases_dir(o.output)}")
     counts: dict[str, int] = {}
-    if mine:
-        progress = Progress(o.output, mine, out=out)
+    if todo:
+        progress = Progress(o.output, todo, out=out)
         progress.snapshot()  # the baseline: cases/min counts only this run's work
         t = time.time()
-        counts = run_with(runner, stage_job(req, 1, case_ids=mine, source=source, clinical=clinical),
-                          progress, o.progress_interval)
+        require = tuple(c for c in plan.criteria if c.kind == cohort.REQUIRE)
+        job = stage_job(req, 1, case_ids=todo, source=source, clinical=clinical.without_frame(), require=require,
+                        check_tracks=check)
+        counts = run_with(runner, job, progress, o.progress_interval)
         record.timings["stage1_s"] = round(time.time() - t, 3)
         progress()
+        cohort_run.settle(o.output, todo, plan, fs)
     if o.no_finalize or (o.share and not o.share.leader):
-        return _stage1_only(req, mine, counts)
+        return _stage1_only(req, todo, counts)
     if o.share:
-        missing = coordination.wait_for_markers(o.output, case_ids, o.leader_wait_s, o.poll_s,
+        missing = coordination.wait_for_markers(o.output, work, o.leader_wait_s, o.poll_s,
                                                 lambda: runner.stopping, lambda text: _say(out, text))
         if runner.stopping:
             raise Interrupted()
         if missing:
             return _leader_gave_up(req, record, missing, counts)
+        cohort_run.settle(o.output, work, plan, fs)
     _say(out, f"stage 2: writing splits to {o.output}")
     meta = Finalize(record, runner, req).run()
     if meta["status"] != Status.COMPLETE:
@@ -195,11 +238,13 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
 
 def _stage1_only(req: RunRequest, mine: list[int], counts: dict) -> RunResult:
     o = req.options
-    done = sorted(storage.marker_ids(o.output, storage.DONE) & set(mine))
-    failed = storage.read_failed(o.output, sorted((storage.marker_ids(o.output, storage.FAILED) & set(mine)) - set(done)))
-    report = Stage1Report(mine, done, failed)
+    excluded = storage.marker_ids(o.output, storage.EXCLUDED) & set(mine)
+    done = sorted((storage.marker_ids(o.output, storage.DONE) & set(mine)) - excluded)
+    failed = storage.read_failed(o.output, sorted((storage.marker_ids(o.output, storage.FAILED) & set(mine))
+                                                  - set(done) - excluded))
+    report = Stage1Report(mine, done, failed, sorted(excluded))
     if not report.complete:
-        missing = len(mine) - len(done) - len(failed)
+        missing = len(mine) - len(done) - len(failed) - len(excluded)
         return RunResult(EXIT_FAILED, Status.STAGE1_DONE, counters=counts, stage1=report,
                          message=f"{missing} of these cases have no marker: rerun the same command to continue")
     owed = "share 1 finalizes" if o.share and not o.share.leader else "finalize is still owed"
@@ -209,7 +254,7 @@ def _stage1_only(req: RunRequest, mine: list[int], counts: dict) -> RunResult:
 def _leader_gave_up(req: RunRequest, record: RunRecord, missing: list[int], counts: dict) -> RunResult:
     o = req.options
     # The same data settings (or the output refuses the run) and clinical table.
-    flags = settings_flags(req.settings) + (["--clinical", o.clinical] if o.clinical else [])
+    flags = settings_flags(req.settings) + (["--clinical", o.clinical] if o.clinical else []) + cohort_flags(o)
     cmd = finish_command(record.input, o.output, o.cases or ",".join(map(str, record.requested)), flags)
     meta = record.write(Status.INCOMPLETE)
     return RunResult(EXIT_FAILED, Status.INCOMPLETE, metadata=meta, counters=counts,
@@ -229,6 +274,15 @@ def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) ->
         previous = storage.read_json(storage.metadata_path(req.options.output))
         record.input, record.clinical = previous.get("input"), record.clinical or previous.get("clinical")
         record.source, record.clinical_table = previous.get("source"), previous.get("clinical_table")
+        if not req.options.cohort:  # the criteria the output was made with
+            record.criteria = cohort.parse_criteria((previous.get("cohort") or {}).get("criteria") or [])
+    if req.options.cohort:
+        record.criteria = cohort.ordered(req.options.cohort)
+    if record.clinical:  # Table 1's rows
+        try:
+            record.clinical_frame = read_clinical(record.clinical, None, req.options.web()).frame
+        except ClinicalTableError as e:
+            _LOG.warning("Table 1 without clinical rows: %s", e)
     meta = Finalize(record, runner, dataclasses.replace(req, settings=record.settings)).run()
     status = Status(meta["status"])
     return RunResult(EXIT_OK if status == Status.COMPLETE else EXIT_FAILED, status, metadata=meta)
@@ -237,7 +291,7 @@ def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) ->
 def verify_command(req: RunRequest) -> RunResult:
     output = req.options.output
     settings = load_settings(output)
-    v = verify_output(output, storage.read_done(output), settings.split_names, os.cpu_count() or 1)
+    v = verify_output(output, storage.read_selected_done(output), settings.split_names, os.cpu_count() or 1)
     return RunResult(EXIT_OK if v.ok else EXIT_FAILED, Status.VERIFIED if v.ok else Status.VERIFICATION_FAILED,
                      verification=v)
 
@@ -285,7 +339,7 @@ def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
                 return timed(run_command(req, runner, record, out))
             except Interrupted:
                 return timed(_interrupted(req, runner, record))
-    except (Refused, ClinicalTableError, s3.S3AccessError, OptionError, SourceError) as e:
+    except (Refused, ClinicalTableError, s3.S3AccessError, OptionError, SourceError, cohort_run.CohortRefused) as e:
         return timed(RunResult(EXIT_USAGE, Status.REFUSED, message=str(e)))
     except StageFailed as e:
         return timed(RunResult(EXIT_FAILED, Status.FAILED, message=str(e)))

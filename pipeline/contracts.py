@@ -133,3 +133,6 @@ class StageJob:
     clinical: Optional[ClinicalTable] = None
     plans: list = field(default_factory=list)
     stop_file: Optional[str] = None  # touched on SIGTERM: stage 1 takes no new case
+    # stage 1: the cohort's require criteria, and the cases to hold against them by their file's track list
+    require: tuple = ()
+    check_tracks: frozenset = frozenset()

@@ -53,8 +53,9 @@ class Share:
 
 
 def unmarked(output: str, case_ids: list[int]) -> list[int]:
-    """Requested cases that have neither a done nor a failed marker."""
-    marked = storage.marker_ids(output, storage.DONE) | storage.marker_ids(output, storage.FAILED)
+    """Requested cases that have no done, failed or excluded marker."""
+    marked = (storage.marker_ids(output, storage.DONE) | storage.marker_ids(output, storage.FAILED)
+              | storage.marker_ids(output, storage.EXCLUDED))
     return [c for c in case_ids if c not in marked]
 
 

@@ -42,7 +42,7 @@ class Finalize:
     def run(self) -> dict:
         """The phases in order; returns the metadata written."""
         t = time.time()
-        done = storage.read_done(self.output)
+        done = storage.read_selected_done(self.output)  # the cases the cohort keeps
         damaged = self.check(done)
         plans = self.plan(done)
         self.write(plans)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import datetime
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from pipeline import names, provenance, report, storage
+from pipeline import cohort as cohort_run
+from pipeline import names, provenance, report, storage, table1
 from pipeline.contracts import DoneMarker, FailedMarker, Status
-from transforms import encode, spec, statistics
+from transforms import cohort, encode, spec, statistics
 from transforms.case_ids import format_cases
 from transforms.settings import Settings
 
@@ -146,6 +147,9 @@ class RunRecord:
     cases: Optional[str] = None  # --cases as given
     num_shards: int = 0
     timings: dict = field(default_factory=dict)
+    criteria: tuple = ()  # the cohort's, in evaluation order (transforms.cohort.Criterion)
+    track_list: Optional[str] = None  # the track table the cohort's require was decided on, if any
+    clinical_frame: Any = None  # the clinical table as read (all columns), for Table 1
 
     def config(self) -> dict:
         """The effective configuration, in the form --config reads: giving it
@@ -153,27 +157,42 @@ class RunRecord:
         cfg = self.settings.as_json()
         cfg.update(input=self.input, clinical=self.clinical, output=self.output,
                    cases=format_cases(self.requested) if self.requested else self.cases, num_shards=self.num_shards)
+        if self.criteria:
+            cfg.update(cohort=cohort.dump_criteria(self.criteria), track_list=self.track_list)
         return {k: v for k, v in cfg.items() if v is not None}
+
+    def table1(self, done: dict[int, DoneMarker]) -> table1.Table1:
+        """Table 1 of the cases in the split files, per split (or fold), from the clinical table's rows."""
+        cases = {c: m for c, m in done.items() if m.has_windows}
+        return table1.build_table1(self.clinical_frame, {c: m.split for c, m in cases.items()},
+                                   {c: m.patient for c, m in cases.items()}, self.settings.split_names)
 
     def write(self, status: Status, verification=None, done: Optional[dict[int, DoneMarker]] = None) -> dict:
         """Metadata, schema, config.yaml and the quality report, from the
         markers (`done` if already read); returns the metadata."""
         out = self.output
-        done = storage.read_done(out) if done is None else done
-        failed = {c: f for c, f in storage.read_failed(out).items() if c not in done}
-        requested = self.requested if self.requested is not None else sorted(set(done) | set(failed))
-        not_done = [c for c in requested if c not in done and c not in failed]
+        done = storage.read_selected_done(out) if done is None else done
+        excluded_ids = storage.marker_ids(out, storage.EXCLUDED)
+        failed = {c: f for c, f in storage.read_failed(out).items() if c not in done and c not in excluded_ids}
+        requested = (self.requested if self.requested is not None
+                     else sorted(set(done) | set(failed) | excluded_ids))
+        flow, exclusions = cohort_run.flow(out, requested, self.criteria)
+        not_done = [c for c in requested if c not in done and c not in failed and c not in exclusions]
         if status == Status.COMPLETE and not_done:
             status = Status.INCOMPLETE
         t = time.time()
         config = self.config()
         meta = build_metadata(self, status, requested, done, failed, verification, not_done, config)
+        meta["cohort"] = cohort_run.cohort_summary(flow, exclusions, done, self, meta)
+        t1 = self.table1(done)
+        meta["table1"] = t1.as_json()
         report.write_report(out, done, failed, meta["status"], self.settings.feature_spec(), meta["provenance"],
-                            self.settings.split_names, meta["split"])
+                            self.settings.split_names, meta["split"], meta["cohort"], t1.html())
         timings = dict(self.timings, metadata_report_s=round(time.time() - t, 3))
         meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
         storage.write_json(storage.metadata_path(out), meta)
         storage.write_json(storage.statistics_path(out), meta["statistics"])
+        storage.write_atomic(storage.table1_path(out), t1.csv_text().encode())
         storage.write_atomic(storage.schema_path(out), schema_text(self.settings).encode())
         storage.write_atomic(storage.config_path(out), config_text(config).encode())
         return meta

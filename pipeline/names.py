@@ -6,6 +6,7 @@ METADATA_NAME = "preprocessing_metadata.json"
 STATISTICS_NAME = "statistics.json"
 SCHEMA_NAME = "schema.pbtxt"
 CONFIG_NAME = "config.yaml"
+TABLE1_NAME = "table1.csv"
 SUFFIX = ".tfrecord.gz"
 # A split file's name, and the same as the metadata describes it for readers.
 SHARD_NAME = "{split}-{index:05d}-of-{count:05d}" + SUFFIX

@@ -4,12 +4,14 @@ the SageMaker entry point and tests hand to `pipeline.api.run`.
 """
 from __future__ import annotations
 
+import argparse
 import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from pipeline import s3
 from pipeline.coordination import Share
+from transforms import cohort
 from transforms.case_ids import parse_cases
 from transforms.documents import DocumentError, read_document
 from transforms.remote import WebOptions
@@ -32,6 +34,45 @@ def _cases(value) -> str:
 def _optional_text(value) -> Optional[str]:
     text = str(value).strip()
     return text or None
+
+
+def _criteria(value) -> tuple[cohort.Criterion, ...]:
+    try:
+        return cohort.parse_criteria(value)
+    except cohort.CohortError as e:
+        raise ValueError(str(e)) from None
+
+
+class _Criterion(argparse.Action):
+    """--include/--exclude/--require/--min-measured: one ordered list, as given."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest) or [])
+        items.append((self.const, values))
+        setattr(namespace, self.dest, items)
+
+
+_CRITERIA_HELP = {
+    cohort.INCLUDE: "keep a case when EXPR is true for its clinical row: a pandas DataFrame.query expression "
+                    "over the clinical table's columns (a case without a row fails it)",
+    cohort.EXCLUDE: "drop a case when EXPR is true for its clinical row",
+    cohort.REQUIRE: "keep a case when each feature has one of its source tracks in the case's track list",
+    cohort.MIN_MEASURED: "keep a case when at least FRACTION of its used seconds have a measured value of "
+                         "FEATURE (decided after loading)",
+}
+_CRITERIA_METAVAR = {cohort.INCLUDE: "EXPR", cohort.EXCLUDE: "EXPR", cohort.REQUIRE: "F1,F2,...",
+                     cohort.MIN_MEASURED: "FEATURE=FRACTION"}
+
+
+def _criteria_flags(group, dest: str) -> None:
+    for kind in cohort.KINDS:
+        examples = "; ".join(f"{'--' + kind.replace('_', '-')} \"{e}\"" for e in cohort.EXAMPLES[kind][:2])
+        group.add_argument("--" + kind.replace("_", "-"), dest=dest, action=_Criterion, const=kind, default=None,
+                           metavar=_CRITERIA_METAVAR[kind],
+                           help=f"{_CRITERIA_HELP[kind]}; repeatable, e.g. {examples}")
+
+
+_criteria_flags.names = tuple("--" + k.replace("_", "-") for k in cohort.KINDS)
 
 
 @dataclass(frozen=True)
@@ -76,6 +117,17 @@ class RunOptions:
                                     parse=positive_int)
     http_connections: int = option(4, "web input: connections per process and server", parse=positive_int)
     verbose: bool = option(False, "log Beam's INFO messages too", parse=parse_bool, short="-v")
+    # The cohort (pipeline.cohort): recorded, not fingerprinted, so changing it re-decides on the same output.
+    cohort: tuple = option((), "the cohort's criteria, in the order a study writes them (a config file's "
+                               "cohort: list of {include|exclude|require|min_measured: text}); evaluated: "
+                               "include/exclude as given, then require, then min_measured; a case is counted at "
+                               "the first it fails", parse=_criteria, dump=cohort.dump_criteria,
+                           flags=_criteria_flags)
+    track_list: Optional[str] = option(None, "a track table (CSV caseid,tname[,tid], as VitalDB's API /trks; "
+                                             "local, s3:// or https://) for --require, so that a case it leaves "
+                                             "out is never read (default: with --input vitaldb its /trks; else "
+                                             "each file's own track information, read alone)",
+                                       parse=_optional_text, metavar="FILE|URL")
 
 
     def web(self) -> WebOptions:
@@ -164,6 +216,12 @@ def settings_flags(settings: Settings) -> list[str]:
         else:
             out += [flag_name(f.name), text_value(f, value)]
     return out
+
+
+def cohort_flags(options: RunOptions) -> list[str]:
+    """The flags that give the same cohort."""
+    out = [x for c in options.cohort for x in (c.flag, c.text)]
+    return out + (["--track-list", options.track_list] if options.track_list else [])
 
 
 def finish_command(input_dir: Optional[str], output: str, cases: str, flags: list[str] = ()) -> str:

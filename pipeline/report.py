@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline import provenance, storage
+from pipeline import flowchart, provenance, storage
 from pipeline.contracts import DoneMarker, FailedMarker
 from transforms import features, spec
 from transforms import statistics
@@ -180,8 +180,13 @@ th{{background:#f3f3f3}}td.l,th.l{{text-align:left}}.warn{{color:#a00;font-weigh
 <h1>Data quality report</h1>
 <p>Output <code>{title}</code>, status <b>{status}</b>. Numbers: <a href="quality.json">quality.json</a>;
 metadata: <a href="../preprocessing_metadata.json">preprocessing_metadata.json</a>.</p>
-<p>Sections: <a href="#splits">splits</a> · <a href="#features">features</a> · <a href="#cases">cases</a> ·
+<p>Sections: <a href="#cohort">cohort</a> · <a href="#table1">Table 1</a> · <a href="#splits">splits</a> ·
+<a href="#features">features</a> · <a href="#cases">cases</a> ·
 <a href="#provenance">provenance</a> · <a href="#failed">failed cases</a></p>
+<h2 id="cohort">Cohort</h2>
+{cohort_section}
+<h2 id="table1">Table 1</h2>
+{table1}
 <h2 id="splits">Splits</h2>
 <table><tr><th class="l">split</th><th>patients</th><th>cases</th><th>windows</th></tr>{split_rows}</table>
 <p>{overlap}</p>
@@ -217,13 +222,38 @@ window.addEventListener("load", function () {{
   document.body.setAttribute("data-images", String(imgs.length));
   if (bad.length) {{ var p = document.createElement("p"); p.className = "warn";
     p.textContent = bad.length + " image(s) failed to load"; document.body.prepend(p); }}
+{flow_check}
 }});
 </script>
 </body></html>
 """
 
 
-def render_html(q: dict, title: str, status: str) -> str:
+def cohort_section(c: Optional[dict]) -> str:
+    """The flow diagram, the excluded cases by criterion, the warnings and
+    each feature's coverage."""
+    if not c:
+        return "<p>No cohort recorded.</p>"
+    e = html.escape
+    crit = "".join(f"<tr><td class='l'>{e('--' + r['kind'].replace('_', '-'))}</td><td class='l'><code>"
+                   f"{e(r['text'])}</code></td><td>{len(r['excluded'])}</td><td class='l'>"
+                   f"{e(', '.join(map(str, r['excluded'][:40])) + (' ...' if len(r['excluded']) > 40 else ''))}"
+                   f"</td></tr>" for r in c["criteria"]) or "<tr><td colspan='4' class='l'>no criteria</td></tr>"
+    def pct(v):
+        return "" if v is None else f"{v:.1%}"
+    cov = "".join(f"<tr><td class='l'>{e(n)}</td><td>{'target' if d['target'] else ''}</td>"
+                  f"<td>{d['cases_with_source']} of {d['cases']}</td><td>{pct(d['share_of_cases'])}</td>"
+                  f"<td>{pct(d['measured_share_of_seconds'])}</td></tr>" for n, d in c["coverage"].items())
+    warns = "".join(f"<p class='warn'>{e(w)}</p>" for w in c["warnings"])
+    return (flowchart.flow_svg(c) + warns
+            + "<table><tr><th class='l'>criterion</th><th class='l'>text</th><th>left out</th><th class='l'>cases"
+              "</th></tr>" + crit + "</table>"
+            + "<p>Coverage of the selected cases: which have a source track of each feature, and the share of "
+              "those cases' used seconds that were measured.</p><table><tr><th class='l'>feature</th><th></th>"
+              "<th>cases with a source track</th><th>share</th><th>measured seconds</th></tr>" + cov + "</table>")
+
+
+def render_html(q: dict, title: str, status: str, cohort: Optional[dict] = None, table1: str = "") -> str:
     e = html.escape
     charts = _charts(q)
     rules = features.RULE_NAMES
@@ -266,6 +296,8 @@ def render_html(q: dict, title: str, status: str) -> str:
         defaults=f"{defaults} cases", implausible=f"{sum(1 for c in q['cases'] if c['static_implausible'])} cases",
         case_rows=case_rows, failed_rows=failed_rows,
         failed_by_reason=e(json.dumps(q["failed_by_reason"])) or "none",
+        cohort_section=cohort_section(cohort), table1=table1 or "<p>No Table 1 (no case with windows).</p>",
+        flow_check=flowchart.CHECK_SCRIPT if cohort else "",
         **_provenance_fields(q))
 
 
@@ -285,8 +317,10 @@ def _provenance_fields(q: dict) -> dict:
 
 def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,
                  fs: spec.FeatureSpec = spec.DEFAULT_SPEC, prov: Optional[dict] = None,
-                 splits: tuple[str, ...] = spec.SPLIT_NAMES, split: Optional[dict] = None) -> dict:
+                 splits: tuple[str, ...] = spec.SPLIT_NAMES, split: Optional[dict] = None,
+                 cohort: Optional[dict] = None, table1: str = "") -> dict:
     q = combine(done, failed, fs, splits, prov, split)
     storage.write_json(storage.report_path(output, "quality.json"), q)
-    storage.write_atomic(storage.report_path(output, "index.html"), render_html(q, output, status).encode())
+    storage.write_atomic(storage.report_path(output, "index.html"),
+                         render_html(q, output, status, cohort, table1).encode())
     return q

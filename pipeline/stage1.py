@@ -22,7 +22,8 @@ from apache_beam.metrics import Metrics
 from pipeline import s3, storage
 from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
 from transforms import encode, sources
-from transforms.beam import FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
+from transforms.beam import EXCLUDED, FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
+from transforms.cohort import Criterion, Exclusion
 from transforms.per_case import CaseFacts, CaseWindows
 from transforms.load import CaseTodo, ClinicalTable, RawCase
 from transforms.windows import split_key
@@ -129,6 +130,19 @@ class CommitCases(beam.DoFn):
         yield marker
 
 
+class RecordExclusions(beam.DoFn):
+    """Cases the cohort's require leaves out, found from their file's track list."""
+
+    def __init__(self, output: str):
+        self._out = output
+        self._excluded = Metrics.counter(NAMESPACE, "cases_excluded")
+
+    def process(self, exclusion: Exclusion):
+        storage.write_excluded(self._out, [exclusion])
+        self._excluded.inc()
+        yield exclusion
+
+
 class RecordFailures(beam.DoFn):
     def __init__(self, output: str):
         self._out = output
@@ -143,14 +157,17 @@ class RecordFailures(beam.DoFn):
 
 @beam.ptransform_fn
 def ProcessCases(case_ids, source: Source, output: str, settings: Settings, clinical,
-                 stop_file: Optional[str] = None):
+                 stop_file: Optional[str] = None, require: tuple[Criterion, ...] = (),
+                 check_tracks: frozenset = frozenset()):
     """case ids -> committed cases; returns (committed, failed) PCollections
-    of DoneMarker and FailedMarker."""
+    of DoneMarker and FailedMarker. The cases in `check_tracks` are first
+    held against the `require` criteria by their file's track list."""
     todo = (case_ids
             | "Reshuffle" >> beam.Reshuffle()  # spread cases over workers
             | "SkipCommitted" >> beam.ParDo(SkipCommitted(source, output, stop_file), clinical))
-    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(source, settings), clinical).with_output_types(RawCase)
-              .with_outputs(FAILED, main="ok"))
+    loaded = (todo | "LoadCase" >> beam.ParDo(LoadCase(source, settings, require, check_tracks), clinical)
+              .with_output_types(RawCase).with_outputs(FAILED, EXCLUDED, main="ok"))
+    _ = loaded[EXCLUDED] | "RecordExclusions" >> beam.ParDo(RecordExclusions(output))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))
                    .with_output_types(CaseWindows).with_outputs(FAILED, main="ok"))
     encoded = transformed.ok | "EncodeCase" >> beam.ParDo(EncodeCase()).with_outputs(FAILED, main="ok")
@@ -165,5 +182,6 @@ def build_stage1(pipeline: beam.Pipeline, job: StageJob) -> beam.Pipeline:
     """Adds stage 1 of `job` to `pipeline` (unrun) and returns it."""
     ids = pipeline | "ReadCases" >> beam.Create(job.case_ids, reshuffle=False)
     side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([job.clinical], reshuffle=False))
-    _ = ids | "ProcessCases" >> ProcessCases(job.source, job.output, job.settings, side, job.stop_file)
+    _ = ids | "ProcessCases" >> ProcessCases(job.source, job.output, job.settings, side, job.stop_file,
+                                             job.require, job.check_tracks)
     return pipeline

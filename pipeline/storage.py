@@ -4,6 +4,7 @@
     <out>/cases/<split>/<case>.tfrecord.gz  one case's examples (GZIP TFRecord)
     <out>/cases/_done/<case>.json           marker: the case is committed (or too short)
     <out>/cases/_failed/<case>.json         marker: the case failed, with the reason
+    <out>/cases/_excluded/<case>.json       marker: the cohort's criteria leave the case out, and which
     <out>/cases/_tmp/...                    objects being written (never counted)
     <out>/<split>/<split>-SSSSS-of-NNNNN.tfrecord.gz   stage 2 output
     <out>/preprocessing_metadata.json, <out>/schema.pbtxt
@@ -27,11 +28,12 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.contracts import DoneMarker, FailedMarker
-from pipeline.names import CONFIG_NAME, METADATA_NAME, SCHEMA_NAME, SHARD_NAME, STATISTICS_NAME, SUFFIX
+from transforms.cohort import Exclusion
+from pipeline.names import CONFIG_NAME, METADATA_NAME, SCHEMA_NAME, SHARD_NAME, STATISTICS_NAME, SUFFIX, TABLE1_NAME
 from pipeline.names import split_files_glob  # noqa: F401 (storage hands out every path of an output)
 from transforms.sources import is_local  # one helper for the sources and the pipeline
 
-DONE, FAILED = "_done", "_failed"
+DONE, FAILED, EXCLUDED = "_done", "_failed", "_excluded"
 
 
 def join(base: str, *parts: str) -> str:
@@ -92,6 +94,11 @@ def metadata_path(out: str) -> str:
 def statistics_path(out: str) -> str:
     """The statistics of every split (also in the metadata), for a reader who wants only them."""
     return join(out, STATISTICS_NAME)
+
+
+def table1_path(out: str) -> str:
+    """Table 1 per split, as CSV (also in the metadata, as numbers)."""
+    return join(out, TABLE1_NAME)
 
 
 def schema_path(out: str) -> str:
@@ -227,6 +234,31 @@ def read_done(out: str, ids: Optional[Iterable[int]] = None) -> dict[int, DoneMa
 
 def read_failed(out: str, ids: Optional[Iterable[int]] = None) -> dict[int, FailedMarker]:
     return _read_markers(out, FAILED, ids, FailedMarker.from_json)
+
+
+def read_excluded(out: str, ids: Optional[Iterable[int]] = None) -> dict[int, Exclusion]:
+    return _read_markers(out, EXCLUDED, ids, Exclusion.from_json)
+
+
+def read_selected_done(out: str) -> dict[int, DoneMarker]:
+    """The committed cases the cohort keeps: done markers without an excluded
+    marker (an excluded case keeps its done marker and object, so selecting
+    it again costs nothing); what stage 2 writes and verify reads."""
+    excluded = marker_ids(out, EXCLUDED)
+    return read_done(out, sorted(marker_ids(out, DONE) - excluded))
+
+
+def write_excluded(out: str, exclusions: Iterable[Exclusion]) -> None:
+    """Excluded markers, in parallel (one small PUT each on an object store)."""
+    items = list(exclusions)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        list(pool.map(lambda e: write_json(marker_path(out, EXCLUDED, e.case_id), e.to_json(), tmp_dir(out)), items))
+
+
+def delete_excluded(out: str, ids: Iterable[int]) -> None:
+    """The excluded markers of these cases, where they have one (they are selected now)."""
+    present = marker_ids(out, EXCLUDED)
+    delete([marker_path(out, EXCLUDED, i) for i in ids if i in present])
 
 
 def write_done(out: str, marker: DoneMarker) -> None:

@@ -179,7 +179,25 @@ def run_launch(workdir, capsys, monkeypatch):
     assert requests[3]["HyperParameters"]["tracks"] == "intellivue"
 
 
-RUN_HERE = {"real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
+def run_cohort(workdir, capsys, monkeypatch):
+    """The cohort run on the generated sample: the flow it prints is the README's."""
+    (line,) = commands(blocks()["cohort"][1])
+    capsys.readouterr()
+    assert run_readme_line(line) == 0
+    text = capsys.readouterr().out
+    meta = json.load(open("cohort-out/preprocessing_metadata.json"))
+    c = meta["cohort"]
+    assert [(r["kind"], r["text"]) for r in c["criteria"]] == [
+        ("include", "age >= 18"), ("include", "ane_type == 'General'"),
+        ("require", "Propofol_INF,Remifentanil_INF"), ("min_measured", "BP_MAP=0.3")]
+    assert c["requested"] == 20 and c["selected"] == 20 - sum(len(r["excluded"]) for r in c["criteria"])
+    shown = re.search(r"<!-- cohort-output -->\s*```text\n(.*?)```", TEXT, re.S).group(1)
+    for line in shown.splitlines():
+        if "left out by" in line or "selected and processed" in line:
+            assert line.strip() in text, line
+
+
+RUN_HERE = {"cohort": run_cohort, "real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
             "portable": run_portable, "share-kubernetes": run_shares, "share-batch": run_shares,
             "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch,
             "launch-vitaldb": run_launch, "vitaldb": run_vitaldb, "estimate": run_estimate}
@@ -205,9 +223,12 @@ def test_every_declared_option_is_in_the_readme():
     from dataclasses import fields
 
     from pipeline.options import RunOptions
-    from transforms.settings import Settings, flag_name
+    from transforms.settings import Settings, flag_names
     for f in list(fields(Settings)) + list(fields(RunOptions)):
-        assert f"`{flag_name(f.name)}`" in TEXT, f.name
+        for flag in flag_names(f):
+            if not flag.startswith("--"):
+                continue  # -v: --verbose is there
+            assert f"`{flag}`" in TEXT, f.name
 
 
 def run_snippet(name: str, out: str) -> dict:

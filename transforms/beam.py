@@ -16,14 +16,16 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 
-from transforms import encode, sources
+from transforms import cohort, encode, sources
+from transforms.cohort import Criterion
 from transforms.per_case import CaseFailure, CaseWindows, process_case
 from transforms.settings import Settings
-from transforms.load import CaseError, CaseTodo, ClinicalTable, RawCase, load_case
+from transforms.load import CaseError, CaseTodo, ClinicalTable, RawCase, load_case, read_track_names
 from transforms.sources import Source
 
 NAMESPACE = "master_poc"
 FAILED = "failed"
+EXCLUDED = "excluded"  # a case the cohort's require leaves out, decided from its file's track list
 _LOG = logging.getLogger(__name__)
 
 
@@ -67,14 +69,30 @@ class LoadCase(beam.DoFn):
     """case id + clinical table (side input) -> RawCase: the `.vital` file
     from its source (local, object store, web server; streamed), parsed by
     vitaldb, with the case's clinical row. A case with two different clinical
-    rows fails before its file is read."""
+    rows fails before its file is read. For the cases in `check_tracks`, the
+    cohort's require criteria are decided first from the file's track list
+    alone (transforms.load.read_track_names): a case they leave out goes to
+    the EXCLUDED output, its records never read."""
 
-    def __init__(self, source: Source, settings: Settings):
+    def __init__(self, source: Source, settings: Settings, require: tuple[Criterion, ...] = (),
+                 check_tracks: frozenset = frozenset()):
         self._source = source
         self._settings = settings
+        self._require = require
+        self._check = check_tracks
 
     def setup(self):
         self._spec = self._settings.feature_spec()
+
+    def _excluded(self, case_id: int, located):
+        """(Exclusion or None, located) from the file's track list."""
+        names, located = read_track_names(self._source, case_id, located)
+        unmet = cohort.first_missing_requirement(names, self._require, self._spec)
+        if unmet is None:
+            return None, located
+        present = set(names)
+        tracks = tuple(t for t in self._spec.source_tracks if t in present)
+        return cohort.Exclusion(case_id, unmet.kind, unmet.text, tracks=tracks), located
 
     def process(self, todo, clinical: ClinicalTable):
         todo = todo if isinstance(todo, CaseTodo) else CaseTodo(int(todo))
@@ -82,7 +100,13 @@ class LoadCase(beam.DoFn):
         try:
             if case_id in clinical.duplicates:
                 raise CaseError("duplicate_clinical_row", clinical.duplicates[case_id])
-            rc = load_case(self._source, case_id, self._spec, todo.located)
+            located = todo.located
+            if case_id in self._check:
+                exclusion, located = self._excluded(case_id, located)
+                if exclusion is not None:
+                    yield pvalue.TaggedOutput(EXCLUDED, exclusion)
+                    return
+            rc = load_case(self._source, case_id, self._spec, located)
             rc.row = clinical.row(case_id)
             rc.previous_input = todo.previous_input
             rc.clinical = clinical.identity
@@ -109,6 +133,7 @@ class TransformCase(beam.DoFn):
             cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings, self._spec)
             cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
             cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
+            cw.facts.tracks = list(raw_case.tracks_found)
             previous = raw_case.previous_input
             if previous and sources.content_changed(previous, raw_case.input):
                 cw.facts.changed_input = previous

@@ -5,6 +5,7 @@ arrives; and the clinical table, as VitalDB or a hospital writes it.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -103,6 +104,63 @@ class _TrackedGzipFile(gzip.GzipFile):
             if hasher is not None:  # the file's content identity, hashed as vitaldb reads it
                 self.fileobj = hasher.wrap(self.fileobj)
             self._buffer = io.BufferedReader(_TrackedGzipReader(self.fileobj))
+            if getattr(_PARSE_STATE, "tracks_only", False):
+                self._buffer = _UntilRecords(self._buffer)
+
+
+class _UntilRecords:
+    """The inflated `.vital` stream, ended at its first record packet: what
+    vitaldb reads for a file's track list alone (`read_track_names`).
+
+    A `.vital` body is packets of [type: 1 byte][length: 4 bytes][data];
+    device and track information (types 9 and 0) come before the records
+    (type 1). This reader follows the packet boundaries in the bytes it
+    hands on and answers end-of-file at the first record packet, so vitaldb
+    stops there, having parsed every track's information, and no more of the
+    file is inflated or fetched. Parsing stays vitaldb's."""
+
+    REC = 1
+
+    def __init__(self, inner):
+        self._inner = inner
+        self._seen = bytearray()  # everything inflated so far (the header and track information)
+        self._given = 0  # bytes handed on
+        self._boundary: Optional[int] = None  # where the next packet starts
+        self._stop: Optional[int] = None  # where the first record packet starts
+
+    def _advance(self) -> None:
+        seen = self._seen
+        if self._boundary is None and len(seen) >= 10:  # VITA, version, header length, header
+            self._boundary = 10 + int.from_bytes(seen[8:10], "little")
+        while self._stop is None and self._boundary is not None and len(seen) > self._boundary:
+            if seen[self._boundary] == self.REC:
+                self._stop = self._boundary
+            elif len(seen) >= self._boundary + 5:
+                self._boundary += 5 + int.from_bytes(seen[self._boundary + 1:self._boundary + 5], "little")
+                continue
+            break
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            end = len(self._seen) if self._stop is None else self._stop
+            if self._given < end:
+                take = end - self._given if n is None or n < 0 else min(n, end - self._given)
+                out = bytes(self._seen[self._given:self._given + take])
+                self._given += take
+                return out
+            if self._stop is not None:
+                return b""
+            chunk = self._inner.read(8192)
+            if not chunk:
+                return b""
+            self._seen += chunk
+            self._advance()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
 
 
 class FileHasher:
@@ -220,7 +278,7 @@ def _transfer_error(e: Exception) -> CaseError:
     return CaseError("download_failed", f"{e} (a rerun tries again)")
 
 
-def parse_vital(stream, tracks: list[str], hasher: Optional[FileHasher] = None):
+def parse_vital(stream, tracks: list[str], hasher: Optional[FileHasher] = None, tracks_only: bool = False):
     """vitaldb's parse of the given tracks (full Device/TRACK names) of a
     case file's stream (Source.open: local or remote, read as it arrives),
     feeding `hasher` with the file's bytes as they are read. Returns
@@ -231,6 +289,7 @@ def parse_vital(stream, tracks: list[str], hasher: Optional[FileHasher] = None):
     _PARSE_STATE.error = None
     _PARSE_STATE.hasher = hasher
     _PARSE_STATE.stream = stream
+    _PARSE_STATE.tracks_only = tracks_only
     failed: Optional[Exception] = None
     try:
         vf = vitaldb.VitalFile(stream.name, track_names=names)
@@ -239,6 +298,7 @@ def parse_vital(stream, tracks: list[str], hasher: Optional[FileHasher] = None):
     finally:
         _PARSE_STATE.hasher = None
         _PARSE_STATE.stream = None
+        _PARSE_STATE.tracks_only = False
     err = _PARSE_STATE.error
     for e in (failed, err):
         if isinstance(e, remote.TransferError):
@@ -267,6 +327,35 @@ def describe_tracks(names: list[str]) -> str:
     return f"the file has {len(names)} track(s): {shown}{more}"
 
 
+def _open_case(source: Source, case_id: int, located: Optional[tuple[str, dict]], transfer: remote.Transfer):
+    """(path, identity, stream) of the case's file; CaseError if it is missing or cannot be fetched."""
+    try:
+        path, identity = located or source.locate(case_id, transfer)
+        return path, dict(identity), source.open(identity, transfer)
+    except LookupError as e:
+        raise CaseError("missing_file", str(e)) from None
+    except remote.TransferError as e:
+        raise _transfer_error(e) from None
+
+
+def read_track_names(source: Source, case_id: int, located: Optional[tuple[str, dict]] = None
+                     ) -> tuple[list[str], tuple[str, dict]]:
+    """Every track name in the case's file, read by vitaldb from the file's
+    track information alone (the records that follow are neither inflated nor
+    fetched: _UntilRecords); and (path, identity) for the load that may
+    follow. CaseError as load_case raises it."""
+    path, identity, stream = _open_case(source, case_id, located, remote.Transfer())
+    try:
+        _, names = parse_vital(stream, [_NO_SUCH_TRACK], tracks_only=True)
+    finally:
+        stream.close()
+    return names, (path, identity)
+
+
+# A name no track has: vitaldb is asked about every track of the file and keeps none.
+_NO_SUCH_TRACK = "\x00/no such track"
+
+
 def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_SPEC,
               located: Optional[tuple[str, dict]] = None) -> RawCase:
     """Reads one case's numeric source tracks (those of `fs`) on the 1 s grid,
@@ -278,14 +367,7 @@ def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
     """
     t0 = time.perf_counter()
     transfer = remote.Transfer()
-    try:
-        path, identity = located or source.locate(case_id, transfer)
-        stream = source.open(identity, transfer)
-    except LookupError as e:
-        raise CaseError("missing_file", str(e)) from None
-    except remote.TransferError as e:
-        raise _transfer_error(e) from None
-    identity = dict(identity)
+    path, identity, stream = _open_case(source, case_id, located, transfer)
     tracks = fs.source_tracks
     hasher = FileHasher()
     t1 = time.perf_counter()
@@ -372,6 +454,9 @@ class ClinicalTable:
     duplicates: dict = field(default_factory=dict)  # case id -> detail naming the rows
     # {"path", "bytes", "sha256", "format", "split_key"} of the table as read
     identity: dict = field(default_factory=dict)
+    # Every column as read (one row per trusted case): the cohort's criteria and
+    # Table 1 use it; the stages get the table without it (`without_frame`).
+    frame: Optional[pd.DataFrame] = field(default=None, compare=False, repr=False)
 
     def row(self, case_id: int) -> Optional[dict]:
         return self.rows.get(case_id)
@@ -384,6 +469,13 @@ class ClinicalTable:
     @property
     def by_patient(self) -> bool:
         return self.identity.get("split_key") == "subjectid"
+
+    @property
+    def columns(self) -> list[str]:
+        return [] if self.frame is None else [str(c) for c in self.frame.columns]
+
+    def without_frame(self) -> "ClinicalTable":
+        return dataclasses.replace(self, frame=None)
 
 
 def _plain(v):
@@ -488,9 +580,11 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None, web=None) -> 
     counts = df["caseid"].value_counts()
     duplicates = {int(c): _duplicate_detail(path, df[df["caseid"] == c]) for c in sorted(counts[counts > 1].index)}
     cols = [c for c in CLINICAL_COLUMNS if c in df.columns]
+    trusted = df[~df["caseid"].isin(set(duplicates))].reset_index(drop=True)
     rows: dict[int, dict] = {}
-    for rec in df[~df["caseid"].isin(set(duplicates))][cols].to_dict("records"):
+    for rec in trusted[cols].to_dict("records"):
         rows[int(rec["caseid"])] = {k: _plain(v) for k, v in rec.items()}
     return ClinicalTable(path, rows, duplicates,
                          {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                          "format": fmt.as_json(), "split_key": "subjectid" if "subjectid" in df.columns else "caseid"})
+                          "format": fmt.as_json(), "split_key": "subjectid" if "subjectid" in df.columns else "caseid"},
+                         frame=trusted)

@@ -25,11 +25,21 @@ class OptionError(ValueError):
 
 
 def option(default: Any, help: str, *, parse: Callable[[Any], Any] = str, dump: Optional[Callable[[Any], Any]] = None,
-           metavar: Optional[str] = None, choices: Optional[tuple] = None, short: Optional[str] = None):
+           metavar: Optional[str] = None, choices: Optional[tuple] = None, short: Optional[str] = None,
+           flags: Optional[Callable[[Any, str], None]] = None):
     """A declared option: its default, help text, parser (from text or a
-    native value) and JSON writer."""
+    native value) and JSON writer; `flags(group, dest)` adds its own
+    command-line flags where one --name flag does not fit (the cohort's
+    criteria: --include, --exclude, ... into one ordered list)."""
     return field(default=default, metadata={"help": help, "parse": parse, "dump": dump, "metavar": metavar,
-                                            "choices": choices, "short": short})
+                                            "choices": choices, "short": short, "flags": flags})
+
+
+def flag_names(f: dataclasses.Field) -> list[str]:
+    """The command-line flags of a declared option."""
+    if f.metadata.get("flags"):
+        return list(getattr(f.metadata["flags"], "names", ()))
+    return [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
 
 
 def declared(cls) -> tuple[dataclasses.Field, ...]:
@@ -78,7 +88,7 @@ def text_value(f: dataclasses.Field, value: Any) -> str:
     which parse_value reads back: lists comma-separated, booleans
     true/false, mappings as JSON."""
     dumped = dump_value(f, value)
-    if isinstance(dumped, dict):
+    if isinstance(dumped, dict) or (isinstance(dumped, list) and any(isinstance(v, (dict, list)) for v in dumped)):
         return json.dumps(dumped, separators=(",", ":"))
     if isinstance(dumped, list):
         return ",".join(map(str, dumped))
@@ -92,7 +102,10 @@ def add_flags(group, fields) -> None:
     declaration parses it, as it parses config files and hyperparameters);
     switches are flags without a value."""
     for f in fields:
-        names = [flag_name(f.name)] + ([f.metadata["short"]] if f.metadata["short"] else [])
+        names = flag_names(f)
+        if f.metadata.get("flags"):
+            f.metadata["flags"](group, f.name)
+            continue
         if is_switch(f):
             group.add_argument(*names, dest=f.name, action="store_const", const=True, default=None,
                                help=f.metadata["help"])

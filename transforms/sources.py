@@ -74,6 +74,7 @@ class Source:
     clinical: Optional[str] = None  # its default clinical table (None: <location>/clinical_data.csv)
     dataset: Optional[str] = None  # a named dataset ("VitalDB open dataset 1.0.1")
     version: Optional[str] = None  # its version (vitaldb.dataset.DATASET_VERSION)
+    track_list: Optional[str] = None  # its track table (VitalDB's API: /trks), for the cohort's require
 
     @staticmethod
     def for_location(location: str, web: Optional[remote.WebOptions] = None) -> "Source":
@@ -81,7 +82,7 @@ class Source:
         if location.strip().lower() == VITALDB:
             api, version = vitaldb_dataset()
             return Source(f"{api}/{version}", web, clinical=f"{api}/cases", dataset=f"VitalDB open dataset {version}",
-                          version=version)
+                          version=version, track_list=f"{api}/trks")
         return Source(location, web)
 
     # ---- what it is

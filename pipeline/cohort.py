@@ -1,0 +1,264 @@
+"""The cohort in a run: which requested cases its criteria keep, decided
+with the least work, and recorded as excluded markers.
+
+    plan        before stage 1: the clinical criteria on the clinical table;
+                require on a track table where there is one (--track-list, or
+                the web API's /trks with --input vitaldb), else on the tracks
+                the output's markers recorded; min_measured on the committed
+                cases' shares. What is left undecided, stage 1 decides (a
+                require from the file's own track information, read alone;
+                min_measured from what it commits: `settle`).
+    record      writes the excluded markers of this process's cases and
+                removes those that no longer hold.
+    settle      after stage 1: min_measured for the cases it committed.
+    flow        from the markers: requested -> each criterion -> selected.
+
+An excluded case keeps its done marker and case object if it has them, so a
+case selected again costs nothing; stage 2 writes only the selected ones
+(storage.read_selected_done). Criteria are not part of the data's
+fingerprint: changing them on an output re-decides from what is recorded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import pandas as pd
+
+from pipeline import storage
+from pipeline.contracts import DoneMarker
+from transforms import cohort, spec
+from transforms.cohort import MIN_MEASURED, REQUIRE, Criterion, Exclusion
+from transforms.load import ClinicalTable, _decode
+from transforms.sources import read_document
+
+_LOG = logging.getLogger("master_poc")
+
+
+class CohortRefused(ValueError):
+    """Criteria that cannot be used, or that leave no case: exit 2, nothing written."""
+
+
+def read_track_table(path: str, web=None) -> pd.DataFrame:
+    """A track table as VitalDB's API serves it at /trks (caseid, tname,
+    tid; CSV, gzip-encoded or not): its caseid and tname columns. One name
+    twice in one case (two tids) is one track present."""
+    try:
+        text, _ = _decode(read_document(path, web))
+    except Exception as e:  # any filesystem's or server's "cannot read"
+        raise CohortRefused(f"cannot read the track list {path}: {e}") from None
+    try:
+        table = pd.read_csv(io.StringIO(text), dtype=str)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, ValueError) as e:
+        raise CohortRefused(f"the track list {path} is not a readable CSV table: {e}") from None
+    table.columns = [str(c).strip().lower() for c in table.columns]
+    missing = [c for c in ("caseid", "tname") if c not in table.columns]
+    if missing:
+        raise CohortRefused(f"the track list {path} has no {', '.join(missing)} column (columns: "
+                            f"{', '.join(table.columns[:8])}); expected caseid,tname[,tid] as VitalDB's /trks")
+    ids = pd.to_numeric(table["caseid"], errors="coerce")
+    table = table.assign(caseid=ids).dropna(subset=["caseid", "tname"])
+    return pd.DataFrame({"caseid": table["caseid"].astype("int64"), "tname": table["tname"].str.strip()})
+
+
+def recorded_tracks(m: DoneMarker, fs: spec.FeatureSpec) -> list[str]:
+    """The source tracks a committed case's file has (its marker records
+    them; a marker of an earlier version: the sources that gave seconds)."""
+    if m.tracks is not None:
+        return list(m.tracks)
+    counts = (m.stats or {}).get("sources") or []
+    return [s.track for f, row in zip(fs.timeseries, counts) for s, n in zip(f.sources, row) if n]
+
+
+@dataclass
+class CohortPlan:
+    criteria: tuple[Criterion, ...]  # in evaluation order
+    requested: list[int]
+    by_inputs: dict[int, Exclusion]  # decided from the clinical table and track table: every share agrees
+    track_list: Optional[str] = None  # the track table used, if any
+
+    @property
+    def work(self) -> list[int]:
+        """The requested cases the inputs do not exclude: what the shares split."""
+        return [c for c in self.requested if c not in self.by_inputs]
+
+    @property
+    def needs_markers(self) -> bool:
+        return any(c.kind == MIN_MEASURED or (c.kind == REQUIRE and self.track_list is None) for c in self.criteria)
+
+
+def plan(requested: list[int], criteria: Iterable[Criterion], clinical: ClinicalTable, fs: spec.FeatureSpec,
+         track_table: Optional[pd.DataFrame] = None, track_list: Optional[str] = None) -> CohortPlan:
+    """The decisions the inputs allow, for every share alike. Refuses
+    criteria that leave no case (naming the one after which none is left)."""
+    crit = cohort.ordered(criteria)
+    frame = clinical.frame if clinical.frame is not None else pd.DataFrame({"caseid": []})
+    ex = cohort.clinical_exclusions(requested, crit, frame, clinical.duplicates)
+    if track_table is not None:
+        left = [c for c in requested if c not in ex]
+        ex.update(cohort.table_require_exclusions(left, crit, track_table, fs))
+    p = CohortPlan(crit, list(requested), ex, track_list if track_table is not None else None)
+    if crit and requested and not p.work:
+        left = len(requested)
+        for c in crit:
+            left -= sum(1 for e in ex.values() if e.criterion == c)
+            if left == 0:
+                raise CohortRefused(f"no case is left after {c} (of {len(requested)} requested): nothing was "
+                                    "processed; loosen the criteria or request other cases")
+    return p
+
+
+def decide_from_markers(output: str, ids: list[int], p: CohortPlan, fs: spec.FeatureSpec
+                        ) -> tuple[dict[int, Exclusion], frozenset[int]]:
+    """For these cases (the inputs keep them): require from the tracks the
+    markers recorded (where no track table was read) and min_measured from
+    the committed cases' shares. Returns the exclusions and the cases whose
+    require stage 1 must decide from their file."""
+    if not p.needs_markers or not ids:
+        return {}, frozenset()
+    tracks_from_markers = p.track_list is None and any(c.kind == REQUIRE for c in p.criteria)
+    done_ids, excluded_ids = storage.marker_ids(output, storage.DONE), storage.marker_ids(output, storage.EXCLUDED)
+    done = storage.read_done(output, [c for c in ids if c in done_ids])
+    old = storage.read_excluded(output, [c for c in ids if c in excluded_ids and c not in done])
+    out: dict[int, Exclusion] = {}
+    check: set[int] = set()
+    for c in ids:
+        m = done.get(c)
+        if tracks_from_markers:
+            tracks = recorded_tracks(m, fs) if m else (old[c].tracks if c in old else None)
+            if tracks is None:
+                check.add(c)
+                continue
+            missing = cohort.first_missing_requirement(tracks, p.criteria, fs)
+            if missing is not None:
+                out[c] = Exclusion(c, REQUIRE, missing.text, tracks=tuple(tracks))
+                continue
+        if m is not None:
+            unmet = cohort.first_unmet_share(cohort.measured_shares(m.stats, fs), p.criteria)
+            if unmet is not None:
+                out[c] = dataclasses.replace(unmet, case_id=c)
+    return out, frozenset(check)
+
+
+def record(output: str, ids: Iterable[int], exclusions: dict[int, Exclusion]) -> None:
+    """Makes the excluded markers of `ids` say `exclusions`: new or changed
+    ones written, those of cases now selected removed."""
+    ids = list(ids)
+    present = storage.marker_ids(output, storage.EXCLUDED)
+    old = storage.read_excluded(output, [c for c in ids if c in present])
+    storage.write_excluded(output, [e for c, e in exclusions.items() if old.get(c) != e])
+    storage.delete_excluded(output, [c for c in old if c not in exclusions])
+
+
+def settle(output: str, ids: Iterable[int], p: CohortPlan, fs: spec.FeatureSpec) -> int:
+    """min_measured for the committed cases among `ids` that no marker
+    excludes yet (stage 1 committed them); returns how many it excluded."""
+    if not any(c.kind == MIN_MEASURED for c in p.criteria):
+        return 0
+    keep = storage.marker_ids(output, storage.DONE) - storage.marker_ids(output, storage.EXCLUDED)
+    done = storage.read_done(output, [c for c in ids if c in keep])
+    new = []
+    for c, m in done.items():
+        unmet = cohort.first_unmet_share(cohort.measured_shares(m.stats, fs), p.criteria)
+        if unmet is not None:
+            new.append(dataclasses.replace(unmet, case_id=c))
+    storage.write_excluded(output, new)
+    return len(new)
+
+
+def flow(output: str, requested: list[int], criteria: Iterable[Criterion]) -> tuple[dict, dict[int, Exclusion]]:
+    """The cohort's flow from the markers (metadata `cohort`), and the
+    exclusions of the requested cases. A marker naming a criterion not given
+    now (an output whose criteria changed without a rerun) is listed after them."""
+    ids = storage.marker_ids(output, storage.EXCLUDED) & set(requested)
+    exclusions = storage.read_excluded(output, sorted(ids))
+    crit = list(cohort.ordered(criteria))
+    crit += list(dict.fromkeys(e.criterion for e in exclusions.values() if e.criterion not in crit))
+    return cohort.flow(requested, crit, exclusions), exclusions
+
+
+# A target feature with a source track in fewer of the selected cases is warned about.
+RARE_TARGET_SHARE = 0.20
+
+
+def coverage(done: dict[int, DoneMarker], fs: spec.FeatureSpec) -> dict:
+    """Per feature, over the selected committed cases: how many have one of
+    its source tracks, and the share of those cases' used seconds that were
+    measured."""
+    from transforms.features import MEASURED
+    n = len(done)
+    out = {}
+    for j, f in enumerate(fs.timeseries):
+        srcs = {s.track for s in f.sources}
+        with_track = [m for m in done.values() if srcs & set(recorded_tracks(m, fs))]
+        seconds = sum(int(m.stats.get("seconds", 0)) for m in with_track)
+        measured = sum(int(m.stats["rules"][j][MEASURED]) for m in with_track if m.stats.get("rules"))
+        out[f.name] = {"cases": n, "cases_with_source": len(with_track),
+                       "share_of_cases": round(len(with_track) / n, 4) if n else None,
+                       "measured_share_of_seconds": round(measured / seconds, 4) if seconds else None,
+                       "target": f.name in fs.targets}
+    return out
+
+
+def rare_target_warnings(cov: dict) -> list[str]:
+    """"Noradrenalin_INF: a source track in 2 of 140 cases (1.4 %); its target is a clinical zero in the others"."""
+    out = []
+    for name, c in cov.items():
+        if c["target"] and c["cases"] and c["share_of_cases"] < RARE_TARGET_SHARE:
+            out.append(f"{name}: a source track in {c['cases_with_source']} of {c['cases']} cases "
+                       f"({100 * c['share_of_cases']:.1f} %); its target is a clinical zero in the others")
+    return out
+
+
+def cohort_summary(flow_: dict, exclusions: dict[int, Exclusion], done: dict[int, DoneMarker], record, meta: dict
+                   ) -> dict:
+    """The metadata's `cohort`: the flow (requested -> each criterion ->
+    selected), then what became of the selected cases (processed -> too
+    short / failed -> per split), the measured shares of the cases that
+    min_measured left out, and each feature's coverage."""
+    fs = record.settings.feature_spec()
+    c = meta["cases"]
+    for row in flow_["criteria"]:
+        if row["kind"] == MIN_MEASURED:
+            row["measured"] = {str(i): exclusions[i].measured for i in row["excluded"]}
+    cov = coverage(done, fs)
+    return {**flow_,
+            "track_list": record.track_list,
+            "processed": {"ok": len(c["ok"]), "too_short": len(c["too_short"]), "failed": len(c["failed"]),
+                          "not_done": len(c["not_done"])},
+            "splits": {s: {k: d[k] for k in ("cases", "patients", "windows")} for s, d in meta["splits"].items()},
+            "coverage": cov,
+            "warnings": rare_target_warnings(cov)}
+
+
+def _ids(ids: list[int], n: int = 30) -> str:
+    return "[" + ", ".join(map(str, ids[:n])) + (", ..." if len(ids) > n else "") + "]"
+
+
+def summary_lines(c: Optional[dict]) -> list[str]:
+    """The flow, one line per step, for the run's summary."""
+    if not c:
+        return []
+    lines = [f"  cohort: {c['requested']} requested"]
+    left = c["requested"]
+    for row in c["criteria"]:
+        n = len(row["excluded"])
+        left -= n
+        flag = "--" + row["kind"].replace("_", "-")
+        lines.append(f"    left out by {flag} {row['text']!r}: {n} {_ids(row['excluded'])}; {left} remain")
+    p = c["processed"]
+    lines.append(f"    {c['selected']} selected and processed: {p['ok']} with windows, {p['too_short']} too short, "
+                 f"{p['failed']} failed" + (f", {p['not_done']} not done yet" if p["not_done"] else ""))
+    lines.append("    " + "; ".join(f"{s}: {d['cases']} cases, {d['patients']} patients, {d['windows']} windows"
+                                    for s, d in c["splits"].items()))
+    measured = [f"{n} {100 * d['measured_share_of_seconds']:.0f} %" for n, d in c["coverage"].items()
+                if d["measured_share_of_seconds"] is not None]
+    with_source = [f"{n} {d['cases_with_source']}/{d['cases']}" for n, d in c["coverage"].items()]
+    lines.append("  coverage, cases with a source track: " + ", ".join(with_source))
+    if measured:
+        lines.append("  measured share of their used seconds: " + ", ".join(measured))
+    lines += [f"  WARNING: {w}" for w in c["warnings"]]
+    return lines
