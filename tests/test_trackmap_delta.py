@@ -68,6 +68,10 @@ def test_intellivue_files_with_the_shipped_map_equal_vitaldb_files_value_for_val
     ({"features": {"HR": {"add": "instead", "sources": [{"track": "X/HR", "unit": "/min"}]}}}, "add 'instead'"),
     ({"features": {"HR": {"sources": [{"track": "HR", "unit": "/min"}]}}}, "must be a full Device/TRACK name"),
     ({"features": {"HR": {"sources": [{"track": "X/HR"}]}}}, "'unit' (the raw unit the device records) is missing"),
+    ({"features": {"HR": {"sources": [{"track": "X/HR", "unit": "/min", "plausible": [300, 20]}]}}},
+     "features.HR.sources[0] (X/HR): plausible [300, 20] must have lo < hi"),
+    ({"features": {"HR": {"sources": [{"track": "X/HR", "unit": "/min", "plausible": "high"}]}}},
+     "plausible must be [lo, hi]"),
 ])
 def test_a_bad_track_map_is_refused_before_any_work_naming_the_entry(doc, named, tmp_path, capsys):
     path = tmp_path / "map.json"
@@ -155,6 +159,17 @@ def test_the_shipped_ventilator_settings_map_puts_the_set_values_first():
         assert [(s.track, s.unit, s.factor, s.per) for s in f.sources[:n]] == expected.get(f.name, []), f.name
         assert f.sources[n:] == b.sources, f.name  # the measured sources follow, unchanged
         assert dataclasses.replace(f, sources=b.sources) == b  # plausible range, rules, norm: the feature's own
+    # SET_TV_L is in litres: its own plausible range, 0..2 L (the feature's 0..2000 mL); the others the feature's.
+    assert fs.feature("TV").sources[0].plausible == (0.0, 2.0)
+    assert all(s.plausible is None for f in fs.timeseries for s in f.sources if s.track != "Primus/SET_TV_L")
+    raw = np.full((3, len(fs.source_tracks)), np.nan)
+    tv = fs.feature("TV")
+    raw[:, fs.source_tracks.index("Primus/SET_TV_L")] = [0.5, 3.0, np.nan]  # 3 L: an artifact
+    raw[:, fs.source_tracks.index("Primus/TV")] = 450.0
+    values, source = features.select_sources(raw, 70.0, 60.0, fs)
+    j = fs.feature_names.index("TV")
+    np.testing.assert_allclose(values[:, j], [500 / 60, 450 / 60, 450 / 60])
+    assert [tv.sources[k].track for k in source[:, j]] == ["Primus/SET_TV_L", "Primus/TV", "Primus/TV"]
     # The same conversion as the built-in Primus PEEP source.
     assert fs.feature("PEEP").sources[0].factor == base.feature("PEEP").sources[1].factor == 1.01972
 

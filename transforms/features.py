@@ -162,10 +162,10 @@ def select_sources(raw: np.ndarray, weight_kg: float, ibw_kg: float,
     values = np.full((fs.n_features, T), np.nan, dtype=np.float64)
     source = np.full((fs.n_features, T), -1, dtype=np.int8)
     for j, feat in enumerate(fs.timeseries):
-        lo, hi = feat.plausible
         # Last source first, so earlier sources overwrite: first source wins.
         for k in range(len(feat.sources) - 1, -1, -1):
             src = feat.sources[k]
+            lo, hi = src.plausible_for(feat)
             col = tracks[column[src.track]]
             ok = (col >= lo) & (col <= hi)  # NaN compares False
             np.multiply(col, src.factor / per[src.per], out=values[j], where=ok)

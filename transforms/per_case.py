@@ -88,7 +88,7 @@ class CaseWindows:
 # outside this range (inclusive), or one that is not a number, is a clinical
 # entry error and treated as missing (real case 4476: aneend = -3691470416).
 ANAESTHESIA_COLUMNS = ("anestart", "aneend")
-ANAESTHESIA_PLAUSIBLE_S = (-86400.0, 172800.0)  # one day before casestart .. two days after
+ANAESTHESIA_PLAUSIBLE_S = spec.ANAESTHESIA_PLAUSIBLE_S  # the contract's (transforms.spec)
 
 
 def anaesthesia_period(row: Optional[Mapping]) -> tuple[Optional[float], Optional[float], dict]:

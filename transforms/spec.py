@@ -20,6 +20,9 @@ import numpy as np
 # (anestart, aneend) that are entry errors count as missing and are listed.
 SPEC_VERSION = "1.3"
 
+# Contract 1.3: anestart/aneend (seconds from casestart) outside this range are entry errors.
+ANAESTHESIA_PLAUSIBLE_S = (-86400.0, 172800.0)  # one day before casestart .. two days after
+
 MMHG_PER_KPA = 7.50062
 CMH2O_PER_HPA = 1.01972
 
@@ -37,6 +40,12 @@ class Source:
     unit: str  # the raw unit VitalDB records
     factor: float = 1.0
     per: str = PER_NONE
+    # The plausible raw range in this source's own unit, where it differs from the
+    # feature's (a track map's source in litres where the feature's range is in mL).
+    plausible: Optional[tuple[float, float]] = None
+
+    def plausible_for(self, feature: "Feature") -> tuple[float, float]:
+        return self.plausible if self.plausible is not None else feature.plausible
 
 
 @dataclass(frozen=True)
@@ -198,6 +207,11 @@ class FeatureSpec:
             d = dataclasses.asdict(f)
             d["norm"] = {"lo": f.norm[0], "hi": f.norm[1]}
             d["plausible_raw"] = list(d.pop("plausible"))
+            for src in d["sources"]:  # a source's own range only where it has one
+                if src["plausible"] is None:
+                    del src["plausible"]
+                else:
+                    src["plausible_raw"] = list(src.pop("plausible"))
             d["after_last_valid"] = {"carry_s": d.pop("after_carry_s"), "then": d.pop("after")}
             return dict(index=i, **d)
         return [feat(i, f) for i, f in enumerate(self.timeseries)]
@@ -223,6 +237,11 @@ def spec_as_dict(fs: FeatureSpec = DEFAULT_SPEC) -> dict:
         "clinical_entry_errors": "a value outside 'plausible' (or a non-number, or a sex other than M/F) "
                                  "is treated as missing and listed per case as implausible; a case with "
                                  "two different clinical rows fails with reason duplicate_clinical_row",
+        "anaesthesia_times": {"columns": ["anestart", "aneend"], "unit": "s from casestart",
+                              "plausible_s": list(ANAESTHESIA_PLAUSIBLE_S),
+                              "rule": "outside plausible_s, or aneend not greater than anestart (both), an "
+                                      "entry error: missing (the crop's bound is then the recording's own) "
+                                      "and listed per case as implausible"},
         "split": {"key": "'s' + subjectid (an integral number in decimal without padding, else as written, "
                            "stripped) where the case's clinical row has one, else the case id in decimal",
                   "bucket": "int(sha256(f'{seed}:{key}')) % 100", "names": list(SPLIT_NAMES)},

@@ -22,7 +22,9 @@ or after the built-in ones — or replaces them:
 
 value = raw * factor / divisor, divisor none (default), weight (dose weight,
 kg) or ibw (ideal body weight, kg); the feature's plausible range applies to
-the raw value, as for the built-in sources. Everything is checked before any
+the raw value, as for the built-in sources, unless the source gives its own
+`plausible: [lo, hi]` in its raw unit (a setting in litres where the
+feature's range is in mL). Everything is checked before any
 work: an unknown feature, key or divisor, a factor that is not a positive
 number, a track listed twice.
 """
@@ -32,7 +34,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from transforms import spec
 from transforms.documents import DocumentError, read_document
@@ -40,7 +42,7 @@ from transforms.documents import DocumentError, read_document
 MODES = ("before", "after", "replace")
 DIVISORS = {"none": spec.PER_NONE, "weight": spec.PER_WEIGHT, "ibw": spec.PER_IBW}
 _ENTRY_KEYS = {"add", "sources"}
-_SOURCE_KEYS = {"track", "unit", "factor", "divisor"}
+_SOURCE_KEYS = {"track", "unit", "factor", "divisor", "plausible"}
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "trackmaps")
 
 
@@ -78,10 +80,11 @@ class TrackMap:
         """The normalised map: what the fingerprint and the metadata record,
         and what `parse` reads back (all defaults written out)."""
         inverse = {v: k for k, v in DIVISORS.items()}
-        return {"name": self.name, "features": {
-            e.feature: {"add": e.mode, "sources": [{"track": s.track, "unit": s.unit, "factor": s.factor,
-                                                    "divisor": inverse[s.per]} for s in e.sources]}
-            for e in self.features}}
+        def source(s: spec.Source) -> dict:
+            d = {"track": s.track, "unit": s.unit, "factor": s.factor, "divisor": inverse[s.per]}
+            return d if s.plausible is None else dict(d, plausible=list(s.plausible))
+        return {"name": self.name, "features": {e.feature: {"add": e.mode, "sources": [source(s) for s in e.sources]}
+                                                for e in self.features}}
 
 
 def shipped() -> list[str]:
@@ -114,6 +117,19 @@ def _positive(value, where: str) -> float:
     if not (math.isfinite(v) and v > 0):
         raise TrackMapError(f"{where}: factor {value!r} must be a positive number")
     return v
+
+
+def _range(value: Any, where: str) -> Optional[tuple[float, float]]:
+    """A source's own plausible raw range [lo, hi], or None (the feature's)."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TrackMapError(f"{where}: plausible must be [lo, hi] in the source's raw unit, got {value!r}") from None
+    if not lo < hi:
+        raise TrackMapError(f"{where}: plausible [{lo:g}, {hi:g}] must have lo < hi")
+    return (lo, hi)
 
 
 def parse(doc: Any, where: str = "track map") -> TrackMap:
@@ -165,7 +181,7 @@ def parse(doc: Any, where: str = "track map") -> TrackMap:
                 raise TrackMapError(f"{sat}: track {track} is listed twice (also under {seen[track]})")
             seen[track] = f"features.{name}"
             sources.append(spec.Source(track, str(src["unit"]), _positive(src.get("factor", 1.0), f"{sat} ({track})"),
-                                       DIVISORS[divisor]))
+                                       DIVISORS[divisor], _range(src.get("plausible"), f"{sat} ({track})")))
         builtin = {s.track for s in spec.DEFAULT_SPEC.feature(name).sources}
         if mode != "replace":
             dup = [s.track for s in sources if s.track in builtin]
