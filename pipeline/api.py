@@ -291,7 +291,8 @@ def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) ->
 def verify_command(req: RunRequest) -> RunResult:
     output = req.options.output
     settings = load_settings(output)
-    v = verify_output(output, storage.read_selected_done(output), settings.split_names, os.cpu_count() or 1)
+    v = verify_output(output, storage.read_selected_done(output), settings.split_names, os.cpu_count() or 1,
+                      storage.read_excluded(output))
     return RunResult(EXIT_OK if v.ok else EXIT_FAILED, Status.VERIFIED if v.ok else Status.VERIFICATION_FAILED,
                      verification=v)
 

@@ -81,7 +81,8 @@ class Finalize:
         """Everything read back. Damage found only by reading (a changed byte)
         names the split file holding it, and its case is demoted so the next
         finalize leaves it out; damage the check found is a problem too."""
-        v = verify.verify_output(self.output, done, self.record.settings.split_names, os.cpu_count() or 1)
+        v = verify.verify_output(self.output, done, self.record.settings.split_names, os.cpu_count() or 1,
+                                 storage.read_excluded(self.output))
         self.demote(done, v.damaged_cases)
         return v.with_problems([f"case {c}: {d} (case demoted to failed: rerun to recompute it)"
                                 for c, d in damaged_before.items()])

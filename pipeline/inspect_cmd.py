@@ -43,6 +43,11 @@ def inspect(path: str, n_examples: int = 2, seconds=None, out=None) -> int:
     secs = [s for s in (seconds or (0, window // 2 - 1, window - 1)) if 0 <= s < window]
     dec = encode.examples_decoder({name: f["type"] for name, f in fmt["features"].items()})
     print(f"output {root}: status {meta['status']}, settings {meta['settings']}", file=out)
+    c = meta.get("cohort")
+    if c and c.get("criteria"):
+        print(f"cohort: {c['requested']} requested, {c['selected']} selected; excluded: "
+              + "; ".join(f"--{r['kind'].replace('_', '-')} {r['text']!r}: {len(r['excluded'])}" for r in c["criteria"]),
+              file=out)
     print("(values are de-normalised; a value exactly at a range edge may have been clipped there)", file=out)
     total, shown = 0, 0
     for f in files:

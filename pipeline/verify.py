@@ -44,6 +44,7 @@ class Verification:
     problems: tuple[str, ...] = ()
     splits: dict = field(default_factory=dict)  # split name -> SplitCheck
     damaged_cases: dict = field(default_factory=dict)  # case id -> what is wrong with its object
+    excluded: int = 0  # cases the cohort's criteria leave out (none of their examples may be in a split)
 
     @property
     def ok(self) -> bool:
@@ -55,7 +56,7 @@ class Verification:
     def as_json(self) -> dict:
         return {"ok": self.ok, "problems": list(self.problems),
                 "splits": {s: dataclasses.asdict(c) for s, c in self.splits.items()},
-                "damaged_cases": dict(self.damaged_cases)}
+                "damaged_cases": dict(self.damaged_cases), "excluded": self.excluded}
 
 
 def check_case_objects(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...]) -> dict[int, str]:
@@ -113,10 +114,13 @@ def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(cids), np.concatenate(starts)
 
 
-def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4) -> Verification:
+def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4,
+                  excluded: Optional[dict] = None) -> Verification:
     """Reads every split file back and compares with the markers: examples per
     split and per case, no duplicate (case, window_start), no case and no
-    patient (the markers' split keys) in two splits."""
+    patient (the markers' split keys) in two splits, no case that the
+    cohort's criteria exclude (`excluded`: {case id: Exclusion})."""
+    excluded = excluded or {}
     problems: list[str] = []
     files = {s: storage.list_files(storage.split_files_glob(output, s)) for s in splits}
     jobs = [(s, f) for s in splits for f in files[s]]
@@ -153,6 +157,9 @@ def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, .
         ws = np.concatenate([i[1] for i in ids]) if ids else np.empty(0, np.int64)
         got_cases, got_counts = np.unique(cid, return_counts=True)
         got = dict(zip(got_cases.tolist(), got_counts.tolist()))
+        for c in sorted(set(got) & set(excluded)):
+            problems.append(f"{s}: case {c} is excluded by the cohort ({excluded[c].criterion}) but has "
+                            f"{got[c]} examples here")
         if got != expected:
             missing = sorted(set(expected) - set(got))
             extra = sorted(set(got) - set(expected))
@@ -176,4 +183,4 @@ def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, .
                                   expected_examples=int(sum(expected.values())), expected_cases=len(expected))
     for cid, err in damaged.items():
         problems.append(f"case {cid}: {err} (the split file above holds its damage)")
-    return Verification(tuple(problems), per_split, damaged)
+    return Verification(tuple(problems), per_split, damaged, len(excluded))

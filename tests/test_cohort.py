@@ -251,3 +251,49 @@ def test_the_flow_decides_fast_on_tables_of_the_real_sizes():
     ppf = set(trks.loc[trks.tname == "Orchestra/PPF20_RATE", "caseid"])
     bp = set(trks.loc[trks.tname.isin({s.track for s in spec.DEFAULT_SPEC.feature("BP_MAP").sources}), "caseid"])
     assert set(req) == set(left) - (ppf & bp)
+
+
+def test_verify_and_inspect_know_the_excluded_status(cohort_data, tmp_path, capsys):
+    from pipeline.cli import main
+    out = str(tmp_path / "v")
+    assert run(cohort_data, out, *STUDY) == 0
+    capsys.readouterr()
+    assert main(["verify", "--output", out]) == 0
+    assert "4 cases excluded by the cohort's criteria: none of them in a split" in capsys.readouterr().out
+    assert main(["inspect", out, "--examples", "0"]) == 0
+    assert ("cohort: 7 requested, 3 selected; excluded: --include 'age >= 18': 1; --include \"ane_type == 'General'\":"
+            " 1; --require 'Propofol_INF,BP_MAP': 2") in capsys.readouterr().out
+    # A case marked excluded whose examples are still in a split is named.
+    split = meta(out)["splits"]
+    in_split = next(c for s in split.values() for c in s["case_ids"])
+    storage.write_excluded(out, [cohort.Exclusion(in_split, "include", "age >= 99")])
+    assert main(["verify", "--output", out]) == 1
+    assert f"case {in_split} is excluded by the cohort (--include 'age >= 99')" in capsys.readouterr().out
+
+
+CHROMIUM = __import__("shutil").which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_report_draws_the_flow_as_boxes_and_arrows_in_a_real_browser(cohort_data, tmp_path):
+    import html
+    import re
+    import subprocess
+    out = str(tmp_path / "r")
+    assert run(cohort_data, out, *STUDY, "--exclude", "department == 'Gynecology'") == 0
+    page = tmp_path / "r" / "report" / "index.html"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    # requested, 4 criteria, selected, too short/failed, 3 splits; an arrow into every box but the first,
+    # each ending on its box's edge (the page checks that after layout).
+    assert 'data-flow-ok="true"' in body and 'data-flow-boxes="10"' in body and 'data-flow-arrows="9"' in body
+    texts = html.unescape(re.sub(r"<[^>]+>", " ", re.search(r"<svg id=\"flow\".*?</svg>", dom, re.S).group(0)))
+    for words in ("Requested: 7 cases", "Left out: 1 case (6 remain)", "--include age >= 18",
+                  "Left out: 2 cases (2 remain)", "--require Propofol_INF,BP_MAP", "Selected and processed: 2 cases",
+                  "Too short for a window: 0; failed: 0"):
+        assert words in " ".join(texts.split()), words
+    assert 'id="table1"' in dom and "median [Q1,Q3]" in dom
