@@ -15,7 +15,10 @@ Hyperparameters (strings, as SageMaker passes them): cases, input, output
 (required), any data setting or run option by name (clinical, window, step,
 horizon, split, split_seed, crop_anaesthesia, emit_mask, num_shards,
 min_success_rate, leader_wait_s, poll_s, shutdown_grace, progress_interval,
-...), and beam_args (extra Beam flags, one string).
+...), and beam_args (extra Beam flags, one string). An unknown name, or a
+flag in beam_args that is not a Beam pipeline option, is refused before any
+work, naming the closest known ones (as the command line does). The S3
+options among beam_args apply before anything is read (an s3:// track map).
 """
 from __future__ import annotations
 
@@ -26,10 +29,10 @@ import sys
 from typing import Optional
 
 from pipeline import api
-from pipeline.cli import summary_lines
+from pipeline.cli import beam_args_in, check_beam_args, did_you_mean, own_flags_not_beam, summary_lines
 from pipeline.coordination import Share
-from pipeline.options import EXIT_INTERRUPTED, EXIT_USAGE, RunRequest, request_from_mapping
-from transforms.settings import OptionError
+from pipeline.options import EXIT_INTERRUPTED, EXIT_USAGE, RunOptions, RunRequest, request_from_mapping
+from transforms.settings import OptionError, Settings, declared
 
 REQUIRED = ("cases", "input", "output")
 # Set here from SageMaker's host list, never by a hyperparameter.
@@ -83,10 +86,29 @@ def read_config(root: str) -> tuple[dict, str, list[str]]:
     return hp, current, sorted(hosts)
 
 
+SOURCE = "hyperparameters.json"
+
+
+def check_names(hp: dict) -> None:
+    """Refuses a hyperparameter that is no option of ours, naming the closest."""
+    known = [f.name for f in declared(Settings) + declared(RunOptions)] + ["beam_args"]
+    unknown = sorted(set(hp) - set(known))
+    if unknown:
+        raise OptionError(f"{SOURCE}: unknown option(s) "
+                          + ", ".join(name + did_you_mean(name, known) for name in unknown))
+
+
 def request_for_host(hp: dict, current: str, hosts: list[str]) -> RunRequest:
-    """The run request of one host: its share of the cases, all its vCPUs."""
-    req = request_from_mapping(hp, "hyperparameters.json",
-                               beam_args=(f"--direct_num_workers={os.cpu_count() or 1}",))
+    """The run request of one host: its share of the cases, all its vCPUs.
+    Its Beam flags are checked and their S3 options applied before the
+    options are parsed (a track map on s3:// is read then)."""
+    from pipeline import runtime, s3
+    check_names(hp)
+    given = beam_args_in(hp, SOURCE)
+    check_beam_args(given, where="hyperparameter beam_args: ", not_here=own_flags_not_beam())
+    ours = (f"--direct_num_workers={os.cpu_count() or 1}",)
+    runtime.setup_io([*given, *ours], s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+    req = request_from_mapping(hp, SOURCE, beam_args=ours)
     share = Share(hosts.index(current) + 1, len(hosts))
     return dataclasses.replace(req, options=dataclasses.replace(req.options, share=share))
 

@@ -8,9 +8,11 @@
     master-poc-preprocess verify --output out/              # read every file back, compare with markers
     master-poc-preprocess inspect out/ [--examples 3]       # counts, shapes, example windows in clinical units
 
-The command, if any, comes first. Flags not listed by --help pass through to
+The command, if any, comes first. Beam's pipeline options pass through to
 Beam untouched, in any form (--runner DataflowRunner, --runner=DataflowRunner,
---direct_num_workers 4, --s3_endpoint_url ..., --setup_file ./setup.py).
+--direct_num_workers 4, --s3_endpoint_url ..., --setup_file ./setup.py); a
+flag that is neither listed by --help nor a Beam pipeline option is refused
+before any work (exit 2), naming the closest known flags.
 Without --runner the job runs on Beam's FnApiRunner (the DirectRunner's
 engine, pinned so it behaves the same offline and online) with one worker
 process per core.
@@ -19,12 +21,137 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import importlib
 import sys
-from typing import Optional
+from typing import Iterable, Mapping, Optional
 
 from pipeline.api import RunResult, run
 from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
+
+
+class UnknownFlag(OptionError):
+    """A flag that is neither this command's nor a Beam pipeline option (or a
+    Beam option with a value Beam's parser refuses): refused before any work."""
+
+
+def _refuse_beam_usage(message: str) -> None:
+    # Beam's own parser ignores "ambiguous option" (it cannot arise with
+    # allow_abbrev=False); anything else argparse would print and exit for.
+    if message.startswith("ambiguous option: "):
+        return
+    raise UnknownFlag(f"Beam flag: {message}")
+
+
+def beam_option_parser() -> argparse.ArgumentParser:
+    """Beam's parser of every pipeline option: the one
+    `PipelineOptions.get_all_options` builds from every registered
+    PipelineOptions subclass (StandardOptions, S3Options, FlinkRunnerOptions,
+    PortableOptions, ...), whose leftovers Beam logs as "Discarding
+    unparseable args" and drops. Taken from Beam through get_all_options'
+    add_extra_args_fn hook, so it is Beam's list, never ours. Its errors
+    raise UnknownFlag instead of exiting."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    built: list = []
+    PipelineOptions([]).get_all_options(add_extra_args_fn=built.append)
+    parser = built[0]
+    parser.error = _refuse_beam_usage
+    return parser
+
+
+def _import_runner_module(runner: str) -> bool:
+    """Imports the module of the runner --runner names, resolved as Beam's
+    create_runner resolves it (a known name, case-insensitive, 'Runner'
+    optional, or a dotted path), as Beam does when it creates the runner: a
+    runner module may register options of its own (DaskRunner's). True if
+    that registered new PipelineOptions subclasses."""
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    known = {path.rsplit(".", 1)[-1].lower(): path for path in StandardOptions.ALL_KNOWN_RUNNERS}
+    path = known.get(runner.lower(), known.get(runner.lower() + "runner", runner))
+    if "." not in path:
+        return False  # Beam refuses the name when it creates the runner
+    before = len(PipelineOptions.__subclasses__())
+    try:
+        importlib.import_module(path.rsplit(".", 1)[0])
+    except Exception:  # not installed (dask, interactive...): Beam says so when it creates the runner
+        return False
+    return len(PipelineOptions.__subclasses__()) != before
+
+
+def option_strings(parser: argparse.ArgumentParser) -> list[str]:
+    """Every flag `parser` knows (--config, -v, --verbose, ...)."""
+    return [o for action in parser._actions for o in action.option_strings]
+
+
+def check_beam_args(beam_args: Iterable[str], ours: Iterable[str] = (), where: str = "",
+                    commands: Iterable[str] = (), not_here: Mapping[str, str] = None) -> None:
+    """Refuses (UnknownFlag, naming each and the closest known flags: `ours`
+    and Beam's) what Beam's own parser of every pipeline option would leave
+    over: a flag that is not a Beam option, a stray word. `commands`: words
+    suggested for a stray one. `not_here`: our flags that are not accepted
+    here, {flag: what to do instead}. A Beam option's value Beam's parser
+    refuses is an UnknownFlag too (naming the option)."""
+    beam_args = list(beam_args)
+    if not beam_args:
+        return
+    parser = beam_option_parser()
+    runner = parser.parse_known_args(beam_args)[0].runner
+    if runner and _import_runner_module(str(runner)):
+        parser = beam_option_parser()
+    unknown = parser.parse_known_args(beam_args)[1]
+    not_here = dict(not_here or {})
+    known = set(ours) | set(option_strings(parser)) | set(not_here)
+    problems, i = [], 0
+    while i < len(unknown):
+        arg = unknown[i]
+        i += 1
+        if arg == "--":
+            problems.append("unexpected argument '--' (Beam takes no positional arguments)")
+            break
+        if arg.startswith("-") and len(arg) > 1:
+            name = arg.split("=", 1)[0]
+            if "=" not in arg and i < len(unknown) and not unknown[i].startswith("-"):
+                i += 1  # its value (--frobnicate 3)
+            if name in not_here:
+                problems.append(f"{name} is not a Beam flag ({not_here[name]})")
+            else:
+                problems.append(f"unknown flag {name}{did_you_mean(name, known)}")
+        else:
+            hint = did_you_mean(arg, commands, "the command ")
+            problems.append(f"unexpected argument {arg!r}{hint}")
+    if problems:
+        raise UnknownFlag(where + "; ".join(problems))
+
+
+def did_you_mean(word: str, candidates: Iterable[str], prefix: str = "") -> str:
+    """' (did you mean --a or --b?)' with the closest of `candidates`, or ''.
+    Flags are compared without their leading dashes (all flags share those)."""
+    by_name: dict[str, str] = {}
+    for c in sorted(set(candidates)):
+        by_name.setdefault(c.lstrip("-"), c)
+    close = [by_name[c] for c in difflib.get_close_matches(word.lstrip("-"), list(by_name), n=3)]
+    if not close:
+        return ""
+    words = [prefix + c for c in close]
+    return f" (did you mean {' or '.join([', '.join(words[:-1]), words[-1]] if len(words) > 1 else words)}?)"
+
+
+def beam_args_in(values: Mapping, source: str) -> tuple[str, ...]:
+    """The Beam flags of a config file's or the hyperparameters' beam_args
+    key (one string, shell-split, or a list), split as request_from_mapping
+    splits them."""
+    if values.get("beam_args") is None:
+        return ()
+    return request_from_mapping({"beam_args": values["beam_args"]}, source).beam_args
+
+
+def own_flags_not_beam() -> dict[str, str]:
+    """Our flags, for beam_args in a config file or the hyperparameters:
+    there they are options by name, not Beam flags."""
+    return {flag: f"an option of this command: give it as {action.dest}, not in beam_args"
+            for action in build_parser()._actions for flag in action.option_strings
+            if flag.startswith("--") and action.dest not in ("help", "config")}
 
 
 
@@ -43,14 +170,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_request(argv: list[str]) -> RunRequest:
     """argv -> RunRequest: a --config file's options, then the flags over
-    them. Raises OptionError for a bad value (naming the flag or the file's key)."""
+    them. Raises OptionError for a bad value (naming the flag or the file's
+    key) and UnknownFlag for a flag that is neither ours nor Beam's.
+
+    The S3 options among the Beam flags (--s3_endpoint_url, credentials,
+    region) are applied to this process (pipeline.runtime.setup_io) before
+    the config file and the track map are read, so an s3:// one is read
+    with them; the config file's own beam_args apply to what is read after
+    it (its track map). run() applies them again with the run's S3 retry
+    options."""
+    from pipeline import runtime, s3
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    args, beam_args = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    check_beam_args(beam_args, option_strings(parser), commands=COMMANDS + ("inspect",))
+    runtime.setup_io(beam_args, s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
     if args.config:
+        source = f"--config {args.config}"
         from_file = load_config(args.config)
-        request_from_mapping(from_file, f"--config {args.config}")  # its own keys and values, named as in the file
+        file_beam = beam_args_in(from_file, source)
+        check_beam_args(file_beam, where=f"{source}: beam_args: ", not_here=own_flags_not_beam())
+        if file_beam:
+            runtime.setup_io([*file_beam, *beam_args], s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+        request_from_mapping(from_file, source)  # its own keys and values, named as in the file
         given = {**from_file, **given}
     return request_from_mapping(given, COMMAND_LINE, command, tuple(beam_args))
 
@@ -63,6 +207,11 @@ def _inspect(argv: list[str]) -> int:
     ap.add_argument("path", help="a .tfrecord.gz file, a split folder or an output folder (local or s3://)")
     ap.add_argument("--examples", type=int, default=2, help="example windows to print (default 2)")
     args, beam_args = ap.parse_known_args(argv)
+    try:
+        check_beam_args(beam_args, option_strings(ap))
+    except OptionError as e:
+        print(f"{PROG} inspect: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     runtime.setup_io(beam_args, s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
     try:
         return inspect(args.path, args.examples)

@@ -13,6 +13,18 @@ from transforms.settings import OptionError
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
 
+@pytest.fixture(autouse=True)
+def io_settings_restored():
+    """parse_request applies the Beam flags' S3 options to this process (the
+    environment, Beam's FileSystems): undone after each test."""
+    from apache_beam.io.filesystems import FileSystems
+    env, options = dict(os.environ), FileSystems._pipeline_options
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    FileSystems._pipeline_options = options
+
+
 @pytest.mark.parametrize("argv,command,beam", [
     # space-separated, as Beam's docs write flags; ours before and after them
     (["--input", "gs://b/vital", "--output", "gs://b/out", "--cases", "1-3000", "--runner", "DataflowRunner",
@@ -29,8 +41,8 @@ CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
     (["verify", "--output", "o", "--s3_endpoint_url", "http://127.0.0.1:9000"],
      "verify", ["--s3_endpoint_url", "http://127.0.0.1:9000"]),
     # a Beam flag that starts like one of ours is not taken for it
-    (["--output", "o", "--output_table", "t", "--window_size_s", "9"], "run",
-     ["--output_table", "t", "--window_size_s", "9"]),
+    (["--output", "o", "--output_executable_path", "job.jar", "--window", "9"], "run",
+     ["--output_executable_path", "job.jar"]),
 ])
 def test_beam_flags_pass_through_in_every_form(argv, command, beam):
     req = parse_request(argv)
@@ -91,8 +103,8 @@ def test_help_lists_every_declared_option(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     from pipeline.options import RunOptions
-    from transforms.settings import Settings, declared, flag_name
-    flags = [flag_name(f.name) for f in declared(Settings) + declared(RunOptions)]
+    from transforms.settings import Settings, declared, flag_names
+    flags = [flag for f in declared(Settings) + declared(RunOptions) for flag in flag_names(f)]
     assert len(flags) > 25
     for flag in flags:
         assert f"{flag} " in text or f"{flag}\n" in text or f"{flag}," in text, flag

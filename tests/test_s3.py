@@ -1,7 +1,9 @@
 """S3 end to end against moto's server over HTTP: input, clinical table and
 output on s3://, transient faults injected by a proxy, bad buckets/endpoints."""
 import json
+import os
 
+import pytest
 
 from conftest import ALL_CASES, EXPECTED_FAILURES, GOOD, INMEM, assert_same_examples, examples_by_key, read_examples, run_cli
 from s3util import FaultProxy, beam_s3_args, boto_client, download_prefix, upload_dir
@@ -132,3 +134,81 @@ def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_
     assert res.records == 240
     got = sorted(tfrecord.iter_records(io.BytesIO(storage.read_bytes(res.path))))
     assert got == sorted(f"case {c} window {w}".encode() for c in range(1, 61) for w in range(4))
+
+
+@pytest.fixture
+def s3_known_only_by_flags(monkeypatch):
+    """No S3 endpoint, credentials or region in the environment (moto_endpoint
+    puts credentials there; an earlier run may have exported its S3 options),
+    no AWS config files, Beam's FileSystems without S3 options: the emulator
+    is reachable only through the Beam flags. All restored after."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    env, options = dict(os.environ), FileSystems._pipeline_options
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[k]
+    os.environ.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+                      AWS_EC2_METADATA_DISABLED="true")
+    FileSystems.set_options(PipelineOptions([]))
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    FileSystems._pipeline_options = options
+
+
+def _put_config_and_map(c, bucket: str, config: bytes = b"split_seed: 7\nhorizon: 5\n"):
+    from transforms import trackmap
+    local = os.path.join(trackmap.SHIPPED_DIR, "intellivue.yaml")
+    c.put_object(Bucket=bucket, Key="cfg.yaml", Body=config)
+    with open(local, "rb") as fh:
+        c.put_object(Bucket=bucket, Key="map.yaml", Body=fh.read())
+    return trackmap.load(local)
+
+
+def test_config_and_track_map_on_s3_are_read_with_the_beam_s3_flags(moto_endpoint, s3_bucket,
+                                                                    s3_known_only_by_flags):
+    from pipeline.cli import parse_request
+    expected = _put_config_and_map(boto_client(moto_endpoint), s3_bucket)
+    assert not [k for k in os.environ if k.startswith("AWS_ENDPOINT")]
+    req = parse_request(["--config", f"s3://{s3_bucket}/cfg.yaml", "--tracks", f"s3://{s3_bucket}/map.yaml",
+                         "--output", f"s3://{s3_bucket}/out"] + beam_s3_args(moto_endpoint))
+    assert (req.settings.split_seed, req.settings.horizon) == (7, 5)
+    assert req.settings.tracks == expected and req.settings.tracks.name == expected.name
+    assert req.settings.tracks.as_json() == expected.as_json()
+    assert list(req.beam_args) == beam_s3_args(moto_endpoint)
+
+
+def test_a_config_files_beam_args_apply_to_its_track_map_on_s3(moto_endpoint, s3_bucket, s3_known_only_by_flags,
+                                                                tmp_path):
+    from pipeline.cli import parse_request
+    expected = _put_config_and_map(boto_client(moto_endpoint), s3_bucket)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"tracks: s3://{s3_bucket}/map.yaml\nsplit_seed: 9\n"
+                   f"beam_args: {' '.join(beam_s3_args(moto_endpoint))}\n")
+    req = parse_request(["--config", str(cfg)])
+    assert req.settings.split_seed == 9 and req.settings.tracks == expected
+    assert list(req.beam_args) == beam_s3_args(moto_endpoint)
+
+
+def test_a_missing_config_or_track_map_on_s3_is_named(moto_endpoint, s3_bucket, s3_known_only_by_flags):
+    from pipeline.cli import parse_request
+    from transforms.settings import OptionError
+    _put_config_and_map(boto_client(moto_endpoint), s3_bucket)
+    path = f"s3://{s3_bucket}/missing.yaml"
+    with pytest.raises(OptionError) as err:
+        parse_request(["--config", path] + beam_s3_args(moto_endpoint))
+    # the emulator's answer (the object is not there), not a connection or credentials error
+    assert str(err.value) == f"--config {path}: cannot read it ([Errno 2] Not found: {path})"
+    with pytest.raises(OptionError) as err:
+        parse_request(["--config", f"s3://{s3_bucket}/cfg.yaml", "--tracks", path] + beam_s3_args(moto_endpoint))
+    assert f"track map {path}: cannot read it ([Errno 2] Not found: {path})" in str(err.value), str(err.value)
+
+
+def test_the_sagemaker_entry_point_reads_an_s3_track_map_with_its_beam_s3_flags(moto_endpoint, s3_bucket,
+                                                                               s3_known_only_by_flags):
+    from launch import entrypoint
+    expected = _put_config_and_map(boto_client(moto_endpoint), s3_bucket)
+    hp = {"cases": "1-3", "input": f"s3://{s3_bucket}/in", "output": f"s3://{s3_bucket}/out",
+          "tracks": f"s3://{s3_bucket}/map.yaml", "beam_args": " ".join(beam_s3_args(moto_endpoint))}
+    req = entrypoint.request_for_host(hp, "algo-1", ["algo-1"])
+    assert req.settings.tracks == expected
