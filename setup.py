@@ -4,7 +4,7 @@ Also what Beam ships to remote workers: `--setup_file ./setup.py`.
 """
 import pathlib
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = pathlib.Path(__file__).resolve().parent
 # One list of run-time requirements, shared with the Dockerfile's dependency layer.
@@ -17,7 +17,7 @@ setup(
     description="VitalDB anaesthesia recordings to windowed, normalised, patient-split TFRecords on Apache Beam",
     python_requires=">=3.11,<3.12",
     # Exactly the project's packages: never tests/.
-    packages=["pipeline", "transforms", "launch"],
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*", "launch"]),
     # the shipped track maps (usable by name) and the launcher's dated price table
     package_data={"transforms": ["trackmaps/*.yaml"], "launch": ["prices.json"]},
     install_requires=REQUIRES,
@@ -25,7 +25,7 @@ setup(
         # TensorFlow reads the output back (tests, users); the pipeline and inspect do not import it.
         "tf": ["tensorflow==2.21.0"],
         "launch": ["sagemaker>=3", "pyyaml"],
-        "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0"],
+        "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0", "mkdocs-material"],
     },
     entry_points={
         "console_scripts": [

@@ -5,7 +5,7 @@ hyperparameters (`<root>/input/config/hyperparameters.json`, root /opt/ml or
 $MASTER_POC_SM_ROOT; SM_HPS as fallback) are the run's options by their
 declared names, parsed as a config file is; the host list
 (`resourceconfig.json`, SM_HOSTS/SM_CURRENT_HOST as fallback) gives this
-host's share I/N of the cases (pipeline.coordination: share 1, algo-1,
+host's share I/N of the cases (pipeline.run.coordination: share 1, algo-1,
 waits for every marker and finalizes). Stage 1 runs on all vCPUs. Progress
 goes to stdout (CloudWatch); a failure reason goes to <root>/output/failure,
 which SageMaker shows in the job description. A spot restart simply reruns:
@@ -30,7 +30,7 @@ from typing import Optional
 
 from pipeline import api
 from pipeline.cli import beam_args_in, check_beam_args, did_you_mean, own_flags_not_beam, summary_lines
-from pipeline.coordination import Share
+from pipeline.run.coordination import Share
 from pipeline.options import EXIT_INTERRUPTED, EXIT_USAGE, RunOptions, RunRequest, request_from_mapping
 from transforms.settings import OptionError, Settings, declared
 
@@ -102,7 +102,8 @@ def request_for_host(hp: dict, current: str, hosts: list[str]) -> RunRequest:
     """The run request of one host: its share of the cases, all its vCPUs.
     Its Beam flags are checked and their S3 options applied before the
     options are parsed (a track map on s3:// is read then)."""
-    from pipeline import runtime, s3
+    from pipeline.run import runtime
+    from pipeline.io import s3
     check_names(hp)
     given = beam_args_in(hp, SOURCE)
     check_beam_args(given, where="hyperparameter beam_args: ", not_here=own_flags_not_beam())
@@ -121,7 +122,7 @@ def write_failure(root: str, reason: str) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from pipeline.runtime import configure_logging
+    from pipeline.run.runtime import configure_logging
     root = sm_root()
     try:
         hp, current, hosts = read_config(root)

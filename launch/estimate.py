@@ -57,7 +57,7 @@ class Pilot:
 
 
 def read_pilot(output: str) -> Pilot:
-    from pipeline import names, storage
+    from pipeline.output import names, storage
     if not storage.exists(storage.metadata_path(output)):
         raise EstimateError(f"{output} has no {names.METADATA_NAME}: not a finished output")
     meta = storage.read_json(storage.metadata_path(output))

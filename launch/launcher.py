@@ -34,8 +34,8 @@ from typing import Any, Optional
 
 from launch.entrypoint import NOT_HYPERPARAMETERS, REQUIRED
 from pipeline.options import SAGEMAKER_SECTION, RunOptions, read_config, request_from_mapping
-from transforms import sources
-from transforms.sources import Source
+from pipeline.io import sources
+from pipeline.io.sources import Source
 from transforms.settings import (OptionError, Settings, add_flags, declared, from_mapping, option, parse_bool,
                                  positive_int, text_value)
 
@@ -311,7 +311,8 @@ def follow(client, name: str, poll_s: float = 30.0, out=None) -> int:
 def run_estimate(args: argparse.Namespace) -> int:
     """--estimate-from: the job's time and cost from a pilot output; launches nothing."""
     from launch import estimate as est
-    from pipeline import runtime, s3
+    from pipeline.run import runtime
+    from pipeline.io import s3
     from transforms.case_ids import parse_cases
     lo, job, problems = _gather(args)
     if not job.get("cases"):

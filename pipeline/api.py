@@ -4,14 +4,14 @@ The command line (pipeline.cli), the SageMaker entry point (launch.entrypoint)
 and the tests all call this; it holds no state between calls.
 
     run      stage 1 (cases -> committed case objects and markers), then
-             stage 2 (pipeline.finalize: split files, verification, metadata,
+             stage 2 (pipeline.stages.finalize: split files, verification, metadata,
              schema, report); with a share I/N: stage 1 on this share, and
              share 1 waits for every marker and finalizes
     finalize stage 2 alone, from the markers (idempotent, byte-identical)
     verify   read every split file back and compare with the markers
 
-Each command is one function here; the run's record (pipeline.metadata.RunRecord)
-writes what it did, the stages run through a StageRunner (pipeline.runtime).
+Each command is one function here; the run's record (pipeline.output.metadata.RunRecord)
+writes what it did, the stages run through a StageRunner (pipeline.run.runtime).
 """
 from __future__ import annotations
 
@@ -27,21 +27,24 @@ from typing import Optional, TextIO
 
 import pandas as pd
 
-from pipeline import coordination, s3, storage
-from pipeline import cohort as cohort_run
-from pipeline.contracts import FailedMarker, Status
-from pipeline.finalize import Finalize
-from pipeline.metadata import RunRecord, fingerprint
+from pipeline.run import coordination
+from pipeline.io import s3
+from pipeline.output import storage
+from pipeline.output import cohort as cohort_run
+from pipeline.output.contracts import FailedMarker, Status
+from pipeline.stages.finalize import Finalize
+from pipeline.output.metadata import fingerprint, RunRecord
 from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionError, RunRequest,
                               cohort_flags, finish_command, settings_flags)
-from pipeline.progress import Progress
-from pipeline.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
-from pipeline.supervisor import Supervisor
-from pipeline.verify import Verification, verify_output
-from transforms import cohort, sources
-from transforms.load import ClinicalTable, ClinicalTableError, TableFormat, read_clinical
+from pipeline.run.progress import Progress
+from pipeline.run.runtime import InProcess, Interrupted, run_with, stage_job, StageFailed, StageRunner
+from pipeline.run.supervisor import Supervisor
+from pipeline.stages.verify import Verification, verify_output
+from transforms import cohort
+from pipeline.io import sources
+from pipeline.io.clinical import ClinicalTable, ClinicalTableError, read_clinical, TableFormat
 from transforms.settings import Settings
-from transforms.sources import Source, SourceError
+from pipeline.io.sources import Source, SourceError
 
 _LOG = logging.getLogger("master_poc")
 
@@ -323,7 +326,7 @@ def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
         return dataclasses.replace(res, elapsed_s=time.time() - t0)
 
     try:
-        from pipeline import runtime
+        from pipeline.run import runtime
         runtime.setup_io(list(req.beam_args), o.s3_max_attempts, o.s3_retry_mode)
         from apache_beam.options.pipeline_options import PipelineOptions
         s3.preflight({"--input": o.input, "--clinical": o.clinical, "--output": o.output},

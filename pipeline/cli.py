@@ -27,6 +27,7 @@ import sys
 from typing import Iterable, Mapping, Optional
 
 from pipeline.api import RunResult, run
+from pipeline.output.cohort import summary_lines as cohort_lines
 from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
@@ -174,12 +175,13 @@ def parse_request(argv: list[str]) -> RunRequest:
     key) and UnknownFlag for a flag that is neither ours nor Beam's.
 
     The S3 options among the Beam flags (--s3_endpoint_url, credentials,
-    region) are applied to this process (pipeline.runtime.setup_io) before
+    region) are applied to this process (pipeline.run.runtime.setup_io) before
     the config file and the track map are read, so an s3:// one is read
     with them; the config file's own beam_args apply to what is read after
     it (its track map). run() applies them again with the run's S3 retry
     options."""
-    from pipeline import runtime, s3
+    from pipeline.run import runtime
+    from pipeline.io import s3
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     parser = build_parser()
@@ -200,8 +202,9 @@ def parse_request(argv: list[str]) -> RunRequest:
 
 
 def _inspect(argv: list[str]) -> int:
-    from pipeline import runtime, s3
-    from pipeline.inspect_cmd import inspect
+    from pipeline.run import runtime
+    from pipeline.io import s3
+    from pipeline.tools.inspect_cmd import inspect
     ap = argparse.ArgumentParser(prog=f"{PROG} inspect", allow_abbrev=False,
                                  description="counts, shapes and example windows in clinical units")
     ap.add_argument("path", help="a .tfrecord.gz file, a split folder or an output folder (local or s3://)")
@@ -242,6 +245,8 @@ def summary_lines(res: RunResult) -> list[str]:
         for s, d in res.verification.splits.items():
             lines.append(f"{s}: {d.examples} examples in {d.files} files from {d.cases} cases of {d.patients} "
                          f"patients (markers: {d.expected_examples} from {d.expected_cases})")
+        if res.verification.excluded:
+            lines.append(f"{res.verification.excluded} cases excluded by the cohort's criteria: none of them in a split")
         lines += [f"VERIFY FAILED: {p}" for p in res.verification.problems]
         lines.append("verify: ok" if res.exit_code == 0 else "verify: FAILED")
         return lines
@@ -287,7 +292,9 @@ def summary_lines(res: RunResult) -> list[str]:
                      + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
     if meta["verification"] and not meta["verification"]["ok"]:
         lines += [f"  VERIFY FAILED: {p}" for p in meta["verification"]["problems"]]
+    lines += cohort_lines(meta.get("cohort"))
     lines.append(f"  metadata: {meta['output'].rstrip('/')}/preprocessing_metadata.json")
+    lines.append(f"  Table 1: {meta['output'].rstrip('/')}/table1.csv")
     lines.append(f"  quality report: {meta['output'].rstrip('/')}/report/index.html")
     return lines
 
@@ -304,7 +311,7 @@ def main(argv: Optional[list[str]] = None, supervised: bool = True) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     if supervised:
-        from pipeline.runtime import configure_logging
+        from pipeline.run.runtime import configure_logging
         configure_logging(req.options.verbose)
     res = run(dataclasses.replace(req, supervised=supervised))
     for line in summary_lines(res):

@@ -9,13 +9,14 @@ import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
-from pipeline import s3
-from pipeline.coordination import Share
+from pipeline.io import s3
+from pipeline.run.coordination import Share
 from transforms import cohort
 from transforms.case_ids import parse_cases
-from transforms.documents import DocumentError, read_document
-from transforms.remote import WebOptions
-from transforms.settings import (OptionError, Settings, declared, flag_name, fraction, from_mapping, is_switch,
+from pipeline.io.documents import DocumentError, load_track_map, read_document
+from transforms.trackmap import TrackMapError
+from pipeline.io.remote import WebOptions
+from transforms.settings import (COMMAND_LINE, OptionError, Settings, declared, flag_name, fraction, from_mapping, is_switch,
                                  non_negative_float, non_negative_int, option, parse_bool, positive_float, positive_int,
                                  text_value)
 
@@ -117,7 +118,7 @@ class RunOptions:
                                     parse=positive_int)
     http_connections: int = option(4, "web input: connections per process and server", parse=positive_int)
     verbose: bool = option(False, "log Beam's INFO messages too", parse=parse_bool, short="-v")
-    # The cohort (pipeline.cohort): recorded, not fingerprinted, so changing it re-decides on the same output.
+    # The cohort (pipeline.output.cohort): recorded, not fingerprinted, so changing it re-decides on the same output.
     cohort: tuple = option((), "the cohort's criteria, in the order a study writes them (a config file's "
                                "cohort: list of {include|exclude|require|min_measured: text}); evaluated: "
                                "include/exclude as given, then require, then min_measured; a case is counted at "
@@ -165,6 +166,13 @@ def request_from_mapping(values: Mapping[str, Any], source: str, command: str = 
     hyperparameters): data settings and run options by their declared names;
     an unknown name is refused, naming it."""
     values = dict(values)
+    if isinstance(values.get("tracks"), str):  # a file or a shipped map's name: read here, where I/O lives
+        try:
+            values["tracks"] = load_track_map(values["tracks"])
+        except TrackMapError as e:
+            where = f"{source}: " if source and source != COMMAND_LINE else ""
+            raise OptionError(f"{where}{'--tracks' if source == COMMAND_LINE else 'tracks'} "
+                              f"{values['tracks']!r}: {e}") from None
     beam = values.pop("beam_args", None)
     setting_names = {f.name for f in fields(Settings)}
     settings = from_mapping(Settings, {k: v for k, v in values.items() if k in setting_names}, source)

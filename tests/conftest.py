@@ -160,7 +160,7 @@ def assert_same_examples(got: dict, ref: dict) -> None:
 
 def split_bytes(out: str) -> dict:
     """{relative path: bytes} of an output's split files."""
-    from pipeline import storage
+    from pipeline.output import storage
     from transforms import spec
     return {os.path.relpath(f, out): open(f, "rb").read()
             for s in spec.SPLIT_NAMES for f in storage.list_files(storage.split_files_glob(out, s))}

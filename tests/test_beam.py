@@ -7,13 +7,15 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
-from pipeline import stage1, stage2, storage
-from pipeline.contracts import DoneMarker, StageJob
-from transforms.beam import FAILED, ArraysCoder, LoadCase, TransformCase
+from pipeline.stages import stage1, stage2
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker, StageJob
+from pipeline.stages.dofns import ArraysCoder, FAILED, LoadCase, TransformCase
 from transforms.per_case import CaseWindows
 from transforms.settings import Settings
-from transforms.load import ClinicalTable, RawCase, read_clinical
-from transforms.sources import Source
+from pipeline.io.clinical import ClinicalTable, read_clinical
+from pipeline.io.vital import RawCase
+from pipeline.io.sources import Source
 
 OPTS = ["--direct_running_mode=in_memory"]
 

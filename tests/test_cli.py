@@ -83,7 +83,7 @@ def test_portable_runner_through_the_console_script_equals_the_default_runner(ru
 
 def records(out: str) -> dict:
     """{(case_id, window_start): serialized example} of an output's split files."""
-    from pipeline import storage
+    from pipeline.output import storage
     from transforms import encode, spec, tfrecord
     dec = encode.examples_decoder({"case_id": "int", "window_start": "int"})
     found = {}

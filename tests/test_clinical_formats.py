@@ -9,7 +9,7 @@ import pytest
 
 from conftest import INMEM, run_cli, split_bytes
 from pipeline import sample
-from transforms.load import ClinicalTableError, read_clinical, sniff_format
+from pipeline.io.clinical import ClinicalTableError, read_clinical, sniff_format
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import pytest
 import vitaldb
 
 from conftest import INMEM, run_cli, split_bytes
-from pipeline import storage
+from pipeline.output import storage
 from transforms import cohort, spec
 from transforms.cohort import Criterion, parse_criteria
-from transforms.load import load_case, read_track_names
-from transforms.sources import Source
+from pipeline.io.vital import load_case, read_track_names
+from pipeline.io.sources import Source
 
 T0 = 4102444800.0
 BASE = ["Solar8000/HR", "Solar8000/NIBP_SBP", "Solar8000/NIBP_DBP", "Solar8000/NIBP_MBP", "Solar8000/PLETH_SPO2"]
@@ -202,7 +202,7 @@ def test_without_a_track_list_each_file_is_held_against_require_by_its_track_inf
 def test_the_track_information_is_read_alone(tmp_path, monkeypatch):
     """vitaldb parses the file's track list and stops at its first record:
     a few kB of a 4-hour file, which a full load reads whole."""
-    from transforms import sources
+    from pipeline.io import sources
     write_case(str(tmp_path / "0001.vital"), CASES[1][0], seconds=4 * 3600)
     size = os.path.getsize(tmp_path / "0001.vital")
     read = []
@@ -218,7 +218,7 @@ def test_the_track_information_is_read_alone(tmp_path, monkeypatch):
 
 
 def test_two_tids_of_one_track_are_one_track(cohort_data):
-    from pipeline.cohort import read_track_table
+    from pipeline.output.cohort import read_track_table
     table = read_track_table(os.path.join(cohort_data, "trks.csv"))
     assert (table[table["caseid"] == 1]["tname"] == "Solar8000/BT").sum() == 2
     assert cohort.cases_with_any(table, frozenset({"Solar8000/BT"})) == {1}
@@ -297,3 +297,21 @@ def test_the_report_draws_the_flow_as_boxes_and_arrows_in_a_real_browser(cohort_
                   "Too short for a window: 0; failed: 0"):
         assert words in " ".join(texts.split()), words
     assert 'id="table1"' in dom and "median [Q1,Q3]" in dom
+
+
+def test_with_the_web_api_a_case_left_out_by_its_tracks_costs_no_byte(cohort_data, tmp_path, monkeypatch, capsys):
+    """--input vitaldb reads the API's track table once: a case it leaves out is never asked for."""
+    from pipeline.io.sources import VITALDB_API_ENV
+    from webstandin import StandIn
+    with StandIn(cohort_data) as api:
+        monkeypatch.setenv(VITALDB_API_ENV, api.url)
+        out = str(tmp_path / "web")
+        assert run_cli("--input", "vitaldb", "--output", out, INMEM, *STUDY) == 0
+        log = list(api.log)
+    m = meta(out)
+    assert m["cohort"]["track_list"] == f"{api.url}/trks"
+    assert m["cohort"]["criteria"][-1] == {"kind": "require", "text": "Propofol_INF,BP_MAP", "excluded": [5, 7]}
+    for cid in (3, 4, 5, 7):  # left out by the clinical table or the track table
+        assert api.sent_for(cid) == 0 and not [e for e in log if e[1].endswith(f"/{cid}.vital")], cid
+    assert api.sent_for(1) > 0 and [e for e in log if e[1] == "/trks"] == [("GET", "/trks", "ok")]
+    assert "track list " + f"{api.url}/trks: " in capsys.readouterr().out

@@ -9,7 +9,7 @@ import google_crc32c
 import pytest
 
 from conftest import INMEM, run_cli, split_bytes
-from pipeline import storage
+from pipeline.output import storage
 from pipeline.cli import parse_request
 from transforms.settings import OptionError
 

@@ -28,7 +28,7 @@ def s3_thirty(moto_endpoint, tmp_path_factory):
     src = sample_on_s3(moto_endpoint, local, "durability", N_CASES, 1500)
     ref_out = str(tmp_path_factory.mktemp("ref"))
     assert run_cli("--input", local, "--output", ref_out, "--direct_running_mode=in_memory") == 0
-    from pipeline import storage
+    from pipeline.output import storage
     ref = examples_by_key(read_examples(
         [f for s in spec.SPLIT_NAMES for f in storage.list_files(f"{ref_out}/{s}/*.tfrecord.gz")]))
     return src, ref

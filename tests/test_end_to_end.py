@@ -8,12 +8,14 @@ import pytest
 
 from conftest import (EXPECTED_FAILURES, INMEM, expected_split, REPO, ALL_CASES, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, copy_repo, examples_by_key, read_examples,
                       run_cli)
-from pipeline import storage
+from pipeline.output import storage
 from pipeline.sample import sample_split
-from transforms import features, load, spec
+from transforms import features, spec
+from pipeline.io import clinical
+from pipeline.io import vital as load
 from transforms.per_case import process_case
 from transforms.settings import Settings
-from transforms.sources import Source
+from pipeline.io.sources import Source
 
 
 
@@ -64,7 +66,7 @@ def test_examples_hold_the_case_values_in_order(run_output, dataset):
     split = sample_split(cid)
     ex = examples_by_key(read_examples(split_files(out, split)))
     rc = load.load_case(Source.for_location(dataset), cid)
-    cw = process_case(cid, rc.raw, load.read_clinical(f"{dataset}/clinical_data.csv").row(cid), Settings())
+    cw = process_case(cid, rc.raw, clinical.read_clinical(f"{dataset}/clinical_data.csv").row(cid), Settings())
     e = ex[(cid, 60)]
     np.testing.assert_allclose(e["timeseries"], cw.timeseries[2], atol=0)
     np.testing.assert_allclose(e["targets"], cw.targets[2], atol=0)

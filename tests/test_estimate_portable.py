@@ -13,8 +13,8 @@ import pytest
 from conftest import EMPTY, GOOD, INMEM, run_cli, split_bytes
 from launch import estimate as est
 from launch import launcher
-from pipeline import storage
-from pipeline.contracts import DoneMarker, Status
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker, Status
 from s3util import free_port
 
 

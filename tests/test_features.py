@@ -229,8 +229,8 @@ def test_consumers_take_any_number_of_features_and_sources():
     transform, its statistics and the quality report."""
     import dataclasses
 
-    from pipeline import report
-    from pipeline.contracts import DoneMarker
+    from pipeline.report import quality as report
+    from pipeline.output.contracts import DoneMarker
     from transforms.per_case import process_case
     from transforms.settings import Settings
     base = spec.DEFAULT_SPEC

@@ -176,7 +176,7 @@ def test_folds_hold_whole_patients_and_everything_knows_them(featured, capsys):
     assert list(q["splits"]) == ["fold-1", "fold-2", "fold-3"] and q["patients_in_two_splits"] == []
     assert run_cli("verify", "--output", featured) == 0
     assert "fold-2:" in capsys.readouterr().out
-    from pipeline.inspect_cmd import inspect
+    from pipeline.tools.inspect_cmd import inspect
     assert inspect(featured, 1) == 0
     assert "fold-3" in capsys.readouterr().out
 

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 
 from conftest import INMEM, read_examples, run_cli
-from pipeline import sample, storage
+from pipeline import sample
+from pipeline.output import storage
 from transforms import spec
 from transforms.per_case import process_case
-from transforms.load import read_clinical
+from pipeline.io.clinical import read_clinical
 from transforms.settings import Settings
 from transforms.windows import assign_split, patient_id, split_bucket, split_key
 

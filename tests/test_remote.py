@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from transforms import remote
+from pipeline.io import remote
 from webstandin import StandIn
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ALL_CASES, EXPECTED_FAILURES, GOOD, INMEM, assert_same_examples, examples_by_key, read_examples, run_cli
 from s3util import FaultProxy, beam_s3_args, boto_client, download_prefix, upload_dir
+from pipeline.io.documents import load_track_map
 from transforms import spec
 
 CASES = ",".join(map(str, ALL_CASES))
@@ -23,7 +24,7 @@ def s3_examples(client, bucket, prefix, tmp_path):
 
 
 def local_examples(out):
-    from pipeline import storage
+    from pipeline.output import storage
     files = [f for s in spec.SPLIT_NAMES for f in storage.list_files(f"{out}/{s}/*.tfrecord.gz")]
     return examples_by_key(read_examples(files))
 
@@ -85,7 +86,8 @@ def test_beam_s3_calls_reuse_one_boto3_client(moto_endpoint, s3_bucket):
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import s3, storage
+    from pipeline.io import s3
+    from pipeline.output import storage
     s3.share_boto3_clients()
     FileSystems.set_options(PipelineOptions(beam_s3_args(moto_endpoint)))
     storage.write_atomic(f"s3://{s3_bucket}/a.json", b"{}")
@@ -111,8 +113,10 @@ def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from pipeline import s3, stage2, storage
-    from pipeline.contracts import Member, PlannedCase, ShardPlan
+    from pipeline.io import s3
+    from pipeline.stages import stage2
+    from pipeline.output import storage
+    from pipeline.output.contracts import Member, PlannedCase, ShardPlan
     from transforms import encode, tfrecord
     s3.share_boto3_clients()
     FileSystems.set_options(PipelineOptions(beam_s3_args(moto_endpoint)))
@@ -162,7 +166,7 @@ def _put_config_and_map(c, bucket: str, config: bytes = b"split_seed: 7\nhorizon
     c.put_object(Bucket=bucket, Key="cfg.yaml", Body=config)
     with open(local, "rb") as fh:
         c.put_object(Bucket=bucket, Key="map.yaml", Body=fh.read())
-    return trackmap.load(local)
+    return load_track_map(local)
 
 
 def test_config_and_track_map_on_s3_are_read_with_the_beam_s3_flags(moto_endpoint, s3_bucket,

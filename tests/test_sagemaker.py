@@ -10,7 +10,7 @@ import pytest
 
 from conftest import examples_by_key, read_examples, run_cli
 from launch import entrypoint, launcher
-from pipeline import coordination
+from pipeline.run import coordination
 from s3util import boto_client, download_prefix, s3_env, sample_on_s3
 
 ROLE_TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
@@ -167,7 +167,7 @@ def test_shares_partition_by_position():
 
 def test_the_leaders_wait_is_bounded_and_stops_on_a_signal(tmp_path):
     """The wait's clock and sleep are injected: no real waiting here."""
-    from pipeline import storage
+    from pipeline.output import storage
     out = str(tmp_path)
     storage.write_json(storage.marker_path(out, storage.DONE, 1), {"case_id": 1})
     storage.write_json(storage.marker_path(out, storage.FAILED, 2), {"case_id": 2, "reason": "x", "detail": ""})
@@ -267,7 +267,7 @@ def test_a_host_reads_the_open_dataset_from_the_web_api(moto_endpoint, tmp_path)
     """The entry point as SageMaker runs it, one host, --input vitaldb: the
     cases come from the (stand-in) web API, the output goes to S3."""
     from pipeline import sample
-    from transforms.sources import VITALDB_API_ENV
+    from pipeline.io.sources import VITALDB_API_ENV
     from webstandin import StandIn
     folder = tmp_path / "api"
     sample.write_sample(str(folder), [1, 2, 3], 900, waveforms=True)

@@ -9,22 +9,30 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = ("pipeline", "transforms", "launch")
 
 
+def module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def project_modules() -> list[pathlib.Path]:
+    """Every module of the product, sub-packages included."""
+    return sorted(p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py"))
+
+
+def imports_of(path: pathlib.Path) -> set[str]:
+    """Every module a file imports (inside functions too), as dotted names."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+    return names
+
+
 def project_imports() -> dict[str, set[str]]:
-    graph = {}
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).glob("*.py"):
-            mod = f"{pkg}.{path.stem}" if path.stem != "__init__" else pkg
-            deps = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.module:
-                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                elif isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                else:
-                    continue
-                deps |= {n for n in names if n.split(".")[0] in PACKAGES and n.count(".") == 1}
-            graph[mod] = deps - {mod}
-    return {m: {d for d in deps if d in graph} for m, deps in graph.items()}
+    graph = {module_name(p): imports_of(p) for p in project_modules()}
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
 
 
 def find_cycle(graph):
@@ -67,9 +75,34 @@ def test_transforms_is_the_bottom_layer():
     assert all(not v for v in upward.values()), upward
 
 
+# What pure code never imports: files, networks and stores are pipeline.io's.
+IO_MODULES = ("apache_beam", "boto3", "botocore", "urllib", "http", "socket", "requests", "vitaldb", "shutil",
+              "tempfile", "subprocess", "glob", "io", "gzip")
+
+
+def test_transforms_is_pure_numpy_in_numpy_out():
+    """No file, network or store access in transforms/: none of their modules is imported there."""
+    found = {module_name(p): sorted(n for n in imports_of(p) if n.split(".")[0] in IO_MODULES)
+             for p in (ROOT / "transforms").rglob("*.py")}
+    assert {m: v for m, v in found.items() if v} == {}
+    # and the check sees an import when there is one
+    assert "apache_beam.io.filesystems" in imports_of(ROOT / "pipeline" / "io" / "sources.py")
+
+
+def test_every_io_library_is_used_in_one_package_only():
+    """Stores and servers are reached from pipeline.io alone (and the tools' and launcher's own needs)."""
+    allowed = ("pipeline.io", "launch", "pipeline.tools")
+    for p in project_modules():
+        m = module_name(p)
+        if m.startswith(allowed):
+            continue
+        net = sorted(n for n in imports_of(p) if n.split(".")[0] in ("boto3", "botocore", "urllib", "http", "vitaldb"))
+        assert net == [], (m, net)
+
+
 def test_no_reference_to_files_outside_the_repository():
     offenders = []
-    for path in list(ROOT.glob("*/*.py")) + [ROOT / "README.md", ROOT / "Dockerfile", ROOT / "setup.py"] + \
+    for path in [p for d in PACKAGES + ("tests", "scripts") for p in (ROOT / d).rglob("*.py")] + [ROOT / "README.md", ROOT / "Dockerfile", ROOT / "setup.py"] + \
             list((ROOT / "docs").glob("*.md")):
         text = path.read_text()
         for pattern in (r"\.\./shared", r"\b(SPEC|DESIGN|VITALDB|BEAM_NOTES|IMAGE_NOTES|STYLE)\.md\b"):
@@ -104,18 +137,32 @@ def test_the_package_carries_what_it_reads_at_run_time(tmp_path):
     assert {"requirements.txt", "transforms/trackmaps/intellivue.yaml", "launch/prices.json", "setup.py"} <= members
 
 
-def test_the_readmes_layout_names_every_module_and_only_real_ones():
+def layout_modules() -> set[str]:
+    """The modules the README's Layout section names: folder lines end in
+    "/", nesting by two spaces of indent; a line may name several files."""
     text = (ROOT / "README.md").read_text()
     layout = text[text.index("## Layout"):]
     block = re.search(r"```\n(.*?)```", layout, re.S).group(1)
-    modules = {f"{p.parent.name}/{p.name}" for pkg in PACKAGES for p in (ROOT / pkg).glob("*.py")
-               if p.name != "__init__.py"}
-    current, named = None, set()
+    stack: list[str] = []
+    named = set()
     for line in block.splitlines():
-        top = re.match(r"^(\w+)/\s", line)
-        if top:
-            current = top.group(1)
-        for name in re.findall(r"\b([\w]+\.py)\b", line.split("  ")[1] if line.startswith("  ") else ""):
-            named.add(f"{current}/{name}")
+        if not line.strip():
+            continue
+        indent = (len(line) - len(line.lstrip(" "))) // 2
+        head = line.strip().split("  ")[0]
+        stack = stack[:indent]
+        folder = re.match(r"^([\w]+)/", head)
+        if folder and "," not in head and not head.endswith(".py"):
+            stack.append(folder.group(1))
+            continue
+        for name in re.findall(r"\b([\w]+\.py)\b", head):
+            named.add("/".join(stack + [name]))
+    return named
+
+
+def test_the_readmes_layout_names_every_module_and_only_real_ones():
+    modules = {str(p.relative_to(ROOT)) for p in project_modules() if p.name != "__init__.py"}
+    named = layout_modules()
     assert modules - named == set(), "modules missing from the README's Layout"
     assert {n for n in named if n.split("/")[0] in PACKAGES} - modules == set(), "named but not there"
+    assert "pipeline/io/sources.py" in named  # sub-packages are walked

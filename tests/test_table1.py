@@ -1,4 +1,4 @@
-"""pipeline.table1: the Table 1 per split, its numbers checked against values
+"""pipeline.report.table1: the Table 1 per split, its numbers checked against values
 computed here independently with numpy/pandas (medians, quartiles, counts,
 percentages, missing counts, SMDs), on small hand-made clinical tables."""
 from __future__ import annotations
@@ -14,8 +14,7 @@ import pandas as pd
 import pytest
 from tableone import TableOne
 
-from pipeline import table1
-from pipeline.table1 import build_table1
+from pipeline.report.table1 import build_table1
 
 NAN = np.nan
 SPLITS = ["train", "validation", "test"]

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import INMEM, TO_INTELLIVUE, read_examples, run_cli
-from pipeline import sample, storage
+from pipeline import sample
+from pipeline.output import storage
+from pipeline.io.documents import load_track_map
 from transforms import features, spec, trackmap
 
 # The same signals as VitalDB's Solar 8000 writes them, under IntelliVue's names.
@@ -77,7 +79,7 @@ def test_a_bad_track_map_is_refused_before_any_work_naming_the_entry(doc, named,
     path = tmp_path / "map.json"
     path.write_text(json.dumps(doc))
     with pytest.raises(trackmap.TrackMapError) as err:
-        trackmap.load(str(path))
+        load_track_map(str(path))
     assert named in str(err.value)
     out = tmp_path / "o"
     assert run_cli("--input", str(tmp_path), "--output", str(out), "--tracks", str(path), INMEM) == 2
@@ -146,7 +148,7 @@ def test_emit_delta_through_the_pipeline(dataset, tmp_path, capsys):
 
 def test_the_shipped_ventilator_settings_map_puts_the_set_values_first():
     assert "ventilator-settings" in trackmap.shipped()
-    fs = trackmap.load("ventilator-settings").apply()
+    fs = load_track_map("ventilator-settings").apply()
     base = spec.DEFAULT_SPEC
     expected = {  # feature: [(track, unit, factor, divisor)] of the SET sources, before the built-in ones
         "TV": [("Primus/SET_TV_L", "L", 1000.0, spec.PER_IBW), ("Solar8000/VENT_SET_TV", "mL", 1.0, spec.PER_IBW)],

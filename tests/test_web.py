@@ -10,10 +10,11 @@ import shutil
 import pytest
 
 from conftest import INMEM, run_cli, split_bytes
-from pipeline import sample, storage
+from pipeline import sample
+from pipeline.output import storage
 from s3util import FaultProxy, beam_s3_args, boto_client, upload_dir
-from transforms import remote
-from transforms.sources import VITALDB_API_ENV, Source, check_reachable, SourceError
+from pipeline.io import remote
+from pipeline.io.sources import check_reachable, Source, SourceError, VITALDB_API_ENV
 from webstandin import StandIn
 
 CASES = [1, 2, 3, 4]
@@ -211,7 +212,7 @@ def test_an_interleaved_file_interleaves_and_streams_whole(tmp_path):
     assert dts == sorted(dts) and len(set(tids[:50])) > 3  # the first records already come from several tracks
     with StandIn(folder, version="v") as s:
         source = Source.for_location(f"{s.url}/v")
-        from transforms.load import load_case
+        from pipeline.io.vital import load_case
         rc = load_case(source, 1)
     assert rc.input["bytes_read"] == os.path.getsize(f"{folder}/0001.vital")
 

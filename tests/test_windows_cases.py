@@ -86,7 +86,7 @@ def test_parse_split():
 
 
 def test_clinical_table_duplicates(tmp_path):
-    from transforms.load import read_clinical
+    from pipeline.io.clinical import read_clinical
     p = tmp_path / "c.csv"
     p.write_text("caseid,age,sex,weight\n1,50,F,60\n2,60,M,80\n1,50,F,60\n3,40,M,70\n3,40,M,75\n")
     t = read_clinical(str(p))

@@ -15,7 +15,7 @@ Evaluation order: include/exclude as given, then require, then min_measured;
 a case is counted at the first criterion it fails (`ordered`). Everything
 here is pure: tables, track sets and shares in, decisions out. Where the
 track lists and shares come from, and the markers that record the decisions,
-is pipeline.cohort's business.
+is pipeline.output.cohort's business.
 """
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ class CaseFacts:
     ibw_kg: float = 0.0
     stats: dict = field(default_factory=dict)  # per-feature counts for the quality report (case_stats)
     timings: dict = field(default_factory=dict)  # seconds per step of stage 1
-    input: dict = field(default_factory=dict)  # the input file's identity (transforms.load.RawCase.input)
+    input: dict = field(default_factory=dict)  # the input file's identity (pipeline.io.vital.RawCase.input)
     # An earlier commit's input identity, when the input file changed since then.
     changed_input: Optional[dict] = None
     clinical: dict = field(default_factory=dict)  # the clinical table's identity (path, bytes, sha256)
@@ -52,7 +52,7 @@ class CaseFacts:
 @dataclass(frozen=True)
 class CaseFailure:
     """A case that failed and why: the dead letter the DoFns hand on, and
-    (pipeline.contracts.FailedMarker) what cases/_failed/<id>.json holds."""
+    (pipeline.output.contracts.FailedMarker) what cases/_failed/<id>.json holds."""
 
     case_id: int
     reason: str  # missing_file, corrupt_file, no_tracks, download_failed, duplicate_clinical_row, ...

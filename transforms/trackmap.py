@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from transforms import spec
-from transforms.documents import DocumentError, read_document
 
 MODES = ("before", "after", "replace")
 DIVISORS = {"none": spec.PER_NONE, "weight": spec.PER_WEIGHT, "ibw": spec.PER_IBW}
@@ -92,21 +91,21 @@ def shipped() -> list[str]:
     return sorted(n[:-5] for n in os.listdir(SHIPPED_DIR) if n.endswith(".yaml"))
 
 
+def shipped_path(name: str) -> Optional[str]:
+    """The file of a shipped map, by its name; None for any other name."""
+    return os.path.join(SHIPPED_DIR, f"{name}.yaml") if name in shipped() else None
+
+
 def load(value: Any) -> TrackMap:
-    """A track map from a path (YAML or JSON, local or s3://), the name of a
-    shipped map, a mapping, or a TrackMap."""
+    """A track map from a mapping (a parsed YAML or JSON document) or a
+    TrackMap. Files and shipped names are read where I/O lives:
+    pipeline.io.documents.load_track_map."""
     if isinstance(value, TrackMap):
         return value
     if isinstance(value, Mapping):
         return parse(value, "track map")
-    path = str(value).strip()
-    if path in shipped() and not os.path.exists(path):
-        path = os.path.join(SHIPPED_DIR, f"{path}.yaml")
-    try:
-        doc = read_document(path, f"track map {path}")
-    except DocumentError as e:
-        raise TrackMapError(str(e)) from None
-    return parse(doc, f"track map {path}")
+    raise TrackMapError(f"track map {value!r}: expected a mapping (pipeline.io.documents.load_track_map reads "
+                        "files and shipped maps)")
 
 
 def _positive(value, where: str) -> float:

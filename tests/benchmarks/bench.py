@@ -55,10 +55,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from pipeline import sample  # noqa: E402
-from pipeline import storage  # noqa: E402
-from transforms import encode, load, spec, tfrecord  # noqa: E402
+from pipeline.output import storage  # noqa: E402
+from transforms import encode, spec, tfrecord  # noqa: E402
+from pipeline.io import vital as load
+from pipeline.io.clinical import read_clinical
 from transforms.per_case import Settings, process_case  # noqa: E402
-from transforms.sources import Source  # noqa: E402
+from pipeline.io.sources import Source  # noqa: E402
 
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
@@ -98,7 +100,7 @@ def parse_floor(data: str, n: int) -> float:
 
 def case_examples(data: str, n: int) -> list[bytes]:
     """Each case's serialized examples, framed as TFRecords (computed once)."""
-    clinical = load.read_clinical(os.path.join(data, "clinical_data.csv"))
+    clinical = read_clinical(os.path.join(data, "clinical_data.csv"))
     out = []
     for cid in range(1, n + 1):
         rc = load.load_case(Source.for_location(data), cid)
@@ -259,7 +261,7 @@ def remote_inputs(workdir: str, data: str, n: int, repeat: int) -> tuple[list, l
     from s3util import KEY, REGION, SECRET, free_port, upload_dir, boto_client
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
-    from transforms import remote
+    from pipeline.io import remote
     web_port, s3_port = free_port(), free_port()
     py = sys.executable
     web = _serve([py, os.path.join(ROOT, "tests", "webstandin.py"), "--root", data, "--port", str(web_port)],
@@ -319,7 +321,8 @@ def remote_report(rows: list, transfers: list) -> tuple[list, list]:
 def reader_speed(output: str, repeat: int = 3) -> tuple[list, list]:
     """Examples per second over the output's files, pipeline.reader and
     tf.data, in a child process pinned to one core (TensorFlow's thread
-    pools too)."""
+    pools too); and how many of the batched read's records the reader
+    decoded by its fast path (the layout of this product's examples)."""
     code = r"""
 import json, os, sys, time
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
@@ -329,8 +332,12 @@ meta = json.load(open(f"{out}/preprocessing_metadata.json"))
 split = max(meta["splits"], key=lambda s: meta["splits"][s]["windows"])
 def ours():
     return sum(1 for _ in OutputReader(out, split))
+decoded = {}
 def ours_batched():
-    return sum(len(b["case_id"]) for b in OutputReader(out, split, batch_size=256))
+    r = OutputReader(out, split, batch_size=256)
+    n = sum(len(b["case_id"]) for b in r)
+    decoded.update(r.decoded)
+    return n
 import tensorflow as tf
 tf.config.threading.set_inter_op_parallelism_threads(1)
 tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -353,6 +360,7 @@ for name, f in (("reader", ours), ("tf.data", theirs), ("reader batched", ours_b
     for _ in range(repeat):
         t = time.perf_counter(); n = f(); best.append(n / (time.perf_counter() - t))
     res[name] = (n, max(best))
+res["decoded"] = decoded
 print(json.dumps(res))
 """
     res = subprocess.run([sys.executable, "-c", code, output, str(repeat)], capture_output=True, text=True,
@@ -360,9 +368,11 @@ print(json.dumps(res))
     speeds = json.loads(res.stdout.strip().splitlines()[-1])
     (n, ours), (_, theirs) = speeds["reader"], speeds["tf.data"]
     ours_b, theirs_b = speeds["reader batched"][1], speeds["tf.data batched"][1]
+    fast = speeds["decoded"]["layout"]
     rows = [("reader, one core", f"{ours:,.0f} examples/s (pipeline.reader, numpy); tf.data {theirs:,.0f} "
                                  f"(parse_single_example); {n} examples"),
-            ("  batches of 256", f"{ours_b:,.0f} examples/s; tf.data {theirs_b:,.0f} (batch, then parse_example)")]
+            ("  batches of 256", f"{ours_b:,.0f} examples/s; tf.data {theirs_b:,.0f} (batch, then parse_example); "
+                                 f"{fast} of {n} records by the reader's fast path")]
     return rows, [("reader / tf.data examples per second (one core)", ours / theirs, None, None),
                   ("reader / tf.data, batches of 256", ours_b / theirs_b, None, None)]
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from pipeline import storage
+from pipeline.output import storage
 
 _SHARE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 

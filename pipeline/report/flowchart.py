@@ -9,7 +9,7 @@
 
 Every box is a <rect class="box" id=...>, every arrow a <line class="arrow"
 data-to=...> ending on the edge of the box it points at; the page's script
-checks that in the browser (pipeline.report) and says so in the body's
+checks that in the browser (pipeline.report.quality) and says so in the body's
 data-flow-ok attribute.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _short(text: str, n: int = 52) -> str:
 
 
 def flow_svg(cohort: dict) -> str:
-    """The diagram of the metadata's `cohort` (pipeline.cohort.cohort_summary)."""
+    """The diagram of the metadata's `cohort` (pipeline.output.cohort.cohort_summary)."""
     parts, y = [], 10
     parts.append(_box("flow-requested", MAIN_X, y, BOX_W, [f"Requested: {_n(cohort['requested'], 'case')}"]))
     top = y + BOX_H

@@ -10,7 +10,7 @@ are used), find a case's file (`<id:04d>.vital`, then `<id>.vital`; on a
 web server `<id>.vital` first, as VitalDB names them), tell the file's
 identity without reading it (size and mtime; the store's ETag; the server's
 ETag, else size and Last-Modified), open it as a stream that the parser reads
-as it arrives (remote files block by block, see transforms.remote), and
+as it arrives (remote files block by block, see pipeline.io.remote), and
 name its default clinical table.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from transforms import remote
+from pipeline.io import remote
 from transforms.case_ids import case_file_candidates, case_id_from_path
 
 _LOG = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Source:
         """The file as the stream the parser reads (`name`: the URL vitaldb is
         given; `head`: its first bytes; `finish_identity(hasher)`: what the
         read adds to its identity): a local file, or a remote one read as it
-        is parsed (transforms.remote, which counts the cost in `transfer`)."""
+        is parsed (pipeline.io.remote, which counts the cost in `transfer`)."""
         path = identity["path"]
         kind = self.kind
         transfer = transfer if transfer is not None else remote.Transfer()

@@ -28,8 +28,8 @@ import time
 import traceback
 from typing import Callable, Optional
 
-from pipeline.contracts import StageJob
-from pipeline.runtime import StageRunner
+from pipeline.output.contracts import StageJob
+from pipeline.run.runtime import StageRunner
 
 KILLED = -signal.SIGKILL
 
@@ -149,7 +149,7 @@ class _StageChild:
                 _die_with_parent()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                from pipeline import runtime
+                from pipeline.run import runtime
                 code = runtime.run_in_child(job, result_path)
             except BaseException:
                 traceback.print_exc()

@@ -18,8 +18,8 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import storage
-from pipeline.contracts import DoneMarker
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker
 from transforms import encode, tfrecord
 
 DAMAGED = "damaged_case_object"  # the failure reason of a committed case whose object is damaged

@@ -20,11 +20,12 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline import s3, stage1, stage2
-from pipeline.contracts import StageJob
+from pipeline.io import s3
+from pipeline.stages import stage1, stage2
+from pipeline.output.contracts import StageJob
 from pipeline.options import RunRequest
-from transforms import sources
-from transforms.beam import NAMESPACE
+from pipeline.io import sources
+from pipeline.stages.dofns import NAMESPACE
 
 
 def configure_logging(verbose: bool) -> None:
@@ -90,7 +91,7 @@ def run_stage(job: StageJob) -> dict[str, int]:
 
 
 def run_in_child(job: StageJob, result_path: str) -> int:
-    """The stage process's work (pipeline.supervisor forks it): a fresh set
+    """The stage process's work (pipeline.run.supervisor forks it): a fresh set
     of S3 clients and connections (the parent's are not shared), the stage,
     its counters written for the parent."""
     s3.forget_clients()
@@ -113,7 +114,7 @@ class Interrupted(Exception):
 
 
 class StageRunner(Protocol):
-    """Runs Beam stages for a command: `pipeline.supervisor.Supervisor` (each
+    """Runs Beam stages for a command: `pipeline.run.supervisor.Supervisor` (each
     stage in a child process group it can drain and kill on SIGTERM) or
     `InProcess` (in this process, for embedding and tests)."""
 

@@ -16,12 +16,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 
-from transforms import cohort, encode, sources
+from transforms import cohort, encode
+from pipeline.io import sources
 from transforms.cohort import Criterion
 from transforms.per_case import CaseFailure, CaseWindows, process_case
 from transforms.settings import Settings
-from transforms.load import CaseError, CaseTodo, ClinicalTable, RawCase, load_case, read_track_names
-from transforms.sources import Source
+from pipeline.io.vital import CaseError, CaseTodo, load_case, RawCase, read_track_names
+from pipeline.io.clinical import ClinicalTable
+from pipeline.io.sources import Source
 
 NAMESPACE = "master_poc"
 FAILED = "failed"
@@ -71,7 +73,7 @@ class LoadCase(beam.DoFn):
     vitaldb, with the case's clinical row. A case with two different clinical
     rows fails before its file is read. For the cases in `check_tracks`, the
     cohort's require criteria are decided first from the file's track list
-    alone (transforms.load.read_track_names): a case they leave out goes to
+    alone (pipeline.io.vital.read_track_names): a case they leave out goes to
     the EXCLUDED output, its records never read."""
 
     def __init__(self, source: Source, settings: Settings, require: tuple[Criterion, ...] = (),

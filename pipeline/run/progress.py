@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from pipeline import storage
+from pipeline.output import storage
 
 
 def _fmt_eta(seconds: float) -> str:

@@ -11,9 +11,10 @@ from typing import Any, Optional
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
-from pipeline import cohort as cohort_run
-from pipeline import names, provenance, report, storage, table1
-from pipeline.contracts import DoneMarker, FailedMarker, Status
+from pipeline.output import cohort as cohort_run
+from pipeline.output import names, provenance, storage
+from pipeline.report import quality as report, table1
+from pipeline.output.contracts import DoneMarker, FailedMarker, Status
 from transforms import cohort, encode, spec, statistics
 from transforms.case_ids import format_cases
 from transforms.settings import Settings
@@ -141,7 +142,7 @@ class RunRecord:
     started: str = field(default_factory=lambda: utcnow())
     requested: Optional[list[int]] = None
     input: Optional[str] = None  # as given: a folder, a prefix, a URL, "vitaldb"
-    source: Optional[dict] = None  # transforms.sources.Source.describe()
+    source: Optional[dict] = None  # pipeline.io.sources.Source.describe()
     clinical: Optional[str] = None
     clinical_table: Optional[dict] = None  # the identity of the table read (path, sha256, format, split key)
     cases: Optional[str] = None  # --cases as given

@@ -1,4 +1,4 @@
-"""The names of an output's files, importing nothing: pipeline.storage builds
+"""The names of an output's files, importing nothing: pipeline.output.storage builds
 every path from them, and pipeline.reader (which must not import Beam or
 TensorFlow) finds the metadata and the split files by them."""
 

@@ -3,6 +3,7 @@ read through Beam's FileSystems (local, s3://, gs://)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 
@@ -27,3 +28,20 @@ def read_document(path: str, what: str) -> Any:
         return yaml.safe_load(text)
     except Exception as e:  # a YAML or JSON syntax error
         raise DocumentError(f"{what}: not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}") from None
+
+
+def load_track_map(value: Any):
+    """A track map (transforms.trackmap.TrackMap) from a path (YAML or JSON,
+    any filesystem), the name of a shipped map, a mapping or a TrackMap;
+    TrackMapError names the file."""
+    from transforms import trackmap
+    if not isinstance(value, str):
+        return trackmap.load(value)
+    path = value.strip()
+    if not os.path.exists(path):
+        path = trackmap.shipped_path(path) or path
+    try:
+        doc = read_document(path, f"track map {path}")
+    except DocumentError as e:
+        raise trackmap.TrackMapError(str(e)) from None
+    return trackmap.parse(doc, f"track map {path}")

@@ -1,5 +1,5 @@
-"""Stage 2: committed cases -> final split files (pipeline.finalize runs it,
-pipeline.verify checks what it wrote).
+"""Stage 2: committed cases -> final split files (pipeline.stages.finalize runs it,
+pipeline.stages.verify checks what it wrote).
 
     PlanShards (driver, from the markers) -> Create -> Reshuffle -> WriteShards
 
@@ -31,9 +31,10 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from pipeline import s3, storage
-from pipeline.contracts import DoneMarker, PlannedCase, ShardPlan, StageJob
-from transforms.beam import NAMESPACE
+from pipeline.io import s3
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker, PlannedCase, ShardPlan, StageJob
+from pipeline.stages.dofns import NAMESPACE
 WINDOWS_PER_SHARD = 20000  # ~50 MB compressed per shard with the defaults
 
 

@@ -6,10 +6,10 @@ in named phases, in this order, once (like Beam's FileBasedSink, whose
 pre_finalize / finalize_write own the sink's lifecycle):
 
     check      the case objects against their markers (sizes, one listing)
-    plan       the shards (pipeline.stage2.plan_shards)
+    plan       the shards (pipeline.stages.stage2.plan_shards)
     write      them, as a Beam stage through the runner
     clean up   split files no plan wrote (another shard count), temporary objects
-    verify     read everything back (pipeline.verify)
+    verify     read everything back (pipeline.stages.verify)
     record     the metadata, schema, config.yaml and report (RunRecord.write)
 
 A case whose object turns out damaged, found by the check or only by
@@ -24,12 +24,13 @@ import logging
 import os
 import time
 
-from pipeline import stage2, storage, verify
-from pipeline.contracts import DoneMarker, ShardPlan, Status
-from pipeline.metadata import RunRecord
+from pipeline.stages import stage2, verify
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker, ShardPlan, Status
+from pipeline.output.metadata import RunRecord
 from pipeline.options import RunRequest
-from pipeline.runtime import Interrupted, StageRunner, run_with, stage_job
-from pipeline.verify import DAMAGED, Verification
+from pipeline.run.runtime import Interrupted, run_with, stage_job, StageRunner
+from pipeline.stages.verify import DAMAGED, Verification
 
 _LOG = logging.getLogger("master_poc")
 

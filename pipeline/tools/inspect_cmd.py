@@ -7,7 +7,7 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline import names, storage
+from pipeline.output import names, storage
 from transforms import encode, tfrecord
 from transforms.features import SINCE_MEASURED_CAP_S as SINCE_CAP_S, denormalise
 

@@ -7,7 +7,7 @@ JSON form here).
     FailedMarker cases/_failed/<id>.json: a failed case and why (the same type
                  as stage 1's dead letters, transforms.per_case.CaseFailure)
     ShardPlan    one split file to write: which cases, which gzip members (stage 2)
-    StageJob     what a stage runs (pipeline.runtime.run_stage)
+    StageJob     what a stage runs (pipeline.run.runtime.run_stage)
 
 Readers get these types, never loose dicts. `from_json` ignores keys it does
 not know and fills fields an older marker lacks with their defaults.
@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Optional
 
-from pipeline.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
+from pipeline.io.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
 from transforms.per_case import CaseFacts, CaseFailure
-from transforms.load import ClinicalTable
+from pipeline.io.clinical import ClinicalTable
 from transforms.settings import Settings
-from transforms.sources import Source
+from pipeline.io.sources import Source
 
 
 class Status(str, Enum):

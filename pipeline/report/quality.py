@@ -17,8 +17,9 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline import flowchart, provenance, storage
-from pipeline.contracts import DoneMarker, FailedMarker
+from pipeline.report import flowchart
+from pipeline.output import provenance, storage
+from pipeline.output.contracts import DoneMarker, FailedMarker
 from transforms import features, spec
 from transforms import statistics
 

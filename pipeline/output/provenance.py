@@ -10,7 +10,7 @@ from collections import Counter
 from importlib import metadata as importlib_metadata
 from typing import Optional
 
-from pipeline.contracts import DoneMarker
+from pipeline.output.contracts import DoneMarker
 
 PACKAGE = "master-poc-preprocessing"
 VERSIONED = (PACKAGE, "apache-beam", "tfx-bsl", "tensorflow-metadata", "vitaldb", "numpy", "pandas", "pyarrow",

@@ -19,16 +19,19 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline import s3, storage
-from pipeline.contracts import DoneMarker, FailedMarker, Member, StageJob
-from transforms import encode, sources
-from transforms.beam import EXCLUDED, FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
+from pipeline.io import s3
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker, FailedMarker, Member, StageJob
+from transforms import encode
+from pipeline.io import sources
+from pipeline.stages.dofns import EncodeCase, EXCLUDED, FAILED, LoadCase, NAMESPACE, TransformCase
 from transforms.cohort import Criterion, Exclusion
 from transforms.per_case import CaseFacts, CaseWindows
-from transforms.load import CaseTodo, ClinicalTable, RawCase
+from pipeline.io.vital import CaseTodo, RawCase
+from pipeline.io.clinical import ClinicalTable
 from transforms.windows import split_key
 from transforms.settings import Settings
-from transforms.sources import Source
+from pipeline.io.sources import Source
 
 _LOG = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
-from pipeline import storage
-from pipeline.contracts import DoneMarker
+from pipeline.output import storage
+from pipeline.output.contracts import DoneMarker
 from transforms import cohort, spec
 from transforms.cohort import MIN_MEASURED, REQUIRE, Criterion, Exclusion
-from transforms.load import ClinicalTable, _decode
-from transforms.sources import read_document
+from pipeline.io.clinical import _decode, ClinicalTable
+from pipeline.io.sources import read_document
 
 _LOG = logging.getLogger("master_poc")
 
