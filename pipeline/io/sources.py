@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import threading
 from dataclasses import dataclass, field
 from typing import Optional
 from urllib.parse import urlsplit
@@ -27,7 +26,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from pipeline.io import remote
+from pipeline.io import remote, s3
 from transforms.case_ids import case_file_candidates, case_id_from_path
 
 _LOG = logging.getLogger(__name__)
@@ -259,31 +258,14 @@ def same_file(committed: dict, current: dict) -> bool:
 
 # ---- S3: Beam's own client configuration, bounded range reads -------------------
 
-_S3_LOCK = threading.Lock()
-_S3: dict = {}
-
-
 def _s3_client():
     """The boto3 client Beam's S3 filesystem uses in this process (built from
-    the same pipeline options: endpoint, region, credentials), cached."""
+    the same pipeline options: endpoint, region, credentials): one cache of
+    clients per process, pipeline.io.s3's, which Beam's wrapper hands out."""
     from apache_beam.io.aws.clients.s3 import boto3_client
-    from apache_beam.options.pipeline_options import PipelineOptions, S3Options
-    options = FileSystems._pipeline_options or PipelineOptions([])
-    s3o = options.view_as(S3Options)
-    key = tuple(getattr(s3o, k, None) for k in ("s3_endpoint_url", "s3_region_name", "s3_access_key_id",
-                                                 "s3_secret_access_key", "s3_session_token", "s3_verify",
-                                                 "s3_disable_ssl"))
-    with _S3_LOCK:
-        if key not in _S3:
-            _S3[key] = boto3_client.Client(options=options).client
-        return _S3[key]
-
-
-def forget_clients() -> None:
-    """A forked child builds its own clients and connections."""
-    with _S3_LOCK:
-        _S3.clear()
-    remote.forget_connections()
+    from apache_beam.options.pipeline_options import PipelineOptions
+    s3.share_boto3_clients()
+    return boto3_client.Client(options=FileSystems._pipeline_options or PipelineOptions([])).client
 
 
 def _s3_head(path: str) -> Optional[dict]:

@@ -73,8 +73,9 @@ class DoneMarker(CaseFacts):
         return self.windows > 0
 
     @property
-    def patient(self) -> str:
-        """The split key: "s<subjectid>" (the patient), or the case id where none is known."""
+    def split_unit(self) -> str:
+        """What the split keeps together: "s<subjectid>" (a patient), or the case
+        id where the clinical row names no patient (then the case is its own unit)."""
         return self.split_key or str(self.case_id)
 
     def to_json(self) -> dict:

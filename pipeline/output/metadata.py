@@ -78,7 +78,7 @@ def split_summary(settings: Settings, done: dict[int, DoneMarker], clinical_tabl
         "percent": list(settings.split),
         "folds": settings.folds,
         "names": list(settings.split_names),
-        "patients": {s: len({m.patient for m in done.values() if m.split == s and m.has_windows})
+        "patients": {s: len({m.split_unit for m in done.values() if m.split == s and m.has_windows})
                      for s in settings.split_names},
         # Split by case id although the table names patients: their row has no subjectid (or no row).
         "cases_split_by_case_id": sorted(c for c, m in done.items() if by_patient and not m.split_key.startswith("s")),
@@ -166,7 +166,7 @@ class RunRecord:
         """Table 1 of the cases in the split files, per split (or fold), from the clinical table's rows."""
         cases = {c: m for c, m in done.items() if m.has_windows}
         return table1.build_table1(self.clinical_frame, {c: m.split for c, m in cases.items()},
-                                   {c: m.patient for c, m in cases.items()}, self.settings.split_names)
+                                   {c: m.split_unit for c, m in cases.items()}, self.settings.split_names)
 
     def write(self, status: Status, verification=None, done: Optional[dict[int, DoneMarker]] = None) -> dict:
         """Metadata, schema, config.yaml and the quality report, from the
@@ -208,7 +208,7 @@ def build_metadata(record: RunRecord, status: Status, requested: list[int], done
     for s in settings.split_names:
         cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
         splits[s] = {"cases": len(cases), "windows": int(sum(done[c].windows for c in cases)),
-                     "patients": len({done[c].patient for c in cases}),
+                     "patients": len({done[c].split_unit for c in cases}),
                      "case_ids": cases,
                      "files": sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(storage.split_files_glob(output, s)))}
     w = settings.window

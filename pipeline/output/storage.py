@@ -189,26 +189,25 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
-def list_files(pattern: str) -> list[str]:
-    """Paths matching a glob; [] when nothing (or no folder) matches."""
+def match(pattern: str) -> list:
+    """The metadata (path, size) of the files matching a glob; [] when nothing
+    (or no folder) matches: the one place that tells "no files" from a failure."""
     try:
-        res = FileSystems.match([pattern])[0]
+        return FileSystems.match([pattern])[0].metadata_list
     except Exception as e:  # BeamIOError when the folder does not exist yet
         if "No files found" in str(e) or "not found" in str(e).lower() or isinstance(e, FileNotFoundError):
             return []
         raise
-    return sorted(m.path for m in res.metadata_list)
+
+
+def list_files(pattern: str) -> list[str]:
+    """Paths matching a glob; [] when nothing (or no folder) matches."""
+    return sorted(m.path for m in match(pattern))
 
 
 def list_sizes(pattern: str) -> dict[str, int]:
     """{path: size in bytes} of the files matching a glob (one listing)."""
-    try:
-        res = FileSystems.match([pattern])[0]
-    except Exception as e:
-        if "No files found" in str(e) or "not found" in str(e).lower() or isinstance(e, FileNotFoundError):
-            return {}
-        raise
-    return {m.path: m.size_in_bytes for m in res.metadata_list}
+    return {m.path: m.size_in_bytes for m in match(pattern)}
 
 
 def marker_ids(out: str, kind: str) -> set[int]:

@@ -78,14 +78,14 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
     patient_splits: dict[str, set] = {}
     for c, m in done.items():
         if m.has_windows:
-            patient_splits.setdefault(m.patient, set()).add(m.split)
+            patient_splits.setdefault(m.split_unit, set()).add(m.split)
     patients_in_two = sorted(p for p, ss in patient_splits.items() if len(ss) > 1)
     prov = prov if prov is not None else provenance.build(done)
     split = split or {}
     return {
         "features": feats,
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
-        "cases": [{"case_id": c, "split": m.split, "patient": m.patient, "status": m.status, "windows": m.windows,
+        "cases": [{"case_id": c, "split": m.split, "patient": m.split_unit, "status": m.status, "windows": m.windows,
                    "duration_s": m.duration_s, "static_defaults": m.static_defaults,
                    "static_implausible": m.static_implausible,
                    "no_clinical_row": m.no_clinical_row} for c, m in sorted(done.items())],

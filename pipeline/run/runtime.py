@@ -24,7 +24,7 @@ from pipeline.io import s3
 from pipeline.stages import stage1, stage2
 from pipeline.output.contracts import StageJob
 from pipeline.options import RunRequest
-from pipeline.io import sources
+from pipeline.io import remote
 from pipeline.stages.dofns import NAMESPACE
 
 
@@ -94,8 +94,8 @@ def run_in_child(job: StageJob, result_path: str) -> int:
     """The stage process's work (pipeline.run.supervisor forks it): a fresh set
     of S3 clients and connections (the parent's are not shared), the stage,
     its counters written for the parent."""
-    s3.forget_clients()
-    sources.forget_clients()
+    s3.forget_clients()  # the one cache of S3 clients; a forked child builds its own clients and connections
+    remote.forget_connections()
     setup_io(job.beam_args, job.s3_max_attempts, job.s3_retry_mode)
     counts = run_stage(job)
     with open(result_path, "w") as fh:

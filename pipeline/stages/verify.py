@@ -174,7 +174,7 @@ def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, .
             if c in seen_split and seen_split[c] != s:
                 problems.append(f"case {c} is in both {seen_split[c]} and {s}")
             seen_split[c] = s
-            key = done[c].patient if c in done else str(c)
+            key = done[c].split_unit if c in done else str(c)
             patients.add(key)
             other = patient_split.setdefault(key, (s, c))
             if other[0] != s:
