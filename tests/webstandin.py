@@ -6,14 +6,16 @@ Serves what the `vitaldb` library 1.7.2 asks the real API for:
                                          Content-Length, ETag, Last-Modified, Accept-Ranges;
                                          Range requests answered 206 (unless ranges=False)
     GET      /cases                      the clinical table, a CSV sent Content-Encoding: gzip
+    GET      /trks                       the track table (caseid,tname,tid), sent the same way
 
-from a folder of generated files (`<id:04d>.vital` or `<id>.vital`, and
-clinical_data.csv). Faults are planned per path, in order, for the next
-requests of that path: "503:2" (503 with Retry-After: 2), "429:0",
-"500", "cut:N" (the status line and headers of the full answer, then N
-body bytes and the connection closed), "hang:S" (nothing for S seconds,
-then the connection closed), "slow:S" (the answer after S seconds),
-"drop" (the connection closed before any answer). It counts requests and
+from a folder of generated files (`<id:04d>.vital` or `<id>.vital`,
+clinical_data.csv and trks.csv; without a trks.csv, /trks lists the tracks
+of the .vital files it serves, as the real API lists every file's). Faults
+are planned per path, in order, for the next requests of that path: "503:2"
+(503 with Retry-After: 2), "429:0", "500", "cut:N" (the status line and
+headers of the full answer, then N body bytes and the connection closed),
+"hang:S" (nothing for S seconds, then the connection closed), "slow:S" (the
+answer after S seconds), "drop" (the connection closed before any answer). It counts requests and
 body bytes sent per path, so a test can say exactly what was transferred.
 
     python tests/webstandin.py --root data/sample --port 8765   # then: MASTER_POC_VITALDB_API=http://127.0.0.1:8765
@@ -32,9 +34,15 @@ import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler
 
+import vitaldb
 from loopback import LoopbackServer
 
+from pipeline import sample
+
 _CASE = re.compile(r"^/(?:(?P<version>[^/]+)/)?(?P<id>\d+)\.vital$")
+_FILE = re.compile(r"^(\d+)\.vital$")
+# The tables the API sends as gzip-encoded CSV, and the sample's file of each.
+TABLES = {"/cases": "clinical_data.csv", "/trks": sample.TRKS_FILE}
 _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 
@@ -82,8 +90,9 @@ class StandIn(LoopbackServer):
 
     # ---- serving
     def _file(self, path: str):
-        if path == "/cases":
-            return os.path.join(self.root, "clinical_data.csv")
+        if path in TABLES:
+            local = os.path.join(self.root, TABLES[path])
+            return local if os.path.exists(local) or path != "/trks" else self.root  # the folder: derived
         m = _CASE.match(path)
         if not m or m.group("version") != self.version:
             return None
@@ -94,8 +103,11 @@ class StandIn(LoopbackServer):
         return None
 
     def _content(self, local: str):
-        """(bytes, ETag, stat) of a file, read and hashed once per version
-        (a real server does not hash a file per request either)."""
+        """(bytes, ETag, modification time) of a file, read and hashed once
+        per version (a real server does not hash a file per request either);
+        of the folder: the track table of its .vital files."""
+        if os.path.isdir(local):
+            return self._derived_trks(local)
         st = os.stat(local)
         key = (local, st.st_mtime_ns, st.st_size)
         with self.lock:
@@ -103,7 +115,31 @@ class StandIn(LoopbackServer):
         if hit is None:
             with open(local, "rb") as fh:
                 data = fh.read()
-            hit = (data, '"' + hashlib.md5(data).hexdigest() + '"', st)
+            hit = (data, '"' + hashlib.md5(data).hexdigest() + '"', st.st_mtime)
+            with self.lock:
+                self._cache[key] = hit
+        return hit
+
+    def _derived_trks(self, folder: str):
+        """The track table of a folder's .vital files (each file's track
+        names, read from its header), made once per state of the folder. A
+        file vitaldb cannot read lists nothing: its tracks are unknown here."""
+        files = sorted((int(m.group(1)), os.path.join(folder, n)) for n in os.listdir(folder)
+                       for m in [_FILE.match(n)] if m)
+        stats = [os.stat(p) for _, p in files]
+        key = ("trks", tuple((p, s.st_mtime_ns, s.st_size) for (_, p), s in zip(files, stats)))
+        with self.lock:
+            hit = self._cache.get(key)
+        if hit is None:
+            rows = []
+            for cid, path in files:
+                try:
+                    names = vitaldb.VitalFile(path, header_only=True).get_track_names()
+                except Exception:  # a broken file: vitaldb's errors are of many kinds
+                    names = []
+                rows += sample.track_rows(cid, names)
+            data = sample.trks_csv(rows)
+            hit = (data, '"' + hashlib.md5(data).hexdigest() + '"', max((s.st_mtime for s in stats), default=0.0))
             with self.lock:
                 self._cache[key] = hit
         return hit
@@ -169,10 +205,10 @@ class StandIn(LoopbackServer):
             if not head:
                 h.wfile.write(body)
             return
-        data, etag, st = self._content(local)
-        headers = {"ETag": etag, "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True)}
+        data, etag, mtime = self._content(local)
+        headers = {"ETag": etag, "Last-Modified": email.utils.formatdate(mtime, usegmt=True)}
         status = 200
-        if path == "/cases":  # VitalDB sends its table gzip-encoded
+        if path in TABLES:  # VitalDB sends its tables gzip-encoded
             data = gzip.compress(data)
             headers.update({"Content-Type": "text/csv", "Content-Encoding": "gzip"})
         else:
@@ -188,7 +224,7 @@ class StandIn(LoopbackServer):
         h.send_response(status)
         for k, v in headers.items():
             h.send_header(k, v)
-        if self.sizes or path == "/cases":
+        if self.sizes or path in TABLES:
             h.send_header("Content-Length", str(len(data)))
         else:  # the body ends when the connection closes
             h.send_header("Connection", "close")
@@ -213,7 +249,7 @@ class StandIn(LoopbackServer):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--root", required=True, help="folder with <id>.vital files and clinical_data.csv")
+    ap.add_argument("--root", required=True, help="folder with <id>.vital files, clinical_data.csv and trks.csv")
     ap.add_argument("--port", type=int, default=8765)
     args = ap.parse_args()
     with StandIn(args.root, port=args.port) as s:
