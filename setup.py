@@ -30,7 +30,7 @@ setup(
     entry_points={
         "console_scripts": [
             "master-poc-preprocess=pipeline.cli:main",
-            "master-poc-generate=pipeline.sample:main",
+            "master-poc-generate=pipeline.tools.sample:main",
             "master-poc-launch=launch.launcher:main",
             "master-poc-sagemaker=launch.entrypoint:main",
         ],

@@ -175,7 +175,7 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
     o = req.options
     req.case_ids()  # a bad --cases is refused before any work
     if record.input is None:
-        from pipeline.sample import write_default_sample
+        from pipeline.tools.sample import write_default_sample
         record.input = o.sample_dir or tempfile.mkdtemp(prefix="master-poc-sample-")
         _say(out, f"no --input: generating {o.sample_cases} VitalDB-format sample cases in {record.input}")
         write_default_sample(record.input, o.sample_cases, req.settings)

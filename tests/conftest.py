@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import vitaldb
 
-from pipeline import sample
+from pipeline.tools import sample
 
 GOOD = [1, 2, 3, 4, 5, 6, 7, 8]
 TRUNCATED, BAD_MAGIC, EMPTY, NO_TRACKS, SHORT, NO_ROW, MISSING = 101, 102, 103, 104, 105, 106, 107

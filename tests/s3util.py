@@ -47,7 +47,7 @@ def upload_dir(client, local: str, bucket: str, prefix: str) -> str:
 
 def sample_on_s3(endpoint: str, local: str, bucket: str, n: int, duration_s: int) -> str:
     """Generates cases 1..n into `local`, creates `bucket` and uploads them under raw/."""
-    from pipeline import sample
+    from pipeline.tools import sample
     sample.write_sample(local, list(range(1, n + 1)), duration_s=duration_s)
     client = boto_client(endpoint)
     client.create_bucket(Bucket=bucket)

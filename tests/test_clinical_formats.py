@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import INMEM, run_cli, split_bytes
-from pipeline import sample
+from pipeline.tools import sample
 from pipeline.io.clinical import ClinicalTableError, read_clinical, sniff_format
 
 

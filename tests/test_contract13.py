@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import INMEM, run_cli, split_bytes
-from pipeline import sample
+from pipeline.tools import sample
 from transforms import per_case, spec
 from transforms.per_case import anaesthesia_period, crop_bounds, process_case
 from transforms.settings import Settings

@@ -9,7 +9,7 @@ import pytest
 from conftest import (EXPECTED_FAILURES, INMEM, expected_split, REPO, ALL_CASES, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, copy_repo, examples_by_key, read_examples,
                       run_cli)
 from pipeline.output import storage
-from pipeline.sample import sample_split
+from pipeline.tools.sample import sample_split
 from transforms import features, spec
 from pipeline.io import clinical
 from pipeline.io import vital as load

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import INMEM, REPO, run_cli
-from pipeline import sample
+from pipeline.tools import sample
 from pipeline.reader import DamagedFile, OutputReader, parse_example
 from transforms import statistics
 from transforms.windows import assign_split, split_key

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import INMEM, read_examples, run_cli
-from pipeline import sample
+from pipeline.tools import sample
 from pipeline.output import storage
 from transforms import spec
 from transforms.per_case import process_case

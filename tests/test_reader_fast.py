@@ -14,7 +14,7 @@ import pytest
 from conftest import INMEM, run_cli
 
 from pipeline import reader as reader_mod
-from pipeline import sample
+from pipeline.tools import sample
 from pipeline.reader import DamagedFile, OutputReader, parse_example
 from transforms import encode, tfrecord
 

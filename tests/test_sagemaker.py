@@ -266,7 +266,7 @@ def test_bad_job_configuration_writes_the_failure_file(tmp_path, monkeypatch):
 def test_a_host_reads_the_open_dataset_from_the_web_api(moto_endpoint, tmp_path):
     """The entry point as SageMaker runs it, one host, --input vitaldb: the
     cases come from the (stand-in) web API, the output goes to S3."""
-    from pipeline import sample
+    from pipeline.tools import sample
     from pipeline.io.sources import VITALDB_API_ENV
     from webstandin import StandIn
     folder = tmp_path / "api"

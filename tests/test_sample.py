@@ -16,7 +16,7 @@ import vitaldb
 from conftest import TO_INTELLIVUE
 from webstandin import StandIn
 
-from pipeline import sample
+from pipeline.tools import sample
 
 # VitalDB's numbers, from its API's /trks and its clinical table (6,388 cases).
 CASES = 6388

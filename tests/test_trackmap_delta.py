@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import INMEM, TO_INTELLIVUE, read_examples, run_cli
-from pipeline import sample
+from pipeline.tools import sample
 from pipeline.output import storage
 from pipeline.io.documents import load_track_map
 from transforms import features, spec, trackmap

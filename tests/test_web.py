@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from conftest import INMEM, run_cli, split_bytes
-from pipeline import sample
+from pipeline.tools import sample
 from pipeline.output import storage
 from s3util import FaultProxy, beam_s3_args, boto_client, upload_dir
 from pipeline.io import remote

@@ -124,7 +124,7 @@ def test_examples_are_protobufs_deterministic_serialization():
 
 
 def test_the_embedded_samples_case_ids_fill_every_split():
-    from pipeline.sample import sample_case_ids, sample_split
+    from pipeline.tools.sample import sample_case_ids, sample_split
     from transforms.settings import Settings
     for n, settings in ((20, Settings()), (4, Settings()), (12, Settings(split=(50, 25, 25), split_seed=7)),
                         (3, Settings(split=(80, 0, 20)))):

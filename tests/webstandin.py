@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler
 import vitaldb
 from loopback import LoopbackServer
 
-from pipeline import sample
+from pipeline.tools import sample
 
 _CASE = re.compile(r"^/(?:(?P<version>[^/]+)/)?(?P<id>\d+)\.vital$")
 _FILE = re.compile(r"^(\d+)\.vital$")

@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.report import flowchart
+from pipeline.report.quality import flowchart
 from pipeline.output import provenance, storage
 from pipeline.output.contracts import DoneMarker, FailedMarker
 from transforms import features, spec

@@ -54,7 +54,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from pipeline import sample  # noqa: E402
+from pipeline.tools import sample  # noqa: E402
 from pipeline.output import storage  # noqa: E402
 from transforms import encode, spec, tfrecord  # noqa: E402
 from pipeline.io import vital as load

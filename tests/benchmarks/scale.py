@@ -31,7 +31,7 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from pipeline import sample  # noqa: E402
+from pipeline.tools import sample  # noqa: E402
 from s3util import boto_client, free_port, s3_env, upload_dir  # noqa: E402
 
 SM = os.path.join(os.path.dirname(sys.executable), "master-poc-sagemaker")
