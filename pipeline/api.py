@@ -31,7 +31,7 @@ from pipeline.run import coordination
 from pipeline.io import s3
 from pipeline.output import storage
 from pipeline.output import cohort as cohort_run
-from pipeline.output.contracts import FailedMarker, Status
+from pipeline.output.contracts import FailedMarker, Stage1Job, Status
 from pipeline.stages.finalize import Finalize
 from pipeline.output.metadata import fingerprint, RunRecord
 from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionError, RunRequest,
@@ -171,6 +171,36 @@ def _cohort_plan(req: RunRequest, source: Source, case_ids: list[int], clinical:
     return cohort_run.plan(case_ids, criteria, clinical, fs, table, where)
 
 
+def _this_process_cohort(req: RunRequest, plan: cohort_run.CohortPlan, fs, out: TextIO
+                         ) -> tuple[list[int], frozenset]:
+    """This process's share of the cases the inputs keep, less what the
+    output's markers decide; the excluded markers of its cases made to say
+    so. Returns (the cases for stage 1, those it checks by their track list)."""
+    o = req.options
+    mine = o.share.select(plan.work) if o.share else plan.work
+    by_inputs = sorted(plan.by_inputs)
+    mine_out = o.share.select(by_inputs) if o.share else by_inputs
+    from_markers, check = cohort_run.decide_from_markers(o.output, mine, plan, fs)
+    cohort_run.record(o.output, mine + mine_out, {**{c: plan.by_inputs[c] for c in mine_out}, **from_markers})
+    if plan.criteria:
+        _say(out, f"cohort: {len(plan.by_inputs)} of {len(plan.requested)} requested cases left out by the "
+                  f"clinical{' and track' if plan.track_list else ''} criteria"
+                  + (f", {len(from_markers)} more by what the output recorded" if from_markers else "")
+                  + (f"; {len(check)} to check by their file's track list" if check else ""))
+    return [c for c in mine if c not in from_markers], check
+
+
+def _stage1(req: RunRequest, runner: StageRunner, record: RunRecord, job, out: TextIO) -> dict:
+    """Stage 1 with progress lines; its counters."""
+    progress = Progress(req.options.output, job.case_ids, out=out)
+    progress.snapshot()  # the baseline: cases/min counts only this run's work
+    t = time.time()
+    counts = run_with(runner, job, progress, req.options.progress_interval)
+    record.timings["stage1_s"] = round(time.time() - t, 3)
+    progress()
+    return counts
+
+
 def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: TextIO) -> RunResult:
     o = req.options
     req.case_ids()  # a bad --cases is refused before any work
@@ -191,31 +221,16 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
     guard_output(o.output, req.settings, o.overwrite)
 
     work = plan.work
-    mine = o.share.select(work) if o.share else work
-    by_inputs = sorted(plan.by_inputs)
-    mine_out = o.share.select(by_inputs) if o.share else by_inputs
-    from_markers, check = cohort_run.decide_from_markers(o.output, mine, plan, fs)
-    cohort_run.record(o.output, mine + mine_out, {**{c: plan.by_inputs[c] for c in mine_out}, **from_markers})
-    todo = [c for c in mine if c not in from_markers]
-    if plan.criteria:
-        _say(out, f"cohort: {len(case_ids) - len(work)} of {len(case_ids)} requested cases left out by the "
-                  f"clinical{' and track' if plan.track_list else ''} criteria"
-                  + (f", {len(from_markers)} more by what the output recorded" if from_markers else "")
-                  + (f"; {len(check)} to check by their file's track list" if check else ""))
+    todo, check = _this_process_cohort(req, plan, fs, out)
     who = f" (share {o.share} of {len(work)} cases)" if o.share else ""
     what = f"{source.dataset} ({source.location})" if source.dataset else source.location
     _say(out, f"stage 1: {len(todo)} cases{who} from {what} -> {storage.cases_dir(o.output)}")
     counts: dict[str, int] = {}
     if todo:
-        progress = Progress(o.output, todo, out=out)
-        progress.snapshot()  # the baseline: cases/min counts only this run's work
-        t = time.time()
         require = tuple(c for c in plan.criteria if c.kind == cohort.REQUIRE)
-        job = stage_job(req, 1, case_ids=todo, source=source, clinical=clinical.without_frame(), require=require,
+        job = stage_job(req, Stage1Job, case_ids=todo, source=source, clinical=clinical.without_frame(), require=require,
                         check_tracks=check)
-        counts = run_with(runner, job, progress, o.progress_interval)
-        record.timings["stage1_s"] = round(time.time() - t, 3)
-        progress()
+        counts = _stage1(req, runner, record, job, out)
         cohort_run.settle(o.output, todo, plan, fs)
     if o.no_finalize or (o.share and not o.share.leader):
         return _stage1_only(req, todo, counts)

@@ -231,54 +231,65 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def summary_lines(res: RunResult) -> list[str]:
-    """What a person reads at the end of a run."""
-    meta, lines = res.metadata, []
-    if res.stage1 is not None:
-        s1 = res.stage1
-        lines.append(f"stage 1 done in {res.elapsed_s:.1f} s: {len(s1.done)} of {len(s1.requested)} cases "
-                     f"committed ({res.counters.get('cases_skipped', 0)} were already), {len(s1.failed)} failed; "
-                     f"{res.message}")
-        lines += [f"  failed case {c}: {f.reason}: {f.detail}" for c, f in sorted(s1.failed.items())]
-        return lines
-    if res.verification is not None and meta is None:  # verify
-        for s, d in res.verification.splits.items():
-            lines.append(f"{s}: {d.examples} examples in {d.files} files from {d.cases} cases of {d.patients} "
-                         f"patients (markers: {d.expected_examples} from {d.expected_cases})")
-        if res.verification.excluded:
-            lines.append(f"{res.verification.excluded} cases excluded by the cohort's criteria: none of them in a split")
-        lines += [f"VERIFY FAILED: {p}" for p in res.verification.problems]
-        lines.append("verify: ok" if res.exit_code == 0 else "verify: FAILED")
-        return lines
-    if meta is None:
-        return lines
-    c = meta["cases"]
-    lines.append(f"\n{PROG}: {meta['status']} in {res.elapsed_s:.1f} s")
-    lines.append(f"  cases: {len(c['ok'])} ok, {len(c['too_short'])} too short (no window), {len(c['failed'])} "
-                 f"failed, {res.counters.get('cases_skipped', 0)} skipped (already committed); "
-                 f"{c['requested']} requested")
+def _stage1_lines(res: RunResult) -> list[str]:
+    s1 = res.stage1
+    lines = [f"stage 1 done in {res.elapsed_s:.1f} s: {len(s1.done)} of {len(s1.requested)} cases "
+             f"committed ({res.counters.get('cases_skipped', 0)} were already), {len(s1.failed)} failed; "
+             f"{res.message}"]
+    return lines + [f"  failed case {c}: {f.reason}: {f.detail}" for c, f in sorted(s1.failed.items())]
+
+
+def _verify_lines(res: RunResult) -> list[str]:
+    v = res.verification
+    lines = [f"{s}: {d.examples} examples in {d.files} files from {d.cases} cases of {d.patients} "
+             f"patients (markers: {d.expected_examples} from {d.expected_cases})" for s, d in v.splits.items()]
+    if v.excluded:
+        lines.append(f"{v.excluded} cases excluded by the cohort's criteria: none of them in a split")
+    lines += [f"VERIFY FAILED: {p}" for p in v.problems]
+    return lines + ["verify: ok" if res.exit_code == 0 else "verify: FAILED"]
+
+
+def _ids(ids: list, n: int = 50) -> str:
+    return f"{ids[:n]}{' ...' if len(ids) > n else ''}"
+
+
+def _case_lines(res: RunResult, c: dict) -> list[str]:
+    """The cases: how many of each status, the failures, the reprocessed."""
+    counters = res.counters
+    lines = [f"  cases: {len(c['ok'])} ok, {len(c['too_short'])} too short (no window), {len(c['failed'])} "
+             f"failed, {counters.get('cases_skipped', 0)} skipped (already committed); {c['requested']} requested"]
     lines += [f"  failed case {f['case_id']}: {f['reason']}: {f['detail']}" for f in c["failed"]]
     if c["too_short"]:
         lines.append(f"  too short for one window (not an error): {c['too_short']}")
-    if res.counters.get("cases_input_changed"):
-        lines.append(f"  {res.counters['cases_input_changed']} committed case(s) processed again because their "
+    if counters.get("cases_input_changed"):
+        lines.append(f"  {counters['cases_input_changed']} committed case(s) processed again because their "
                      f"input file changed since the commit (all such cases: {c['changed_inputs']})")
-    if res.counters.get("cases_split_key_changed"):
-        lines.append(f"  {res.counters['cases_split_key_changed']} committed case(s) processed again because their "
+    if counters.get("cases_split_key_changed"):
+        lines.append(f"  {counters['cases_split_key_changed']} committed case(s) processed again because their "
                      f"split key changed (the clinical table's subjectid): they moved with their patient")
     if c["not_done"]:
-        lines.append(f"  not done yet: {c['not_done'][:50]}{' ...' if len(c['not_done']) > 50 else ''}")
+        lines.append(f"  not done yet: {_ids(c['not_done'])}")
+    return lines
+
+
+def _split_lines(meta: dict) -> list[str]:
     split = meta["split"]
     shares = f"{split['folds']} folds" if split.get("folds") else f"{'/'.join(map(str, split['percent']))} %"
-    lines.append(f"  split by {'patient (subjectid)' if split['by'] == 'patient' else 'case id'}, seed "
-                 f"{split['seed']}, {shares}"
-                 + ("" if split["by"] == "patient" else ": the clinical table has no subjectid column"))
+    lines = [f"  split by {'patient (subjectid)' if split['by'] == 'patient' else 'case id'}, seed "
+             f"{split['seed']}, {shares}" + ("" if split["by"] == "patient" else
+                                             ": the clinical table has no subjectid column")]
     for s, d in meta["splits"].items():
         lines.append(f"  {s}: {d['windows']} windows from {_n(d['cases'], 'case')} of {_n(d['patients'], 'patient')}"
                      f" -> {meta['output'].rstrip('/')}/{s}/ ({len(d['files'])} file(s))")
     if split["cases_split_by_case_id"]:
         lines.append(f"  split by case id, their clinical row names no patient (no subjectid): "
-                     f"{split['cases_split_by_case_id'][:50]}{' ...' if len(split['cases_split_by_case_id']) > 50 else ''}")
+                     f"{_ids(split['cases_split_by_case_id'])}")
+    return lines
+
+
+def _data_lines(meta: dict) -> list[str]:
+    """What reading the inputs cost, and what the clinical rows lacked."""
+    c, lines = meta["cases"], []
     if meta.get("transfer"):
         t = meta["transfer"]
         share = f" ({t['share_read']:.1%})" if t["share_read"] is not None else ""
@@ -292,11 +303,23 @@ def summary_lines(res: RunResult) -> list[str]:
                      + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
     if meta["verification"] and not meta["verification"]["ok"]:
         lines += [f"  VERIFY FAILED: {p}" for p in meta["verification"]["problems"]]
-    lines += cohort_lines(meta.get("cohort"))
-    lines.append(f"  metadata: {meta['output'].rstrip('/')}/preprocessing_metadata.json")
-    lines.append(f"  Table 1: {meta['output'].rstrip('/')}/table1.csv")
-    lines.append(f"  quality report: {meta['output'].rstrip('/')}/report/index.html")
     return lines
+
+
+def summary_lines(res: RunResult) -> list[str]:
+    """What a person reads at the end of a run."""
+    meta = res.metadata
+    if res.stage1 is not None:
+        return _stage1_lines(res)
+    if res.verification is not None and meta is None:  # verify
+        return _verify_lines(res)
+    if meta is None:
+        return []
+    out = meta["output"].rstrip("/")
+    return ([f"\n{PROG}: {meta['status']} in {res.elapsed_s:.1f} s"] + _case_lines(res, meta["cases"])
+            + _split_lines(meta) + _data_lines(meta) + cohort_lines(meta.get("cohort"))
+            + [f"  metadata: {out}/preprocessing_metadata.json", f"  Table 1: {out}/table1.csv",
+               f"  quality report: {out}/report/index.html"])
 
 
 def main(argv: Optional[list[str]] = None, supervised: bool = True) -> int:

@@ -9,7 +9,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
 from pipeline.stages import stage1, stage2
 from pipeline.output import storage
-from pipeline.output.contracts import DoneMarker, StageJob
+from pipeline.output.contracts import DoneMarker, Stage1Job, Stage2Job
 from pipeline.stages.dofns import ArraysCoder, FAILED, LoadCase, TransformCase
 from transforms.per_case import CaseWindows
 from transforms.settings import Settings
@@ -71,7 +71,7 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     """Runner-neutral: pickled DoFns, side inputs, no driver-only objects."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
     p = beam.Pipeline(options=PipelineOptions(OPTS))
-    stage1.build_stage1(p, StageJob(1, str(tmp_path), Settings(), case_ids=[1, 2], source=Source.for_location(dataset),
+    stage1.build_stage1(p, Stage1Job(output=str(tmp_path), settings=Settings(), case_ids=[1, 2], source=Source.for_location(dataset),
                                     clinical=ClinicalTable("c.csv", {1: {"weight": 70}})))
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}
@@ -82,7 +82,7 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     assert {t.unique_name for t in roundtrip.to_runner_api().components.transforms.values()} == names
     p2 = beam.Pipeline(options=PipelineOptions(OPTS))
     plans = stage2.plan_shards("o", {1: marker(1, "train", 3, [[100, 3]])}, ("train",), 0)
-    stage2.build_stage2(p2, StageJob(2, str(tmp_path), Settings(), plans=plans))
+    stage2.build_stage2(p2, Stage2Job(output=str(tmp_path), settings=Settings(), plans=plans))
     assert "WriteShards" in {t.unique_name for t in p2.to_runner_api().components.transforms.values()}
 
 

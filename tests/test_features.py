@@ -229,7 +229,7 @@ def test_consumers_take_any_number_of_features_and_sources():
     transform, its statistics and the quality report."""
     import dataclasses
 
-    from pipeline.report.quality import quality as report
+    from pipeline.report import quality as report
     from pipeline.output.contracts import DoneMarker
     from transforms.per_case import process_case
     from transforms.settings import Settings

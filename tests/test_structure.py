@@ -166,3 +166,16 @@ def test_the_readmes_layout_names_every_module_and_only_real_ones():
     assert modules - named == set(), "modules missing from the README's Layout"
     assert {n for n in named if n.split("/")[0] in PACKAGES} - modules == set(), "named but not there"
     assert "pipeline/io/sources.py" in named  # sub-packages are walked
+
+
+def test_units_are_small():
+    """No class over 120 lines, no function over 60 (docstrings included): one
+    idea each, readable in one screen."""
+    too_long = []
+    for p in project_modules():
+        for n in ast.walk(ast.parse(p.read_text())):
+            limit = 120 if isinstance(n, ast.ClassDef) else 60 if isinstance(n, (ast.FunctionDef,
+                                                                                 ast.AsyncFunctionDef)) else 0
+            if limit and n.end_lineno - n.lineno + 1 > limit:
+                too_long.append(f"{p.relative_to(ROOT)}: {n.name} {n.end_lineno - n.lineno + 1} lines")
+    assert too_long == []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import BinaryIO, Iterable, Iterator
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 import google_crc32c
 
@@ -43,71 +43,94 @@ class CorruptRecordError(IOError):
     pass
 
 
+class _Stream:
+    """The bytes of a (gzip) stream as they are needed: `need(k)` reads and
+    inflates until k bytes lie past `pos` (one or more gzip members)."""
+
+    def __init__(self, fileobj: BinaryIO, gzipped: bool, chunk: int):
+        self.fileobj, self.chunk = fileobj, chunk
+        self.z = zlib.decompressobj(31) if gzipped else None
+        self.buf = bytearray()
+        self.pos = 0
+        self.eof = False
+
+    def _inflate(self, raw: bytes) -> None:
+        try:
+            self.buf.extend(self.z.decompress(raw))
+            while self.z.eof and self.z.unused_data:  # the next gzip member follows
+                rest = self.z.unused_data
+                self.z = zlib.decompressobj(31)
+                self.buf.extend(self.z.decompress(rest))
+        except zlib.error as e:  # a damaged byte: bad deflate data, header or gzip CRC
+            raise CorruptRecordError(f"damaged gzip stream ({e})") from None
+
+    def _finish(self) -> None:
+        self.eof = True
+        if self.z is None:
+            return
+        try:
+            self.buf.extend(self.z.flush())
+        except zlib.error as e:
+            raise CorruptRecordError(f"damaged gzip stream ({e})") from None
+        if not self.z.eof:
+            raise CorruptRecordError("gzip stream ended early (truncated file)")
+
+    def need(self, k: int) -> bool:
+        while not self.eof and len(self.buf) - self.pos < k:
+            raw = self.fileobj.read(self.chunk)
+            if not raw:
+                self._finish()
+            elif self.z is not None:
+                self._inflate(raw)
+            else:
+                self.buf.extend(raw)
+        return len(self.buf) - self.pos >= k
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+        if self.pos > (1 << 22):
+            del self.buf[:self.pos]
+            self.pos = 0
+
+
+def _next_record(st: _Stream) -> Optional[bytes]:
+    """The next record's data, its CRCs checked; None at the end of the stream."""
+    if not st.need(1):
+        return None
+    if not st.need(12):
+        raise CorruptRecordError("truncated record header")
+    buf, pos = st.buf, st.pos
+    head = bytes(buf[pos:pos + 8])
+    (length,) = struct.unpack("<Q", head)
+    (hcrc,) = struct.unpack("<I", buf[pos + 8:pos + 12])
+    if hcrc != _masked_crc(head):
+        raise CorruptRecordError("record length CRC mismatch")
+    if not st.need(16 + length):
+        raise CorruptRecordError("truncated record")
+    buf = st.buf
+    data = bytes(buf[pos + 12:pos + 12 + length])
+    (dcrc,) = struct.unpack("<I", buf[pos + 12 + length:pos + 16 + length])
+    if dcrc != _masked_crc(data):
+        raise CorruptRecordError("record data CRC mismatch")
+    st.advance(16 + length)
+    return data
+
+
 def iter_records(fileobj: BinaryIO, gzipped: bool = True, chunk: int = 1 << 20) -> Iterator[bytes]:
     """Reads TFRecords from a gzip stream (one or more members), checking every CRC.
 
     Raises CorruptRecordError on a bad CRC or a truncated file.
     """
-    z = zlib.decompressobj(31) if gzipped else None
-    buf = bytearray()
-    pos = 0
-    eof = False
-
-    def inflate(raw: bytes) -> None:
-        nonlocal z
-        try:
-            buf.extend(z.decompress(raw))
-            while z.eof and z.unused_data:  # the next gzip member follows
-                rest = z.unused_data
-                z = zlib.decompressobj(31)
-                buf.extend(z.decompress(rest))
-        except zlib.error as e:  # a damaged byte: bad deflate data, header or gzip CRC
-            raise CorruptRecordError(f"damaged gzip stream ({e})") from None
-
-    def need(k: int) -> bool:
-        nonlocal eof
-        while not eof and len(buf) - pos < k:
-            raw = fileobj.read(chunk)
-            if not raw:
-                eof = True
-                if z is not None:
-                    try:
-                        buf.extend(z.flush())
-                    except zlib.error as e:
-                        raise CorruptRecordError(f"damaged gzip stream ({e})") from None
-                    if not z.eof:
-                        raise CorruptRecordError("gzip stream ended early (truncated file)")
-            elif z is not None:
-                inflate(raw)
-            else:
-                buf.extend(raw)
-        return len(buf) - pos >= k
-
+    st = _Stream(fileobj, gzipped, chunk)
     index = 0
     while True:
         try:
-            if not need(1):
-                return
-            if not need(12):
-                raise CorruptRecordError("truncated record header")
-            head = bytes(buf[pos:pos + 8])
-            (length,) = struct.unpack("<Q", head)
-            (hcrc,) = struct.unpack("<I", buf[pos + 8:pos + 12])
-            if hcrc != _masked_crc(head):
-                raise CorruptRecordError("record length CRC mismatch")
-            if not need(16 + length):
-                raise CorruptRecordError("truncated record")
-            data = bytes(buf[pos + 12:pos + 12 + length])
-            (dcrc,) = struct.unpack("<I", buf[pos + 12 + length:pos + 16 + length])
-            if dcrc != _masked_crc(data):
-                raise CorruptRecordError("record data CRC mismatch")
+            data = _next_record(st)
         except CorruptRecordError as e:
             if str(e).startswith("damaged gzip"):  # found where a compressed chunk is inflated, not per record
                 raise
             raise CorruptRecordError(f"{e} at record {index + 1} (after {index} good records)") from None
+        if data is None:
+            return
         index += 1
-        pos += 16 + length
-        if pos > (1 << 22):
-            del buf[:pos]
-            pos = 0
         yield data

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import ClassVar, Optional
 
 from pipeline.io.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
 from transforms.per_case import CaseFacts, CaseFailure
@@ -93,6 +93,16 @@ class DoneMarker(CaseFacts):
         return DoneMarker(**d)
 
 
+def units_in_two_splits(placed) -> dict[str, list[tuple[str, int]]]:
+    """The split units (patients) found in more than one split, from
+    (unit, split, case id) triples: {unit: [(split, a case of it there), ...]}.
+    The report asks it of the markers, verify of what the split files hold."""
+    where: dict[str, dict[str, int]] = {}
+    for unit, split, case_id in placed:
+        where.setdefault(unit, {}).setdefault(split, case_id)
+    return {u: sorted(s.items()) for u, s in where.items() if len(s) > 1}
+
+
 # A failed case and why: the dead letter of stage 1's DoFns, written as is.
 FailedMarker = CaseFailure
 
@@ -119,21 +129,35 @@ class ShardPlan:
 
 @dataclass
 class StageJob:
-    """One Beam stage for the stage process: stage 1 (case ids, their source,
-    clinical table) or stage 2 (shard plans)."""
+    """What every Beam stage the stage process runs is given: the output, the
+    data settings, the Beam flags and the S3 settings. One type per stage."""
 
-    stage: int
-    output: str
-    settings: Settings
+    stage: ClassVar[int] = 0
+    output: str = ""
+    settings: Settings = field(default_factory=Settings)
     beam_args: list = field(default_factory=list)
     verbose: bool = False
     s3_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     s3_retry_mode: str = DEFAULT_RETRY_MODE
+    stop_file: Optional[str] = None  # touched on SIGTERM: stage 1 takes no new case
+
+
+@dataclass
+class Stage1Job(StageJob):
+    """Stage 1: the case ids, their source and clinical table; the cohort's
+    require criteria and the cases to hold against them by their file's track list."""
+
+    stage: ClassVar[int] = 1
     case_ids: list = field(default_factory=list)
     source: Optional[Source] = None
     clinical: Optional[ClinicalTable] = None
-    plans: list = field(default_factory=list)
-    stop_file: Optional[str] = None  # touched on SIGTERM: stage 1 takes no new case
-    # stage 1: the cohort's require criteria, and the cases to hold against them by their file's track list
     require: tuple = ()
     check_tracks: frozenset = frozenset()
+
+
+@dataclass
+class Stage2Job(StageJob):
+    """Stage 2: the shard plans to write."""
+
+    stage: ClassVar[int] = 2
+    plans: list = field(default_factory=list)

@@ -13,7 +13,7 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 
 from pipeline.output import cohort as cohort_run
 from pipeline.output import names, provenance, storage
-from pipeline.report.quality import quality as report, table1
+from pipeline.report import quality as report, table1
 from pipeline.output.contracts import DoneMarker, FailedMarker, Status
 from transforms import cohort, encode, spec, statistics
 from transforms.case_ids import format_cases

@@ -17,20 +17,18 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.report.quality import flowchart
+from pipeline.report import flowchart
 from pipeline.output import provenance, storage
-from pipeline.output.contracts import DoneMarker, FailedMarker
+from pipeline.output.contracts import DoneMarker, FailedMarker, units_in_two_splits
 from transforms import features, spec
 from transforms import statistics
 
 HIST_BINS = 20  # the report's distribution charts (from the statistics' finer histograms)
 
 
-def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
-            fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES,
-            prov: Optional[dict] = None, split: Optional[dict] = None) -> dict:
-    """The report's numbers (quality.json) from the done and failed markers;
-    how the cases were split is the metadata's (`split`, metadata.split_summary)."""
+def _features(done: dict[int, DoneMarker], fs: spec.FeatureSpec, splits) -> list[dict]:
+    """Per feature: the share of seconds of each imputation rule and source,
+    and per split the histogram, the clipped and the imputed-outside shares."""
     F, R = fs.n_features, len(features.RULE_NAMES)
     rules = np.zeros((F, R), np.int64)
     sources = [np.zeros(len(f.sources), np.int64) for f in fs.timeseries]
@@ -39,13 +37,10 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
     imputed_outside = {s: np.zeros(F, np.int64) for s in splits}
     measured = {s: np.zeros(F, np.int64) for s in splits}
     seconds = {s: 0 for s in splits}
-    case_split: dict[int, str] = {}
-    for cid, m in done.items():
-        st = m.stats
+    for m in done.values():
+        st, s = m.stats, m.split
         if not st:
             continue
-        s = m.split
-        case_split[cid] = s
         rules += np.asarray(st["rules"], np.int64)
         for j, counts in enumerate(st["sources"]):
             sources[j] += np.asarray(counts, np.int64)
@@ -56,34 +51,34 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         measured[s] += np.asarray(st["rules"], np.int64)[:, features.MEASURED]
         seconds[s] += int(st["seconds"])
     total = max(1, int(rules[0].sum())) if F else 1
-    feats = []
-    for j, f in enumerate(fs.timeseries):
-        src_total = max(1, int(sources[j].sum()))
-        feats.append({
-            "name": f.name, "unit": f.unit, "seconds": int(rules[j].sum()),
-            "rules": {n: round(float(rules[j, r]) / total, 6) for r, n in enumerate(features.RULE_NAMES)},
-            "measured_share": round(float(rules[j, features.MEASURED]) / total, 6),
-            "sources": {src.track: round(float(sources[j][k]) / src_total, 6) for k, src in enumerate(f.sources)},
-            "splits": {s: {"hist": hist[s][j].tolist(),
-                           # of the measured seconds: a range or unit problem when many
-                           "clipped_share": round(float(clipped[s][j]) / max(1, measured[s][j]), 6),
-                           # of all seconds: imputed values outside the range (a clinical zero below it)
-                           "imputed_outside_share": round(float(imputed_outside[s][j]) / max(1, seconds[s]), 6)}
-                       for s in splits},
-        })
+    return [{
+        "name": f.name, "unit": f.unit, "seconds": int(rules[j].sum()),
+        "rules": {n: round(float(rules[j, r]) / total, 6) for r, n in enumerate(features.RULE_NAMES)},
+        "measured_share": round(float(rules[j, features.MEASURED]) / total, 6),
+        "sources": {src.track: round(float(sources[j][k]) / max(1, int(sources[j].sum())), 6)
+                    for k, src in enumerate(f.sources)},
+        "splits": {s: {"hist": hist[s][j].tolist(),
+                       # of the measured seconds: a range or unit problem when many
+                       "clipped_share": round(float(clipped[s][j]) / max(1, measured[s][j]), 6),
+                       # of all seconds: imputed values outside the range (a clinical zero below it)
+                       "imputed_outside_share": round(float(imputed_outside[s][j]) / max(1, seconds[s]), 6)}
+                   for s in splits},
+    } for j, f in enumerate(fs.timeseries)]
+
+
+def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
+            fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES,
+            prov: Optional[dict] = None, split: Optional[dict] = None) -> dict:
+    """The report's numbers (quality.json) from the done and failed markers;
+    how the cases were split is the metadata's (`split`, metadata.split_summary)."""
+    case_split = {cid: m.split for cid, m in done.items() if m.stats}
     by_split = {s: sorted(c for c, x in case_split.items() if x == s) for s in splits}
     seen_in = Counter(c for v in by_split.values() for c in v)
-    overlap = sorted(c for c, n in seen_in.items() if n > 1)
-    # Patients (split keys) in two splits: a leak a case check cannot see.
-    patient_splits: dict[str, set] = {}
-    for c, m in done.items():
-        if m.has_windows:
-            patient_splits.setdefault(m.split_unit, set()).add(m.split)
-    patients_in_two = sorted(p for p, ss in patient_splits.items() if len(ss) > 1)
-    prov = prov if prov is not None else provenance.build(done)
+    # Patients (split units) in two splits: a leak a case check cannot see.
+    in_two = units_in_two_splits((m.split_unit, m.split, c) for c, m in done.items() if m.has_windows)
     split = split or {}
     return {
-        "features": feats,
+        "features": _features(done, fs, splits),
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
         "cases": [{"case_id": c, "split": m.split, "patient": m.split_unit, "status": m.status, "windows": m.windows,
                    "duration_s": m.duration_s, "static_defaults": m.static_defaults,
@@ -96,10 +91,10 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
                        "patients": split.get("patients", {}).get(s, 0),
                        "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
         "split_by": "patient (subjectid)" if split.get("by") == "patient" else "case id",
-        "cases_in_two_splits": overlap,
-        "patients_in_two_splits": patients_in_two,
+        "cases_in_two_splits": sorted(c for c, n in seen_in.items() if n > 1),
+        "patients_in_two_splits": sorted(in_two),
         "cases_split_by_case_id": split.get("cases_split_by_case_id", []),
-        "provenance": prov,
+        "provenance": prov if prov is not None else provenance.build(done),
         "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
 

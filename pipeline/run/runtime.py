@@ -22,7 +22,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from pipeline.io import s3
 from pipeline.stages import stage1, stage2
-from pipeline.output.contracts import StageJob
+from pipeline.output.contracts import Stage1Job, StageJob
 from pipeline.options import RunRequest
 from pipeline.io import remote
 from pipeline.stages.dofns import NAMESPACE
@@ -81,10 +81,7 @@ def counters(result) -> dict[str, int]:
 def run_stage(job: StageJob) -> dict[str, int]:
     """Builds and runs the stage's pipeline; returns its counters."""
     p = make_pipeline(job.beam_args, job.stage)
-    if job.stage == 1:
-        stage1.build_stage1(p, job)
-    else:
-        stage2.build_stage2(p, job)
+    (stage1.build_stage1 if isinstance(job, Stage1Job) else stage2.build_stage2)(p, job)
     result = p.run()
     result.wait_until_finish()
     return counters(result)
@@ -153,10 +150,10 @@ class InProcess(StageRunner):
         return 0, run_stage(job)
 
 
-def stage_job(req: RunRequest, stage: int, **kw) -> StageJob:
-    """A stage of this request: its Beam flags and S3 settings, and `kw`."""
+def stage_job(req: RunRequest, kind: type, **kw) -> StageJob:
+    """A stage of this request (`kind`: Stage1Job or Stage2Job): its Beam flags and S3 settings, and `kw`."""
     o = req.options
-    return StageJob(stage=stage, output=o.output, settings=req.settings, beam_args=list(req.beam_args),
+    return kind(output=o.output, settings=req.settings, beam_args=list(req.beam_args),
                     verbose=o.verbose, s3_max_attempts=o.s3_max_attempts, s3_retry_mode=o.s3_retry_mode, **kw)
 
 

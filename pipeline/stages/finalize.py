@@ -26,7 +26,7 @@ import time
 
 from pipeline.stages import stage2, verify
 from pipeline.output import storage
-from pipeline.output.contracts import DoneMarker, ShardPlan, Status
+from pipeline.output.contracts import DoneMarker, ShardPlan, Stage2Job, Status
 from pipeline.output.metadata import RunRecord
 from pipeline.options import RunRequest
 from pipeline.run.runtime import Interrupted, run_with, stage_job, StageRunner
@@ -68,7 +68,7 @@ class Finalize:
 
     def write(self, plans: list[ShardPlan]) -> None:
         if plans:
-            job = stage_job(self.req, 2, plans=plans)
+            job = stage_job(self.req, Stage2Job, plans=plans)
             counts = run_with(self.runner, job)
             self.record.timings["stage2_shard_write_s"] = round(counts.get("shard_write_us", 0) / 1e6, 6)
 

@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.io import s3
 from pipeline.output import storage
-from pipeline.output.contracts import DoneMarker, FailedMarker, Member, StageJob
+from pipeline.output.contracts import DoneMarker, FailedMarker, Member, Stage1Job
 from transforms import encode
 from pipeline.io import sources
 from pipeline.stages.dofns import EncodeCase, EXCLUDED, FAILED, LoadCase, NAMESPACE, TransformCase
@@ -181,7 +181,7 @@ def ProcessCases(case_ids, source: Source, output: str, settings: Settings, clin
     return committed, failed
 
 
-def build_stage1(pipeline: beam.Pipeline, job: StageJob) -> beam.Pipeline:
+def build_stage1(pipeline: beam.Pipeline, job: Stage1Job) -> beam.Pipeline:
     """Adds stage 1 of `job` to `pipeline` (unrun) and returns it."""
     ids = pipeline | "ReadCases" >> beam.Create(job.case_ids, reshuffle=False)
     side = beam.pvalue.AsSingleton(pipeline | "ReadClinical" >> beam.Create([job.clinical], reshuffle=False))

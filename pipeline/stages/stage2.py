@@ -33,7 +33,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.io import s3
 from pipeline.output import storage
-from pipeline.output.contracts import DoneMarker, PlannedCase, ShardPlan, StageJob
+from pipeline.output.contracts import DoneMarker, PlannedCase, ShardPlan, Stage2Job
 from pipeline.stages.dofns import NAMESPACE
 WINDOWS_PER_SHARD = 20000  # ~50 MB compressed per shard with the defaults
 
@@ -143,7 +143,7 @@ class WriteShard(beam.DoFn):
         yield res
 
 
-def build_stage2(pipeline: beam.Pipeline, job: StageJob) -> beam.Pipeline:
+def build_stage2(pipeline: beam.Pipeline, job: Stage2Job) -> beam.Pipeline:
     """Adds stage 2 of `job` (its shard plans) to `pipeline` (unrun) and returns it."""
     _ = (pipeline
          | "PlanShards" >> beam.Create(job.plans, reshuffle=False)

@@ -19,7 +19,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.output import storage
-from pipeline.output.contracts import DoneMarker
+from pipeline.output.contracts import DoneMarker, units_in_two_splits
 from transforms import encode, tfrecord
 
 DAMAGED = "damaged_case_object"  # the failure reason of a committed case whose object is damaged
@@ -114,73 +114,75 @@ def read_shard_ids(path: str) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(cids), np.concatenate(starts)
 
 
-def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4,
-                  excluded: Optional[dict] = None) -> Verification:
-    """Reads every split file back and compares with the markers: examples per
-    split and per case, no duplicate (case, window_start), no case and no
-    patient (the markers' split keys) in two splits, no case that the
-    cohort's criteria exclude (`excluded`: {case id: Exclusion})."""
-    excluded = excluded or {}
-    problems: list[str] = []
-    files = {s: storage.list_files(storage.split_files_glob(output, s)) for s in splits}
-    jobs = [(s, f) for s in splits for f in files[s]]
-
+def _read_splits(output: str, files: dict[str, list[str]], workers: int) -> list:
+    """[((split, file), (case ids, window starts) or None, error or None)] of every split file."""
     def read(job):
         try:
             return job, read_shard_ids(job[1]), None
         except (tfrecord.CorruptRecordError, OSError, ValueError) as e:
             return job, None, f"{job[1]}: damaged, unreadable: {e}"
-
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(read, jobs))
-    # A damaged split file: find the damaged case object behind it, if any
-    # (read through only the cases of the splits that failed to read).
-    damaged: dict[int, str] = {}
-    bad_splits = {job[0] for job, _, err in results if err}
+        return list(pool.map(read, [(s, f) for s, fs in files.items() for f in fs]))
+
+
+def _damaged_cases(output: str, done: dict[int, DoneMarker], bad_splits: set, workers: int) -> dict[int, str]:
+    """The damaged case objects behind damaged split files (only the cases of those splits are read)."""
     suspects = [(cid, m) for cid, m in sorted(done.items()) if m.split in bad_splits and m.has_windows]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for (cid, m), err in zip(suspects, pool.map(
-                lambda cm: read_case_object(storage.case_object(output, cm[1].split, cm[0]), cm[1].windows), suspects)):
-            if err:
-                damaged[cid] = err
+        errors = pool.map(lambda cm: read_case_object(storage.case_object(output, cm[1].split, cm[0]),
+                                                      cm[1].windows), suspects)
+        return {cid: err for (cid, _), err in zip(suspects, errors) if err}
+
+
+def _check_split(s: str, parts: list, done: dict[int, DoneMarker], excluded: dict, problems: list) -> tuple:
+    """One split's files against its markers; (its SplitCheck's counts, {case: examples} found)."""
+    expected = {cid: m.windows for cid, m in done.items() if m.split == s and m.has_windows}
+    problems += [err for _, _, err in parts if err]
+    ids = [r[1] for r in parts if r[1] is not None]
+    cid = np.concatenate([i[0] for i in ids]) if ids else np.empty(0, np.int64)
+    ws = np.concatenate([i[1] for i in ids]) if ids else np.empty(0, np.int64)
+    got_cases, got_counts = np.unique(cid, return_counts=True)
+    got = dict(zip(got_cases.tolist(), got_counts.tolist()))
+    if got != expected:
+        missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+        wrong = sorted(c for c in set(got) & set(expected) if got[c] != expected[c])
+        problems.append(f"{s}: examples do not match the markers (cases missing {missing[:10]}, "
+                        f"unexpected {extra[:10]}, wrong counts {wrong[:10]})")
+    for c in sorted(set(got) & set(excluded)):
+        problems.append(f"{s}: case {c} is excluded by the cohort ({excluded[c].criterion}) but has "
+                        f"{got[c]} examples here")
+    pairs = cid * (1 << 32) + ws
+    if np.unique(pairs).size != pairs.size:
+        problems.append(f"{s}: duplicate (case_id, window_start) examples")
+    return (int(cid.size), int(sum(expected.values())), len(expected)), got
+
+
+def verify_output(output: str, done: dict[int, DoneMarker], splits: tuple[str, ...], workers: int = 4,
+                  excluded: Optional[dict] = None) -> Verification:
+    """Reads every split file back and compares with the markers: examples per
+    split and per case, no duplicate (case, window_start), no case and no
+    patient (the markers' split units) in two splits, no case that the
+    cohort's criteria exclude (`excluded`: {case id: Exclusion})."""
+    excluded = excluded or {}
+    problems: list[str] = []
+    files = {s: storage.list_files(storage.split_files_glob(output, s)) for s in splits}
+    results = _read_splits(output, files, workers)
+    damaged = _damaged_cases(output, done, {job[0] for job, _, err in results if err}, workers)
     per_split: dict[str, SplitCheck] = {}
-    seen_split: dict[int, str] = {}
-    patient_split: dict[str, tuple[str, int]] = {}  # split key -> (split, a case of it there)
+    placed, seen_split = [], {}
     for s in splits:
-        expected = {cid: m.windows for cid, m in done.items() if m.split == s and m.has_windows}
-        parts = [r for r in results if r[0][0] == s]
-        for _, _, err in parts:
-            if err:
-                problems.append(err)
-        ids = [r[1] for r in parts if r[1] is not None]
-        cid = np.concatenate([i[0] for i in ids]) if ids else np.empty(0, np.int64)
-        ws = np.concatenate([i[1] for i in ids]) if ids else np.empty(0, np.int64)
-        got_cases, got_counts = np.unique(cid, return_counts=True)
-        got = dict(zip(got_cases.tolist(), got_counts.tolist()))
-        for c in sorted(set(got) & set(excluded)):
-            problems.append(f"{s}: case {c} is excluded by the cohort ({excluded[c].criterion}) but has "
-                            f"{got[c]} examples here")
-        if got != expected:
-            missing = sorted(set(expected) - set(got))
-            extra = sorted(set(got) - set(expected))
-            wrong = sorted(c for c in set(got) & set(expected) if got[c] != expected[c])
-            problems.append(f"{s}: examples do not match the markers (cases missing {missing[:10]}, "
-                            f"unexpected {extra[:10]}, wrong counts {wrong[:10]})")
-        pairs = cid * (1 << 32) + ws
-        if np.unique(pairs).size != pairs.size:
-            problems.append(f"{s}: duplicate (case_id, window_start) examples")
-        patients = set()
+        (examples, expected_examples, expected_cases), got = _check_split(
+            s, [r for r in results if r[0][0] == s], done, excluded, problems)
         for c in got:
             if c in seen_split and seen_split[c] != s:
                 problems.append(f"case {c} is in both {seen_split[c]} and {s}")
             seen_split[c] = s
-            key = done[c].split_unit if c in done else str(c)
-            patients.add(key)
-            other = patient_split.setdefault(key, (s, c))
-            if other[0] != s:
-                problems.append(f"patient {key} is in both {other[0]} (case {other[1]}) and {s} (case {c})")
-        per_split[s] = SplitCheck(files=len(files[s]), examples=int(cid.size), cases=len(got), patients=len(patients),
-                                  expected_examples=int(sum(expected.values())), expected_cases=len(expected))
-    for cid, err in damaged.items():
-        problems.append(f"case {cid}: {err} (the split file above holds its damage)")
+        units = {done[c].split_unit if c in done else str(c): c for c in got}
+        placed += [(u, s, c) for u, c in units.items()]
+        per_split[s] = SplitCheck(files=len(files[s]), examples=examples, cases=len(got), patients=len(units),
+                                  expected_examples=expected_examples, expected_cases=expected_cases)
+    for unit, where in units_in_two_splits(placed).items():
+        (s1, c1), (s2, c2) = where[0], where[1]
+        problems.append(f"patient {unit} is in both {s1} (case {c1}) and {s2} (case {c2})")
+    problems += [f"case {cid}: {err} (the split file above holds its damage)" for cid, err in damaged.items()]
     return Verification(tuple(problems), per_split, damaged, len(excluded))
