@@ -1,12 +1,48 @@
-"""The documents a user reads are true: the data contract's tables equal the
-feature spec the code runs."""
+"""The documents a user reads are true: the docs site builds with mkdocs
+--strict (no page outside the nav, no broken link or anchor), and the data
+contract's tables equal the feature spec the code runs."""
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
+import pytest
+import yaml
+
+from pipeline.io.documents import load_track_map
 from transforms import spec
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTRACT = (ROOT / "docs" / "data-contract.md").read_text()
+
+
+def nav_pages(nav) -> list[str]:
+    """The .md files named in mkdocs.yml's nav, nested sections included."""
+    pages = []
+    for entry in nav:
+        for value in (entry.values() if isinstance(entry, dict) else [entry]):
+            pages += nav_pages(value) if isinstance(value, list) else [value]
+    return pages
+
+
+def test_the_docs_site_builds_strict_with_every_page_in_the_nav(tmp_path):
+    """What CI runs (`mkdocs build --strict`, .ci/run): every warning (a broken
+    link or anchor, a page left out of the nav) fails it."""
+    mkdocs = os.path.join(os.path.dirname(sys.executable), "mkdocs")
+    if not os.path.exists(mkdocs):
+        pytest.fail(f"{mkdocs} is missing: install the test extra (pip install -c constraints.txt -e '.[test]')")
+    config = yaml.safe_load((ROOT / "mkdocs.yml").read_text())
+    assert config["docs_dir"] == "docs" and config["theme"]["name"] == "material"
+    pages = nav_pages(config["nav"])
+    assert sorted(pages) == sorted(p.name for p in (ROOT / "docs").glob("*.md"))  # every page, each once
+    site = tmp_path / "site"
+    res = subprocess.run([mkdocs, "build", "--strict", "--site-dir", str(site)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=dict(os.environ, NO_MKDOCS_2_WARNING="1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for page in pages:
+        built = site / ("index.html" if page == "index.md" else page[:-len(".md")] + "/index.html")
+        assert built.is_file(), page
 
 
 def table_rows(text: str, header_start: str) -> list[list[str]]:
@@ -59,9 +95,8 @@ def test_the_contracts_static_table_is_the_spec():
 
 
 def test_the_contracts_ventilator_settings_table_is_the_shipped_map():
-    from transforms import trackmap
     rows = table_rows(CONTRACT, "| feature | set sources, in order")
-    tm = trackmap.load("ventilator-settings")
+    tm = load_track_map("ventilator-settings")
     assert [r[0] for r in rows] == [e.feature for e in tm.features] == ["TV", "PEEP", "FIO2", "RR"]
     for (feature, sources), e in zip(rows, tm.features):
         assert e.mode == "before"

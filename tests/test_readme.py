@@ -1,7 +1,8 @@
-"""The README is true: its TensorFlow snippet runs on a real output, and every
-command block either runs here, as printed (cloud commands through
---dry-run), or is listed below as not runnable here, with the reason. A new
-block without an entry fails the suite."""
+"""The README and the docs are true: their reading snippets run on a real
+output, and every command block, in README.md or any docs/*.md page, either
+runs here, as printed (cloud commands through --dry-run), or is listed below
+as not runnable here, with the reason. A new block without an entry fails
+the suite."""
 import json
 import os
 import re
@@ -12,10 +13,14 @@ from pathlib import Path
 import pytest
 
 from conftest import INMEM, TO_INTELLIVUE, split_bytes
-from pipeline import cli, sample
+from pipeline import cli
+from pipeline.tools import sample
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 TEXT = README.read_text()
+# Every page a command block may live in: the README, then the docs site's pages.
+PAGES = {path: path.read_text() for path in [README] + sorted((ROOT / "docs").glob("*.md"))}
 
 # Blocks that run elsewhere or cannot run here, and why.
 ELSEWHERE = {
@@ -26,17 +31,36 @@ ELSEWHERE = {
     "image-push": "needs AWS credentials, an ECR registry and docker; neither is reachable here",
     "resume": "needs the real bucket; the same command, as a failed leader prints it, completes a job in "
               "test_sagemaker::test_a_leader_without_its_second_host_names_the_missing_cases_and_the_command_that_completes_the_job",
-    "bench": "a benchmark (minutes, prints figures): run by hand, its figures are in this README",
-    "scale": "a benchmark (minutes, prints figures): run by hand, its figures are in this README",
+    "bench": "a benchmark (minutes, prints figures): run by hand, its dated figures are in docs/benchmarks.md",
+    "scale": "a benchmark (minutes, prints figures): run by hand, its dated figures are in docs/benchmarks.md",
     "runners": "needs a GCP project (Dataflow) or a Flink cluster; test_runner_blocks_pass_their_beam_flags_through "
                "parses both commands here",
 }
 
 
-def blocks() -> dict[str, tuple[str, str]]:
-    """{id: (language, body)} of the README's marked blocks."""
-    found = re.findall(r"<!-- block: ([\w-]+) -->\s*```(\w+)\n(.*?)```", TEXT, re.S)
-    return {name: (lang, body) for name, lang, body in found}
+BLOCK = r"<!-- block: ([\w-]+) -->\s*```(\w+)\n(.*?)```"
+SNIPPET = r"<!-- snippet:([\w-]+) -->\s*```python\n(.*?)```"
+
+
+def marked(pattern: str) -> list[tuple]:
+    """(name, ..., page) of every marked block of every page, in order."""
+    return [found + (path,) for path, text in PAGES.items() for found in re.findall(pattern, text, re.S)]
+
+
+def blocks() -> dict[str, tuple[str, str, Path]]:
+    """{name: (language, body, page)} of the marked blocks of the README and
+    every docs page (names are unique across all of them)."""
+    found = {}
+    for name, lang, body, path in marked(BLOCK):
+        assert name not in found, f"block {name!r} is in {found[name][2].name} and in {path.name}"
+        found[name] = (lang, body, path)
+    return found
+
+
+def snippet(name: str) -> str:
+    """The body of the python snippet of that name, wherever it lives."""
+    (body,) = [body for n, body, _ in marked(SNIPPET) if n == name]
+    return body
 
 
 def commands(body: str) -> list[str]:
@@ -47,12 +71,33 @@ def commands(body: str) -> list[str]:
 
 
 def test_every_command_block_is_run_or_has_a_reason():
-    code_blocks = re.findall(r"```(bash|sh|console)\n", TEXT)
-    marked = blocks()
-    assert len([b for b in marked.values() if b[0] == "bash"]) == len(code_blocks)  # every bash block is marked
-    runnable = {n for n, (lang, _) in marked.items() if lang == "bash"} - set(ELSEWHERE)
+    marked_blocks = blocks()
+    for path, text in PAGES.items():
+        # every bash block of every page is marked (and an sh or console block is not allowed)
+        code_blocks = re.findall(r"```(bash|sh|console)\n", text)
+        in_page = [n for n, (lang, _, page) in marked_blocks.items() if page == path and lang == "bash"]
+        assert len(in_page) == len(code_blocks), path.name
+    runnable = {n for n, (lang, _, _) in marked_blocks.items() if lang == "bash"} - set(ELSEWHERE)
     assert runnable == set(RUN_HERE), runnable ^ set(RUN_HERE)
-    assert set(ELSEWHERE) <= set(marked)
+    assert set(ELSEWHERE) <= set(marked_blocks)
+
+
+def test_every_python_block_is_a_snippet_that_runs():
+    """Every python block of every page is a marked snippet, names unique, and
+    each has its test below."""
+    names = [name for name, _, _ in marked(SNIPPET)]
+    assert len(names) == len(set(names)), names
+    for path, text in PAGES.items():
+        assert len(re.findall(r"```python\n", text)) == len([1 for *_, p in marked(SNIPPET) if p == path]), path.name
+    assert set(names) == {"read", "read-full", "numpy-short", "numpy", "torch"}
+
+
+def test_the_readme_links_only_to_files_that_exist():
+    """The README's relative links (into docs/ among them) resolve; the docs'
+    own links are checked by mkdocs build --strict (tests/test_docs.py)."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", TEXT)
+    local = [link for link in links if not re.match(r"\w+://", link)]
+    assert local and [link for link in local if not (ROOT / link).exists()] == []
 
 
 def run_readme_line(line: str) -> int:
@@ -104,7 +149,7 @@ def run_trackmap(workdir, capsys, monkeypatch):
 
 def run_vitaldb(workdir, capsys, monkeypatch):
     """The open dataset from its web API: a stand-in for the API on loopback."""
-    from transforms.sources import VITALDB_API_ENV
+    from pipeline.io.sources import VITALDB_API_ENV
     from webstandin import StandIn
     sample.write_sample("api-files", list(range(1, 21)), 900)
     (line,) = commands(blocks()["vitaldb"][1])
@@ -191,13 +236,18 @@ def run_cohort(workdir, capsys, monkeypatch):
         ("include", "age >= 18"), ("include", "ane_type == 'General'"),
         ("require", "Propofol_INF,Remifentanil_INF"), ("min_measured", "BP_MAP=0.3")]
     assert c["requested"] == 20 and c["selected"] == 20 - sum(len(r["excluded"]) for r in c["criteria"])
-    shown = re.search(r"<!-- cohort-output -->\s*```text\n(.*?)```", TEXT, re.S).group(1)
-    for line in shown.splitlines():
-        if "left out by" in line or "selected and processed" in line:
-            assert line.strip() in text, line
+    assert commands(blocks()["cohort-docs"][1]) == [line]  # docs/cohort.md shows the README's run
+    shown = [(path, out) for path, page in PAGES.items()
+             for out in re.findall(r"<!-- cohort-output -->\s*```text\n(.*?)```", page, re.S)]
+    assert {path.name for path, _ in shown} == {"README.md", "cohort.md"}
+    for path, out in shown:
+        checked = [row for row in out.splitlines() if "left out by" in row or "selected and processed" in row]
+        assert len(checked) == 5, path.name
+        for row in checked:
+            assert row.strip() in text, (path.name, row)
 
 
-RUN_HERE = {"cohort": run_cohort, "real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
+RUN_HERE = {"cohort": run_cohort, "cohort-docs": run_cohort, "real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
             "portable": run_portable, "share-kubernetes": run_shares, "share-batch": run_shares,
             "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch,
             "launch-vitaldb": run_launch, "vitaldb": run_vitaldb, "estimate": run_estimate}
@@ -219,34 +269,50 @@ def test_runner_blocks_pass_their_beam_flags_through():
                                    "--environment_type", "LOOPBACK", "--setup_file", "./setup.py"]
 
 
-def test_every_declared_option_is_in_the_readme():
+def test_every_declared_option_is_in_the_readme_or_the_docs():
+    """Every flag is named, as `--flag`, in the README or a docs page (the
+    options page, docs/options.md, lists them all)."""
     from dataclasses import fields
 
     from pipeline.options import RunOptions
     from transforms.settings import Settings, flag_names
+    everything = "\n".join(PAGES.values())
     for f in list(fields(Settings)) + list(fields(RunOptions)):
         for flag in flag_names(f):
             if not flag.startswith("--"):
                 continue  # -v: --verbose is there
-            assert f"`{flag}`" in TEXT, f.name
+            assert f"`{flag}`" in everything, f.name
 
 
 def run_snippet(name: str, out: str) -> dict:
-    block = re.search(rf"<!-- snippet:{name} -->\s*```python\n(.*?)```", TEXT, re.S).group(1)
-    assert 'out = "output"' in block
+    """Runs the snippet on the output `out`: its `out = "output"`, or the
+    "output" it passes to OutputReader, is replaced by that path."""
+    block = snippet(name)
+    if 'out = "output"' in block:
+        block = block.replace('out = "output"', f"out = {out!r}")
+    else:
+        assert 'OutputReader("output"' in block, name
+        block = block.replace('OutputReader("output"', f"OutputReader({out!r}")
     ns: dict = {}
-    exec(compile(block.replace('out = "output"', f"out = {out!r}"), f"README:{name}", "exec"), ns)
+    exec(compile(block, f"snippet:{name}", "exec"), ns)
     return ns
 
 
 def test_readme_numpy_snippet_runs(run_output, capsys):
+    """The README's three lines of the reader."""
+    run_snippet("numpy-short", run_output[1])
+    assert "(64, 300, 16) (64, 6) (64, 8)" in capsys.readouterr().out
+    assert len(snippet("numpy-short").strip().splitlines()) == 3
+
+
+def test_docs_numpy_snippet_runs(run_output, capsys):
     ns = run_snippet("numpy", run_output[1])
     assert "(64, 300, 16) (64, 6) (64, 8)" in capsys.readouterr().out
     meta = json.load(open(f"{run_output[1]}/preprocessing_metadata.json"))
     assert ns["n"] == meta["splits"]["validation"]["windows"]
 
 
-def test_readme_pytorch_snippet_runs(run_output, capsys):
+def test_docs_pytorch_snippet_runs(run_output, capsys):
     pytest.importorskip("torch", reason="PyTorch is not installed: .ci/run installs its CPU build from a wheel on "
                                         "the machine's disk; from the registry it pulls the CUDA libraries (GBs)")
     run_snippet("torch", run_output[1])
@@ -254,11 +320,13 @@ def test_readme_pytorch_snippet_runs(run_output, capsys):
 
 
 def test_readme_reading_snippet_runs(run_output, capsys):
-    _, out = run_output
-    block = re.search(r"<!-- snippet:read -->\s*```python\n(.*?)```", TEXT, re.S).group(1)
-    assert 'out = "output"' in block
-    ns = {}
-    exec(compile(block.replace('out = "output"', f"out = {out!r}"), "README", "exec"), ns)
+    run_snippet("read", run_output[1])
+    assert "(64, 300, 16) (64, 6) (64, 8)" in capsys.readouterr().out
+
+
+def test_docs_reading_snippet_runs(run_output, capsys):
+    """docs/reading.md's TensorFlow example, back to clinical units."""
+    ns = run_snippet("read-full", run_output[1])
     assert "(64, 300, 16) (64, 6) (64, 8)" in capsys.readouterr().out
     prop = ns["propofol"].numpy()
     assert prop.shape == (64,) and (prop >= 0).all() and (prop <= 12).all()
