@@ -19,7 +19,8 @@ Files are split among workers by position (worker i of n reads files i,
 i + n, ...: give each DataLoader worker its own share); with a shuffle
 buffer the file order is shuffled too, from the seed (call `set_epoch` for
 another order each epoch). Local paths are read directly; other locations
-(s3://, gs://) through Beam's FileSystems, imported only then.
+(s3://, gs://) through Beam's FileSystems, imported only then (and listed
+by pipeline.output.storage, which tells "no files" from a failure).
 
 How it is fast (numpy, one core): an output's examples are written by
 transforms/encode.py as protobuf's deterministic serialization of one set
@@ -73,14 +74,14 @@ class DamagedFile(IOError):
     """A split file that cannot be read through (a bad CRC, a damaged or truncated stream)."""
 
 
-def _is_local(path: str) -> bool:
-    """Whether to read it directly: a path without a scheme (Beam's FileSystems
-    would read it the same way, at the cost of importing Beam)."""
+def _has_no_scheme(path: str) -> bool:
+    """Whether a path has no scheme (no "://"), so is read directly: Beam's
+    FileSystems would read it the same way, at the cost of importing Beam."""
     return "://" not in path
 
 
 def _open(path: str):
-    if _is_local(path):
+    if _has_no_scheme(path):
         return open(path, "rb")
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
@@ -88,15 +89,26 @@ def _open(path: str):
 
 
 def _list(pattern: str) -> list[str]:
-    if _is_local(pattern):
+    """The files matching a glob, sorted; [] when none (or no folder) match."""
+    if _has_no_scheme(pattern):
         return sorted(glob.glob(pattern))
-    from apache_beam.io.filesystems import FileSystems
-    try:
-        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-    except Exception as e:  # BeamIOError: no such folder (an empty split), else a real error
-        if "No files found" in str(e) or "not found" in str(e).lower():
-            return []
-        raise
+    from pipeline.output import storage  # imports Beam: only for a path with a scheme
+    return storage.list_files(pattern)
+
+
+# ---- the file-level plan: a worker's files, and their order in an epoch ------------------
+
+def _worker_files(output: str, split: str, worker: int, num_workers: int) -> list[str]:
+    """A worker's share of a split's files, by position in the sorted listing:
+    worker i of n reads files i, i + n, ..."""
+    return _list(split_files_glob(output, split))[worker::num_workers]
+
+
+def _epoch_order(files: list[str], seed: int, epoch: int) -> list[str]:
+    """The files in a shuffled order from the seed and the epoch (the same on every worker)."""
+    files = list(files)
+    random.Random(f"{seed}:{epoch}").shuffle(files)
+    return files
 
 
 # ---- tf.train.Example, decoded with numpy: the general parser --------------------------
@@ -511,139 +523,112 @@ class _Framing:
             raise self._fail("truncated record header" if len(carry) < 12 else "truncated record")
 
 
-# ---- the reader ----------------------------------------------------------------------
+# ---- the record stream: segments of files, in groups or through a shuffle buffer ------
+
+def _segments(files) -> Iterator[tuple]:
+    """The record stream of files in order: (buffer, record offsets, record
+    lengths, path) per inflated piece; a damaged file raises DamagedFile."""
+    for path in files:
+        framing = _Framing()
+        try:
+            with _open(path) as fh:
+                for buf, offs, lens in framing.segments(fh):
+                    yield buf, offs, lens, path
+        except (CorruptRecordError, OSError, ValueError, IndexError, struct.error) as e:
+            raise DamagedFile(f"{path}: damaged, unreadable: {e}") from None
+
+
+def _groups(segments, size: int, drop_remainder: bool, flush_on_error: bool = False) -> Iterator[list]:
+    """The segments cut into groups of `size` records (lists of segments);
+    with `flush_on_error`, the records before a damaged one are a last group."""
+    group, have = [], 0
+    try:
+        for buf, offs, lens, path in segments:
+            i, m = 0, len(offs)
+            while i < m:
+                take = min(size - have, m - i)
+                group.append((buf, offs, lens, path) if take == m else
+                             (buf, offs[i:i + take], lens[i:i + take], path))
+                have += take
+                i += take
+                if have == size:
+                    yield group
+                    group, have = [], 0
+    except DamagedFile:
+        if flush_on_error and group:
+            yield group
+        raise
+    if group and not drop_remainder:
+        yield group
+
+
+def _shuffled(files: list[str], buffer_size: int, seed: int, epoch: int) -> Iterator[tuple]:
+    """A shuffle buffer (as tf.data's) of records, one segment each: fill it,
+    then hand out a random element for each new one; files in the epoch's order."""
+    rng = np.random.default_rng([seed, epoch])
+    buf: list[tuple] = []
+    for data, offs, lens, path in _segments(_epoch_order(files, seed, epoch)):
+        for o, n in zip(offs, lens):
+            rec = (data[o:o + n], [0], [n], path)
+            if len(buf) < buffer_size:
+                buf.append(rec)
+                continue
+            i = int(rng.integers(len(buf)))
+            yield buf[i]
+            buf[i] = rec
+    order = rng.permutation(len(buf))
+    for i in order:
+        yield buf[i]
+
+
+# ---- decoding groups of records into batches ---------------------------------------------
 
 _CHUNK = 64  # records decoded together when examples are handed out one at a time
 
 
-class OutputReader:
-    """An output's split, read as examples or batches (see the module's
-    docstring). `decoded` counts the records decoded so far by the layout of
-    this product's examples and by the general parser."""
+def _shapes(fmt: dict) -> dict[str, tuple]:
+    """Each feature's shape in an example, from the metadata's format."""
+    window, n_features = fmt["shapes"]["timeseries"]
+    shapes: dict[str, tuple] = {}
+    for name, f in fmt["features"].items():
+        if f["length"] == window * n_features:
+            shapes[name] = (window, n_features)
+        elif name in fmt["shapes"]:
+            shapes[name] = tuple(fmt["shapes"][name])
+        else:
+            shapes[name] = () if f["length"] == 1 else (f["length"],)
+    return shapes
 
-    def __init__(self, output: str, split: str, *, batch_size: Optional[int] = None, drop_remainder: bool = False,
-                 shuffle_buffer: int = 0, seed: int = 0, worker: int = 0, num_workers: int = 1):
-        if not 0 <= worker < num_workers:
-            raise ValueError(f"worker {worker} of {num_workers}: expected 0 <= worker < num_workers")
-        self.output = output.rstrip("/")
-        with _open(f"{self.output}/{METADATA_NAME}") as fh:
-            self.metadata = json.loads(fh.read())
-        splits = list(self.metadata["splits"])
-        if split not in splits:
-            raise ValueError(f"{output} has no split {split!r} (it has {', '.join(splits)})")
-        self.split = split
-        fmt = self.metadata["format"]
-        window, n_features = fmt["shapes"]["timeseries"]
-        # Each feature's shape in an example, from the metadata.
-        self.shapes: dict[str, tuple] = {}
-        for name, f in fmt["features"].items():
-            if f["length"] == window * n_features:
-                self.shapes[name] = (window, n_features)
-            elif name in fmt["shapes"]:
-                self.shapes[name] = tuple(fmt["shapes"][name])
-            else:
-                self.shapes[name] = () if f["length"] == 1 else (f["length"],)
+
+class _Decoder:
+    """Groups of records (lists of segments) decoded into arrays shaped from
+    an output's format: records that match a layout of this product's
+    examples by it, the others by the general parser. `decoded` counts the
+    records decoded each way."""
+
+    def __init__(self, fmt: dict):
+        self.shapes = _shapes(fmt)
         self.dtypes = {n: np.float32 if f["type"] == "float" else np.int64 for n, f in fmt["features"].items()}
-        self._layouts = _Layouts([(n, f["type"], f["length"]) for n, f in fmt["features"].items()],
-                                 all(int(np.prod(self.shapes[n])) == f["length"] for n, f in fmt["features"].items()))
-        files = _list(split_files_glob(self.output, split))
-        self.files = files[worker::num_workers]
-        self.batch_size, self.drop_remainder = batch_size, drop_remainder
-        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
-        # Records decoded so far by a layout (the fast path) and by the general parser.
+        self.layouts = _Layouts([(n, f["type"], f["length"]) for n, f in fmt["features"].items()],
+                                all(int(np.prod(self.shapes[n])) == f["length"] for n, f in fmt["features"].items()))
         self.decoded = {"layout": 0, "general": 0}
 
-    def set_epoch(self, epoch: int) -> None:
-        """Another shuffle order (the seed plus the epoch), as the same on every worker."""
-        self.epoch = epoch
-
-    def examples(self) -> Iterator[dict]:
-        """Every example of this worker's files, in file order (no shuffle, no batches)."""
-        return self._one_by_one(self._segments(self.files))
-
-    # -- records ---------------------------------------------------------------------------
-
-    def _segments(self, files) -> Iterator[tuple]:
-        """(buffer, record offsets, record lengths, path) over the files in order."""
-        for path in files:
-            framing = _Framing()
-            try:
-                with _open(path) as fh:
-                    for buf, offs, lens in framing.segments(fh):
-                        yield buf, offs, lens, path
-            except (CorruptRecordError, OSError, ValueError, IndexError, struct.error) as e:
-                raise DamagedFile(f"{path}: damaged, unreadable: {e}") from None
-
-    @staticmethod
-    def _batches(segments, size: int, drop_remainder: bool, flush_on_error: bool = False) -> Iterator[list]:
-        """The segments cut into groups of `size` records (lists of segments);
-        with `flush_on_error`, the records before a damaged one are a last group."""
-        group, have = [], 0
-        try:
-            for buf, offs, lens, path in segments:
-                i, m = 0, len(offs)
-                while i < m:
-                    take = min(size - have, m - i)
-                    group.append((buf, offs, lens, path) if take == m else
-                                 (buf, offs[i:i + take], lens[i:i + take], path))
-                    have += take
-                    i += take
-                    if have == size:
-                        yield group
-                        group, have = [], 0
-        except DamagedFile:
-            if flush_on_error and group:
-                yield group
-            raise
-        if group and not drop_remainder:
-            yield group
-
-    def _one_by_one(self, segments) -> Iterator[dict]:
+    def examples(self, segments) -> Iterator[dict]:
         """Examples one at a time, each its own arrays (decoded in groups of _CHUNK)."""
         names = list(self.shapes)
-        for group in self._batches(segments, _CHUNK, False, flush_on_error=True):
+        for group in _groups(segments, _CHUNK, False, flush_on_error=True):
             try:
-                batch = self._decode(group)
+                batch = self.batch(group)
             except DamagedFile as e:  # hand out the good examples before the damaged one, then raise
                 for buf, offs, lens, path in group:
                     for o, n in zip(offs, lens):
-                        one = self._decode([(buf, [o], [n], path)])
+                        one = self.batch([(buf, [o], [n], path)])
                         yield {k: v[0, ...] for k, v in one.items()}
                 raise e
             for i in range(len(batch[names[0]])):
                 yield {k: batch[k][i, ...].copy() for k in names}
 
-    def _shuffled(self) -> Iterator[tuple]:
-        """A shuffle buffer (as tf.data's) of records: fill it, then hand out a
-        random element for each new one; files in a seeded order too."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        files = list(self.files)
-        random.Random(f"{self.seed}:{self.epoch}").shuffle(files)
-        buf: list[tuple] = []
-        for data, offs, lens, path in self._segments(files):
-            for o, n in zip(offs, lens):
-                rec = (data[o:o + n], [0], [n], path)
-                if len(buf) < self.shuffle_buffer:
-                    buf.append(rec)
-                    continue
-                i = int(rng.integers(len(buf)))
-                yield buf[i]
-                buf[i] = rec
-        order = rng.permutation(len(buf))
-        for i in order:
-            yield buf[i]
-
-    def __iter__(self) -> Iterator[dict]:
-        records = self._shuffled() if self.shuffle_buffer > 0 else self._segments(self.files)
-        if not self.batch_size:
-            yield from self._one_by_one(records)
-            return
-        for group in self._batches(records, self.batch_size, self.drop_remainder):
-            yield self._decode(group)
-
-    # -- decoding --------------------------------------------------------------------------
-
-    def _decode(self, group: list) -> dict:
+    def batch(self, group: list) -> dict:
         """The examples of a group of segments as a batch: {name: (n, *shape) array}."""
         n = sum(len(seg[1]) for seg in group)
         out = {k: np.empty((n,) + s, self.dtypes[k]) for k, s in self.shapes.items()}
@@ -675,19 +660,19 @@ class OutputReader:
         batch's rows `rows` (a slice or an index array): by a layout all that
         match one, the others by the general parser."""
         left = None  # the indices of the records not yet decoded (None: all)
-        if self._layouts.enabled:
+        if self.layouts.enabled:
             view = np.ndarray((n, length), np.uint8, buf, off, (stride, 1))
-            for lay in self._layouts.get(length):
+            for lay in self.layouts.get(length):
                 sub = view if left is None else view[left]
                 got = sub[:, lay.idx]
                 ok = ((got & lay.mask) == lay.want).all(axis=1)
                 if ok.all():
-                    self._extract(flat, raw, sub, got, lay, rows if left is None else _rows(rows, left))
+                    _extract(flat, raw, sub, got, lay, rows if left is None else _rows(rows, left))
                     left = np.empty(0, np.intp)
                     break
                 if ok.any():
                     at = np.arange(n)[ok] if left is None else left[ok]
-                    self._extract(flat, raw, sub[ok], got[ok], lay, _rows(rows, at))
+                    _extract(flat, raw, sub[ok], got[ok], lay, _rows(rows, at))
                 left = (np.arange(n) if left is None else left)[~ok]
         todo = range(n) if left is None else left.tolist()
         self.decoded["general"] += len(todo)
@@ -703,21 +688,6 @@ class OutputReader:
             for k, v in ex.items():
                 flat[k][r] = v.reshape(-1)
 
-    @staticmethod
-    def _extract(flat: dict, raw: dict, view: np.ndarray, got: np.ndarray, lay: _Layout, rows) -> None:
-        """The values of records that match `lay`: float payloads copied as
-        bytes, the int64 varints decoded from their gathered bytes."""
-        for name, start, nbytes in lay.floats:
-            raw[name][rows] = view[:, start:start + nbytes]
-        for name, col, k in lay.ints:
-            if k == 1:
-                flat[name][rows, 0] = got[:, col]
-                continue
-            value = (got[:, col] & 0x7F).astype(np.uint64)
-            for j in range(1, k):
-                value |= (got[:, col + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
-            flat[name][rows, 0] = value.view(np.int64)
-
     def _shaped(self, ex: dict) -> dict:
         out = {}
         for name, shape in self.shapes.items():
@@ -727,6 +697,67 @@ class OutputReader:
         return out
 
 
+def _extract(flat: dict, raw: dict, view: np.ndarray, got: np.ndarray, lay: _Layout, rows) -> None:
+    """The values of records that match `lay`: float payloads copied as
+    bytes, the int64 varints decoded from their gathered bytes."""
+    for name, start, nbytes in lay.floats:
+        raw[name][rows] = view[:, start:start + nbytes]
+    for name, col, k in lay.ints:
+        if k == 1:
+            flat[name][rows, 0] = got[:, col]
+            continue
+        value = (got[:, col] & 0x7F).astype(np.uint64)
+        for j in range(1, k):
+            value |= (got[:, col + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+        flat[name][rows, 0] = value.view(np.int64)
+
+
 def _rows(rows, at: np.ndarray) -> np.ndarray:
     """The batch rows of a run's records `at`, the run's rows a slice or an index array."""
     return rows.start + at if isinstance(rows, slice) else rows[at]
+
+
+# ---- the reader: the plan, the record stream and the decoder together --------------------
+
+class OutputReader:
+    """An output's split, read as examples or batches (see the module's
+    docstring). `decoded` counts the records decoded so far by the layout of
+    this product's examples and by the general parser."""
+
+    def __init__(self, output: str, split: str, *, batch_size: Optional[int] = None, drop_remainder: bool = False,
+                 shuffle_buffer: int = 0, seed: int = 0, worker: int = 0, num_workers: int = 1):
+        if not 0 <= worker < num_workers:
+            raise ValueError(f"worker {worker} of {num_workers}: expected 0 <= worker < num_workers")
+        self.output = output.rstrip("/")
+        with _open(f"{self.output}/{METADATA_NAME}") as fh:
+            self.metadata = json.loads(fh.read())
+        splits = list(self.metadata["splits"])
+        if split not in splits:
+            raise ValueError(f"{output} has no split {split!r} (it has {', '.join(splits)})")
+        self.split = split
+        self._decoder = _Decoder(self.metadata["format"])
+        self.shapes, self.dtypes = self._decoder.shapes, self._decoder.dtypes
+        # Records decoded so far by a layout (the fast path) and by the general parser.
+        self.decoded = self._decoder.decoded
+        self.files = _worker_files(self.output, split, worker, num_workers)
+        self.batch_size, self.drop_remainder = batch_size, drop_remainder
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Another shuffle order (the seed plus the epoch), as the same on every worker."""
+        self.epoch = epoch
+
+    def examples(self) -> Iterator[dict]:
+        """Every example of this worker's files, in file order (no shuffle, no batches)."""
+        return self._decoder.examples(_segments(self.files))
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.shuffle_buffer > 0:
+            records = _shuffled(self.files, self.shuffle_buffer, self.seed, self.epoch)
+        else:
+            records = _segments(self.files)
+        if not self.batch_size:
+            yield from self._decoder.examples(records)
+            return
+        for group in _groups(records, self.batch_size, self.drop_remainder):
+            yield self._decoder.batch(group)

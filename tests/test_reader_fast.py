@@ -14,8 +14,8 @@ import pytest
 from conftest import INMEM, run_cli
 
 from pipeline import reader as reader_mod
-from pipeline.tools import sample
 from pipeline.reader import DamagedFile, OutputReader, parse_example
+from pipeline.tools import sample
 from transforms import encode, tfrecord
 
 # Cases 1-3 (case_id a 1-byte varint) and 200 (2 bytes); windows from 0 s
@@ -423,3 +423,33 @@ def test_an_empty_file_has_no_examples(copied):
     path = write_split(copied, "train", [])
     open(path, "wb").write(b"")
     assert list(OutputReader(copied, "train")) == [] and list(OutputReader(copied, "train", batch_size=8)) == []
+
+
+# ---- a path with a scheme: read through Beam's FileSystems, listed by pipeline.output.storage ----
+
+def test_a_path_with_a_scheme_is_read_through_beam_and_listed_by_storage(plain, moto_endpoint, s3_bucket,
+                                                                          monkeypatch):
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from s3util import beam_s3_args, boto_client, upload_dir
+
+    from pipeline.output import storage
+    assert reader_mod._has_no_scheme(plain) and not reader_mod._has_no_scheme("s3://b/o")
+    split = biggest_split(plain)
+    meta = json.load(open(f"{plain}/preprocessing_metadata.json"))
+    absent = next(s for s in meta["splits"] if s != split)  # a split not uploaded: no folder at all
+    client = boto_client(moto_endpoint)
+    remote = upload_dir(client, plain, s3_bucket, "out")
+    upload_dir(client, f"{plain}/{split}", s3_bucket, f"out/{split}")
+    monkeypatch.setattr(FileSystems, "_pipeline_options", PipelineOptions(beam_s3_args(moto_endpoint)))
+    listed = []
+    monkeypatch.setattr(storage, "list_files", lambda p, f=storage.list_files: listed.append(p) or f(p))
+    r = OutputReader(remote, split, batch_size=16)
+    assert [f.rsplit("/", 1)[-1] for f in r.files] == [f.rsplit("/", 1)[-1] for f in split_files(plain, split)]
+    assert all(f.startswith(f"{remote}/{split}/") for f in r.files) and len(listed) == 1
+    batches = list(r)
+    want = stacked(list(OutputReader(plain, split).examples()))
+    assert_same({k: np.concatenate([b[k] for b in batches]) for k in r.shapes}, want)
+    assert r.decoded == {"layout": meta["splits"][split]["windows"], "general": 0}
+    ra = OutputReader(remote, absent)
+    assert ra.files == [] and list(ra) == [] and len(listed) == 2
