@@ -25,7 +25,7 @@ setup(
         # TensorFlow reads the output back (tests, users); the pipeline and inspect do not import it.
         "tf": ["tensorflow==2.21.0"],
         "launch": ["sagemaker>=3", "pyyaml"],
-        "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0", "mkdocs-material"],
+        "test": ["pytest", "moto[server]", "psutil", "tensorflow==2.21.0", "mkdocs-material", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -27,24 +27,32 @@ from typing import Optional, TextIO
 
 import pandas as pd
 
-from pipeline.run import coordination
-from pipeline.io import s3
-from pipeline.output import storage
+from pipeline.io import s3, sources
+from pipeline.io.clinical import ClinicalTable, ClinicalTableError, TableFormat, read_clinical
+from pipeline.io.sources import Source, SourceError
+from pipeline.options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OptionError,
+    RunRequest,
+    cohort_flags,
+    finish_command,
+    settings_flags,
+)
 from pipeline.output import cohort as cohort_run
+from pipeline.output import storage
 from pipeline.output.contracts import FailedMarker, Stage1Job, Status
-from pipeline.stages.finalize import Finalize
-from pipeline.output.metadata import fingerprint, RunRecord
-from pipeline.options import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, OptionError, RunRequest,
-                              cohort_flags, finish_command, settings_flags)
+from pipeline.output.metadata import RunRecord, fingerprint
+from pipeline.run import coordination
 from pipeline.run.progress import Progress
-from pipeline.run.runtime import InProcess, Interrupted, run_with, stage_job, StageFailed, StageRunner
+from pipeline.run.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
 from pipeline.run.supervisor import Supervisor
+from pipeline.stages.finalize import Finalize
 from pipeline.stages.verify import Verification, verify_output
 from transforms import cohort
-from pipeline.io import sources
-from pipeline.io.clinical import ClinicalTable, ClinicalTableError, read_clinical, TableFormat
 from transforms.settings import Settings
-from pipeline.io.sources import Source, SourceError
 
 _LOG = logging.getLogger("master_poc")
 
@@ -228,8 +236,8 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
     counts: dict[str, int] = {}
     if todo:
         require = tuple(c for c in plan.criteria if c.kind == cohort.REQUIRE)
-        job = stage_job(req, Stage1Job, case_ids=todo, source=source, clinical=clinical.without_frame(), require=require,
-                        check_tracks=check)
+        job = stage_job(req, Stage1Job, case_ids=todo, source=source, clinical=clinical.without_frame(),
+                        require=require, check_tracks=check)
         counts = _stage1(req, runner, record, job, out)
         cohort_run.settle(o.output, todo, plan, fs)
     if o.no_finalize or (o.share and not o.share.leader):

@@ -27,8 +27,8 @@ import sys
 from typing import Iterable, Mapping, Optional
 
 from pipeline.api import RunResult, run
-from pipeline.output.cohort import summary_lines as cohort_lines
 from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
+from pipeline.output.cohort import summary_lines as cohort_lines
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
 
@@ -180,8 +180,8 @@ def parse_request(argv: list[str]) -> RunRequest:
     with them; the config file's own beam_args apply to what is read after
     it (its track map). run() applies them again with the run's S3 retry
     options."""
-    from pipeline.run import runtime
     from pipeline.io import s3
+    from pipeline.run import runtime
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     parser = build_parser()
@@ -202,8 +202,8 @@ def parse_request(argv: list[str]) -> RunRequest:
 
 
 def _inspect(argv: list[str]) -> int:
-    from pipeline.run import runtime
     from pipeline.io import s3
+    from pipeline.run import runtime
     from pipeline.tools.inspect_cmd import inspect
     ap = argparse.ArgumentParser(prog=f"{PROG} inspect", allow_abbrev=False,
                                  description="counts, shapes and example windows in clinical units")

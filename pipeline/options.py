@@ -10,15 +10,29 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Optional
 
 from pipeline.io import s3
+from pipeline.io.documents import DocumentError, load_track_map, read_document
+from pipeline.io.remote import WebOptions
 from pipeline.run.coordination import Share
 from transforms import cohort
 from transforms.case_ids import parse_cases
-from pipeline.io.documents import DocumentError, load_track_map, read_document
+from transforms.settings import (
+    COMMAND_LINE,
+    OptionError,
+    Settings,
+    declared,
+    flag_name,
+    fraction,
+    from_mapping,
+    is_switch,
+    non_negative_float,
+    non_negative_int,
+    option,
+    parse_bool,
+    positive_float,
+    positive_int,
+    text_value,
+)
 from transforms.trackmap import TrackMapError
-from pipeline.io.remote import WebOptions
-from transforms.settings import (COMMAND_LINE, OptionError, Settings, declared, flag_name, fraction, from_mapping, is_switch,
-                                 non_negative_float, non_negative_int, option, parse_bool, positive_float, positive_int,
-                                 text_value)
 
 PROG = "master-poc-preprocess"  # the command (setup.py's console script of the same name)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2

@@ -170,7 +170,6 @@ def split_bytes(out: str) -> dict:
 def moto_endpoint():
     """moto's S3/SageMaker/IAM server on a free loopback port, for the session."""
     from moto.server import ThreadedMotoServer
-
     from s3util import free_port, s3_env
     old = {k: os.environ.get(k) for k in s3_env()}
     os.environ.update(s3_env())

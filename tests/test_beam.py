@@ -5,17 +5,17 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
-
 from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
-from pipeline.stages import stage1, stage2
+
+from pipeline.io.clinical import ClinicalTable, read_clinical
+from pipeline.io.sources import Source
+from pipeline.io.vital import RawCase
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, Stage1Job, Stage2Job
-from pipeline.stages.dofns import ArraysCoder, FAILED, LoadCase, TransformCase
+from pipeline.stages import stage1, stage2
+from pipeline.stages.dofns import FAILED, ArraysCoder, LoadCase, TransformCase
 from transforms.per_case import CaseWindows
 from transforms.settings import Settings
-from pipeline.io.clinical import ClinicalTable, read_clinical
-from pipeline.io.vital import RawCase
-from pipeline.io.sources import Source
 
 OPTS = ["--direct_running_mode=in_memory"]
 
@@ -71,7 +71,8 @@ def test_whole_graph_serialises_to_the_portable_representation(dataset, tmp_path
     """Runner-neutral: pickled DoFns, side inputs, no driver-only objects."""
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner  # noqa: F401
     p = beam.Pipeline(options=PipelineOptions(OPTS))
-    stage1.build_stage1(p, Stage1Job(output=str(tmp_path), settings=Settings(), case_ids=[1, 2], source=Source.for_location(dataset),
+    stage1.build_stage1(p, Stage1Job(output=str(tmp_path), settings=Settings(), case_ids=[1, 2],
+                                    source=Source.for_location(dataset),
                                     clinical=ClinicalTable("c.csv", {1: {"weight": 70}})))
     proto = p.to_runner_api()
     names = {t.unique_name for t in proto.components.transforms.values()}

@@ -6,10 +6,10 @@ import shutil
 
 import pandas as pd
 import pytest
-
 from conftest import INMEM, run_cli, split_bytes
-from pipeline.tools import sample
+
 from pipeline.io.clinical import ClinicalTableError, read_clinical, sniff_format
+from pipeline.tools import sample
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import vitaldb
-
 from conftest import INMEM, run_cli, split_bytes
+
+from pipeline.io.sources import Source
+from pipeline.io.vital import load_case, read_track_names
 from pipeline.output import storage
 from transforms import cohort, spec
 from transforms.cohort import Criterion, parse_criteria
-from pipeline.io.vital import load_case, read_track_names
-from pipeline.io.sources import Source
 
 T0 = 4102444800.0
 BASE = ["Solar8000/HR", "Solar8000/NIBP_SBP", "Solar8000/NIBP_DBP", "Solar8000/NIBP_MBP", "Solar8000/PLETH_SPO2"]
@@ -301,8 +301,9 @@ def test_the_report_draws_the_flow_as_boxes_and_arrows_in_a_real_browser(cohort_
 
 def test_with_the_web_api_a_case_left_out_by_its_tracks_costs_no_byte(cohort_data, tmp_path, monkeypatch, capsys):
     """--input vitaldb reads the API's track table once: a case it leaves out is never asked for."""
-    from pipeline.io.sources import VITALDB_API_ENV
     from webstandin import StandIn
+
+    from pipeline.io.sources import VITALDB_API_ENV
     with StandIn(cohort_data) as api:
         monkeypatch.setenv(VITALDB_API_ENV, api.url)
         out = str(tmp_path / "web")

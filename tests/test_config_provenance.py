@@ -7,10 +7,10 @@ import shutil
 
 import google_crc32c
 import pytest
-
 from conftest import INMEM, run_cli, split_bytes
-from pipeline.output import storage
+
 from pipeline.cli import parse_request
+from pipeline.output import storage
 from transforms.settings import OptionError
 
 
@@ -92,7 +92,8 @@ def test_a_changed_input_is_processed_again_and_listed(dataset, tmp_path, capsys
     assert after[2]["changed_input"]["crc32c"] == before[2]["input"]["crc32c"] != after[2]["input"]["crc32c"]
     meta = json.load(open(f"{out}/preprocessing_metadata.json"))
     assert meta["cases"]["changed_inputs"] == [2]
-    assert meta["provenance"]["inputs"]["2"]["crc32c"] == f"{google_crc32c.value(open(src / '0002.vital', 'rb').read()):08x}"
+    assert meta["provenance"]["inputs"]["2"]["crc32c"] == \
+        f"{google_crc32c.value(open(src / '0002.vital', 'rb').read()):08x}"
     # Its windows are the new file's.
     assert after[2]["windows"] == json.load(open(f"{out}/cases/_done/2.json"))["windows"]
     assert run_cli("--input", str(src), "--output", out, "--cases", "1-3", INMEM) == 0

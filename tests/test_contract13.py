@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import INMEM, run_cli, split_bytes
+
 from pipeline.tools import sample
 from transforms import per_case, spec
 from transforms.per_case import anaesthesia_period, crop_bounds, process_case

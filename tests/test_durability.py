@@ -11,10 +11,10 @@ import time
 
 import psutil
 import pytest
-
 from conftest import INMEM, assert_same_examples, examples_by_key, read_examples, run_cli
-from pipeline.options import EXIT_INTERRUPTED
 from s3util import beam_s3_args, boto_client, download_prefix, s3_env, sample_on_s3
+
+from pipeline.options import EXIT_INTERRUPTED
 from transforms import spec
 
 N_CASES = 12
@@ -86,9 +86,9 @@ def read_output(client, bucket, prefix, tmp):
 def test_kill_9_at_many_moments_then_rerun_equals_one_clean_run(moto_endpoint, s3_thirty, tmp_path):
     src, ref = s3_thirty
     out = "s3://durability/killed"
-    kill_points = [("stage 1 running, no case done", lambda l: l.startswith("progress: 0/")),
+    kill_points = [("stage 1 running, no case done", lambda line: line.startswith("progress: 0/")),
                    ("after >= 5 cases", done_at_least(5)),
-                   ("during stage 2, one shard written", lambda l: l.startswith("stage 2: wrote"))]
+                   ("during stage 2, one shard written", lambda line: line.startswith("stage 2: wrote"))]
     survived = []
     for name, pred in kill_points:
         log = []

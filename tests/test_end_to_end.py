@@ -5,18 +5,35 @@ import subprocess
 
 import numpy as np
 import pytest
+from conftest import (
+    ALL_CASES,
+    DUPLICATE_ROW,
+    EMPTY,
+    EXPECTED_FAILURES,
+    GOOD,
+    IMPLAUSIBLE,
+    IMPLAUSIBLE_ROW,
+    INMEM,
+    NO_ROW,
+    NO_TRACKS,
+    NOT_VITAL,
+    REPO,
+    SHORT,
+    copy_repo,
+    examples_by_key,
+    expected_split,
+    read_examples,
+    run_cli,
+)
 
-from conftest import (EXPECTED_FAILURES, INMEM, expected_split, REPO, ALL_CASES, DUPLICATE_ROW, EMPTY, GOOD, IMPLAUSIBLE, IMPLAUSIBLE_ROW, NO_ROW, NO_TRACKS, NOT_VITAL, SHORT, copy_repo, examples_by_key, read_examples,
-                      run_cli)
+from pipeline.io import clinical
+from pipeline.io import vital as load
+from pipeline.io.sources import Source
 from pipeline.output import storage
 from pipeline.tools.sample import sample_split
 from transforms import features, spec
-from pipeline.io import clinical
-from pipeline.io import vital as load
 from transforms.per_case import process_case
 from transforms.settings import Settings
-from pipeline.io.sources import Source
-
 
 
 def split_files(out, split):

@@ -9,13 +9,13 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import EMPTY, GOOD, INMEM, run_cli, split_bytes
+from s3util import free_port
+
 from launch import estimate as est
 from launch import launcher
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, Status
-from s3util import free_port
 
 
 def synthetic_pilot(out: str) -> None:
@@ -46,7 +46,8 @@ def test_the_estimate_from_a_pilot_whose_timings_are_known(tmp_path, capsys):
     wall = 180 + 500 * 4.0 / speed + 603.0
     assert math.isclose(e.wall_s, wall)
     price = table["types"]["ml.m5.2xlarge"]["on_demand"]
-    assert math.isclose(e.on_demand, 6 * wall / 3600 * price) and math.isclose(e.spot, e.on_demand * table["spot_factor"])
+    assert math.isclose(e.on_demand, 6 * wall / 3600 * price) and \
+        math.isclose(e.spot, e.on_demand * table["spot_factor"])
     assert math.isclose(est.estimate(p, 3000, 6, "ml.m5.2xlarge", price_per_hour=1.0).on_demand, 6 * wall / 3600)
     # the fewest hosts within 30 minutes: one host takes 180 + 3000 * 4 / 7.41 + 603 s = 40 min, two 27 min
     best = est.suggest_hosts(p, 3000, "ml.m5.2xlarge", 30 * 60)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from transforms import features, spec
-from transforms.features import (AFTER_CARRIED, AFTER_DEFAULT, ABSENT, BEFORE, CARRIED, CLINICAL_ZERO, MEASURED)
+from transforms.features import ABSENT, AFTER_CARRIED, AFTER_DEFAULT, BEFORE, CARRIED, CLINICAL_ZERO, MEASURED
 
 NAN = np.nan
 
@@ -229,8 +229,8 @@ def test_consumers_take_any_number_of_features_and_sources():
     transform, its statistics and the quality report."""
     import dataclasses
 
-    from pipeline.report import quality as report
     from pipeline.output.contracts import DoneMarker
+    from pipeline.report import quality as report
     from transforms.per_case import process_case
     from transforms.settings import Settings
     base = spec.DEFAULT_SPEC

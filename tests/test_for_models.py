@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import INMEM, REPO, run_cli
-from pipeline.tools import sample
+
 from pipeline.reader import DamagedFile, OutputReader, parse_example
+from pipeline.tools import sample
 from transforms import statistics
 from transforms.windows import assign_split, split_key
 

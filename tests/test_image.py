@@ -15,7 +15,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import copy_repo
 from s3util import KEY, REGION, SECRET, boto_client, sample_on_s3
 

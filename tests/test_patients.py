@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import INMEM, read_examples, run_cli
-from pipeline.tools import sample
+
+from pipeline.io.clinical import read_clinical
 from pipeline.output import storage
+from pipeline.tools import sample
 from transforms import spec
 from transforms.per_case import process_case
-from pipeline.io.clinical import read_clinical
 from transforms.settings import Settings
 from transforms.windows import assign_split, patient_id, split_bucket, split_key
 

@@ -11,8 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import INMEM, TO_INTELLIVUE, split_bytes
+
 from pipeline import cli
 from pipeline.tools import sample
 
@@ -24,9 +24,11 @@ PAGES = {path: path.read_text() for path in [README] + sorted((ROOT / "docs").gl
 
 # Blocks that run elsewhere or cannot run here, and why.
 ELSEWHERE = {
-    "two-commands": "./run.sh runs exactly as printed in test_end_to_end::test_the_readmes_first_command_runs_the_sample_job; "
+    "two-commands": "./run.sh runs exactly as printed in "
+                    "test_end_to_end::test_the_readmes_first_command_runs_the_sample_job; "
                     "./test.sh is this suite (CI runs it)",
-    "inspect": "runs exactly as printed, on ./run.sh's output, in test_end_to_end::test_the_readmes_first_command_runs_the_sample_job",
+    "inspect": "runs exactly as printed, on ./run.sh's output, in "
+               "test_end_to_end::test_the_readmes_first_command_runs_the_sample_job",
     "image-build": "builds the image (minutes): test_image runs these two scripts (./test.sh -m image)",
     "image-push": "needs AWS credentials, an ECR registry and docker; neither is reachable here",
     "resume": "needs the real bucket; the same command, as a failed leader prints it, completes a job in "
@@ -149,8 +151,9 @@ def run_trackmap(workdir, capsys, monkeypatch):
 
 def run_vitaldb(workdir, capsys, monkeypatch):
     """The open dataset from its web API: a stand-in for the API on loopback."""
-    from pipeline.io.sources import VITALDB_API_ENV
     from webstandin import StandIn
+
+    from pipeline.io.sources import VITALDB_API_ENV
     sample.write_sample("api-files", list(range(1, 21)), 900)
     (line,) = commands(blocks()["vitaldb"][1])
     with StandIn("api-files") as api:
@@ -183,7 +186,8 @@ def run_portable(workdir, capsys, monkeypatch):
 def run_shares(workdir, capsys, monkeypatch):
     """Each scheduler's index, converted as the recipe does, gives shares 1..6."""
     for name, var, first in (("share-kubernetes", "JOB_COMPLETION_INDEX", 0),
-                             ("share-batch", "AWS_BATCH_JOB_ARRAY_INDEX", 0), ("share-slurm", "SLURM_ARRAY_TASK_ID", 0)):
+                             ("share-batch", "AWS_BATCH_JOB_ARRAY_INDEX", 0),
+                             ("share-slurm", "SLURM_ARRAY_TASK_ID", 0)):
         (line,) = commands(blocks()[name][1])
         shares = []
         for index in range(first, first + 6):
@@ -247,7 +251,8 @@ def run_cohort(workdir, capsys, monkeypatch):
             assert row.strip() in text, (path.name, row)
 
 
-RUN_HERE = {"cohort": run_cohort, "cohort-docs": run_cohort, "real-data": run_real_data, "config-run": run_config, "rebuild": run_config, "trackmap": run_trackmap,
+RUN_HERE = {"cohort": run_cohort, "cohort-docs": run_cohort, "real-data": run_real_data, "config-run": run_config,
+            "rebuild": run_config, "trackmap": run_trackmap,
             "portable": run_portable, "share-kubernetes": run_shares, "share-batch": run_shares,
             "share-slurm": run_shares, "launch": run_launch, "launch-config": run_launch,
             "launch-vitaldb": run_launch, "vitaldb": run_vitaldb, "estimate": run_estimate}

@@ -6,10 +6,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import GOOD, NO_ROW, run_cli
-from pipeline.cli import main
 from s3util import beam_s3_args, boto_client, upload_dir
+
+from pipeline.cli import main
 from transforms import spec
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -4,9 +4,18 @@ import json
 import os
 
 import pytest
-
-from conftest import ALL_CASES, EXPECTED_FAILURES, GOOD, INMEM, assert_same_examples, examples_by_key, read_examples, run_cli
+from conftest import (
+    ALL_CASES,
+    EXPECTED_FAILURES,
+    GOOD,
+    INMEM,
+    assert_same_examples,
+    examples_by_key,
+    read_examples,
+    run_cli,
+)
 from s3util import FaultProxy, beam_s3_args, boto_client, download_prefix, upload_dir
+
 from pipeline.io.documents import load_track_map
 from transforms import spec
 
@@ -114,9 +123,9 @@ def test_s3_connections_stay_pooled_when_finalize_reads_markers_and_shards(moto_
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from pipeline.io import s3
-    from pipeline.stages import stage2
     from pipeline.output import storage
     from pipeline.output.contracts import Member, PlannedCase, ShardPlan
+    from pipeline.stages import stage2
     from transforms import encode, tfrecord
     s3.share_boto3_clients()
     FileSystems.set_options(PipelineOptions(beam_s3_args(moto_endpoint)))

@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import examples_by_key, read_examples, run_cli
+from s3util import boto_client, download_prefix, s3_env, sample_on_s3
+
 from launch import entrypoint, launcher
 from pipeline.run import coordination
-from s3util import boto_client, download_prefix, s3_env, sample_on_s3
 
 ROLE_TRUST = json.dumps({"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]})
@@ -180,7 +180,8 @@ def test_the_leaders_wait_is_bounded_and_stops_on_a_signal(tmp_path):
     said = []
     missing = coordination.wait_for_markers(out, [1, 2, 3, 4], wait_s=100, poll_s=30, say=said.append,
                                             clock=lambda: now[0], sleep=sleep)
-    assert missing == [3, 4] and slept == [30, 30, 30, 10] and said[0] == "leader: waiting for 2 cases from the other shares"
+    assert missing == [3, 4] and slept == [30, 30, 30, 10] and \
+        said[0] == "leader: waiting for 2 cases from the other shares"
     assert coordination.wait_for_markers(out, [1, 2, 3], 100, 30, stopping=lambda: True, say=said.append) == [3]
     assert coordination.wait_for_markers(out, [1, 2], 100, 30, say=said.append) == []
 
@@ -266,9 +267,10 @@ def test_bad_job_configuration_writes_the_failure_file(tmp_path, monkeypatch):
 def test_a_host_reads_the_open_dataset_from_the_web_api(moto_endpoint, tmp_path):
     """The entry point as SageMaker runs it, one host, --input vitaldb: the
     cases come from the (stand-in) web API, the output goes to S3."""
-    from pipeline.tools import sample
-    from pipeline.io.sources import VITALDB_API_ENV
     from webstandin import StandIn
+
+    from pipeline.io.sources import VITALDB_API_ENV
+    from pipeline.tools import sample
     folder = tmp_path / "api"
     sample.write_sample(str(folder), [1, 2, 3], 900, waveforms=True)
     boto_client(moto_endpoint).create_bucket(Bucket="sm-web")

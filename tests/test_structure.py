@@ -102,8 +102,8 @@ def test_every_io_library_is_used_in_one_package_only():
 
 def test_no_reference_to_files_outside_the_repository():
     offenders = []
-    for path in [p for d in PACKAGES + ("tests", "scripts") for p in (ROOT / d).rglob("*.py")] + [ROOT / "README.md", ROOT / "Dockerfile", ROOT / "setup.py"] + \
-            list((ROOT / "docs").glob("*.md")):
+    for path in [p for d in PACKAGES + ("tests", "scripts") for p in (ROOT / d).rglob("*.py")] + \
+            [ROOT / "README.md", ROOT / "Dockerfile", ROOT / "setup.py"] + list((ROOT / "docs").glob("*.md")):
         text = path.read_text()
         for pattern in (r"\.\./shared", r"\b(SPEC|DESIGN|VITALDB|BEAM_NOTES|IMAGE_NOTES|STYLE)\.md\b"):
             offenders += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in re.finditer(pattern, text)]

@@ -6,11 +6,11 @@ import re
 
 import numpy as np
 import pytest
-
 from conftest import INMEM, TO_INTELLIVUE, read_examples, run_cli
-from pipeline.tools import sample
-from pipeline.output import storage
+
 from pipeline.io.documents import load_track_map
+from pipeline.output import storage
+from pipeline.tools import sample
 from transforms import features, spec, trackmap
 
 # The same signals as VitalDB's Solar 8000 writes them, under IntelliVue's names.
@@ -88,7 +88,8 @@ def test_a_bad_track_map_is_refused_before_any_work_naming_the_entry(doc, named,
 
 def test_replace_and_before_place_the_sources_and_the_divisors_apply():
     tm = trackmap.parse({"features": {
-        "BP_SYS": {"add": "replace", "sources": [{"track": "M/NIBP", "unit": "mmHg"}, {"track": "M/ART", "unit": "mmHg"}]},
+        "BP_SYS": {"add": "replace",
+                   "sources": [{"track": "M/NIBP", "unit": "mmHg"}, {"track": "M/ART", "unit": "mmHg"}]},
         "HR": {"add": "before", "sources": [{"track": "M/HR", "unit": "/min"}]},
         "TV": {"sources": [{"track": "V/TV", "unit": "mL", "divisor": "ibw"}]},
         "Propofol_INF": {"sources": [{"track": "P/PPF10", "unit": "mL/h", "factor": 10, "divisor": "weight"}]}}})

@@ -8,14 +8,14 @@ import os
 import shutil
 
 import pytest
-
 from conftest import INMEM, run_cli, split_bytes
-from pipeline.tools import sample
-from pipeline.output import storage
 from s3util import FaultProxy, beam_s3_args, boto_client, upload_dir
-from pipeline.io import remote
-from pipeline.io.sources import check_reachable, Source, SourceError, VITALDB_API_ENV
 from webstandin import StandIn
+
+from pipeline.io import remote
+from pipeline.io.sources import VITALDB_API_ENV, Source, SourceError, check_reachable
+from pipeline.output import storage
+from pipeline.tools import sample
 
 CASES = [1, 2, 3, 4]
 HOURS = 1

@@ -21,7 +21,6 @@ from tfx_bsl.coders import example_coder
 
 from transforms.tfrecord import frame_records
 
-
 # The bytes an output is made of; part of its fingerprint (an output keeps one
 # format). 3: deterministic example serialization; each case compressed once,
 # by libdeflate at level 6, as gzip members of up to 32 windows (stage 2

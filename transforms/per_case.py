@@ -15,7 +15,6 @@ from transforms import encode, features, spec, statistics, windows
 from transforms.settings import Settings
 
 
-
 @dataclass
 class CaseFacts:
     """What one case's processing found out, JSON-able: the core of its done
@@ -217,9 +216,9 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     key = windows.split_key(case_id, (row or {}).get("subjectid"))
     split = windows.assign_split(key, settings.split, settings.split_seed, folds=settings.folds)
     facts = CaseFacts(
-        case_id=case_id, split=split, split_key=key, windows=int(len(starts)), duration_s=int(T_full), used_from_s=int(lo),
-        used_seconds=int(raw.shape[0]), no_clinical_row=row is None, static_defaults=static_defaults,
-        static_implausible=entry_errors,
+        case_id=case_id, split=split, split_key=key, windows=int(len(starts)), duration_s=int(T_full),
+        used_from_s=int(lo), used_seconds=int(raw.shape[0]), no_clinical_row=row is None,
+        static_defaults=static_defaults, static_implausible=entry_errors,
         dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,
         stats=stats)
     return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts, since)

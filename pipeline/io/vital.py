@@ -20,8 +20,8 @@ import numpy as np
 import vitaldb
 
 from pipeline.io import remote
-from transforms import spec
 from pipeline.io.sources import Source
+from transforms import spec
 
 # vitaldb's own bound on one recording (7 days); a longer span comes from a
 # bad header time and would allocate a grid of years.

@@ -28,12 +28,12 @@ from typing import Iterable, Optional
 
 import pandas as pd
 
+from pipeline.io.clinical import ClinicalTable, _decode
+from pipeline.io.sources import read_document
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker
 from transforms import cohort, spec
 from transforms.cohort import MIN_MEASURED, REQUIRE, Criterion, Exclusion
-from pipeline.io.clinical import _decode, ClinicalTable
-from pipeline.io.sources import read_document
 
 _LOG = logging.getLogger("master_poc")
 
@@ -234,6 +234,10 @@ def cohort_summary(flow_: dict, exclusions: dict[int, Exclusion], done: dict[int
             "warnings": rare_target_warnings(cov)}
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _ids(ids: list[int], n: int = 30) -> str:
     return "[" + ", ".join(map(str, ids[:n])) + (", ..." if len(ids) > n else "") + "]"
 
@@ -252,8 +256,8 @@ def summary_lines(c: Optional[dict]) -> list[str]:
     p = c["processed"]
     lines.append(f"    {c['selected']} selected and processed: {p['ok']} with windows, {p['too_short']} too short, "
                  f"{p['failed']} failed" + (f", {p['not_done']} not done yet" if p["not_done"] else ""))
-    lines.append("    " + "; ".join(f"{s}: {d['cases']} cases, {d['patients']} patients, {d['windows']} windows"
-                                    for s, d in c["splits"].items()))
+    lines.append("    " + "; ".join(f"{s}: {_n(d['cases'], 'case')}, {_n(d['patients'], 'patient')}, "
+                                    f"{_n(d['windows'], 'window')}" for s, d in c["splits"].items()))
     measured = [f"{n} {100 * d['measured_share_of_seconds']:.0f} %" for n, d in c["coverage"].items()
                 if d["measured_share_of_seconds"] is not None]
     with_source = [f"{n} {d['cases_with_source']}/{d['cases']}" for n, d in c["coverage"].items()]

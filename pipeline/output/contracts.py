@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar, Optional
 
-from pipeline.io.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
-from transforms.per_case import CaseFacts, CaseFailure
 from pipeline.io.clinical import ClinicalTable
-from transforms.settings import Settings
+from pipeline.io.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
 from pipeline.io.sources import Source
+from transforms.per_case import CaseFacts, CaseFailure
+from transforms.settings import Settings
 
 
 class Status(str, Enum):

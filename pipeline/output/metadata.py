@@ -13,8 +13,9 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 
 from pipeline.output import cohort as cohort_run
 from pipeline.output import names, provenance, storage
-from pipeline.report import quality as report, table1
 from pipeline.output.contracts import DoneMarker, FailedMarker, Status
+from pipeline.report import quality as report
+from pipeline.report import table1
 from transforms import cohort, encode, spec, statistics
 from transforms.case_ids import format_cases
 from transforms.settings import Settings

@@ -27,11 +27,19 @@ from typing import Iterable, Optional
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.output.contracts import DoneMarker, FailedMarker
-from transforms.cohort import Exclusion
-from pipeline.output.names import CONFIG_NAME, METADATA_NAME, SCHEMA_NAME, SHARD_NAME, STATISTICS_NAME, SUFFIX, TABLE1_NAME
-from pipeline.output.names import split_files_glob  # noqa: F401 (storage hands out every path of an output)
 from pipeline.io.sources import is_local  # one helper for the sources and the pipeline
+from pipeline.output.contracts import DoneMarker, FailedMarker
+from pipeline.output.names import (
+    CONFIG_NAME,
+    METADATA_NAME,
+    SCHEMA_NAME,
+    SHARD_NAME,
+    STATISTICS_NAME,
+    SUFFIX,
+    TABLE1_NAME,
+    split_files_glob,  # noqa: F401 (storage hands out every path of an output)
+)
+from transforms.cohort import Exclusion
 
 DONE, FAILED, EXCLUDED = "_done", "_failed", "_excluded"
 

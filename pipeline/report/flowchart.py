@@ -76,7 +76,8 @@ def flow_svg(cohort: dict) -> str:
         row, col = divmod(i, per_row)
         x, sy = MAIN_X + col * (width + 10), y + row * (BOX_H + GAP)
         parts.append(_box(f"flow-split-{name}", x, sy, width,
-                          [f"{name}: {_n(d['cases'], 'case')}", f"{_n(d['patients'], 'patient')}, {_n(d['windows'], 'window')}"],
+                          [f"{name}: {_n(d['cases'], 'case')}",
+                           f"{_n(d['patients'], 'patient')}, {_n(d['windows'], 'window')}"],
                           "split"))
         parts.append(_arrow(stem_x, y - GAP, x + width // 2, sy, f"flow-split-{name}"))
     rows = (len(splits) + per_row - 1) // per_row
@@ -92,13 +93,15 @@ def flow_svg(cohort: dict) -> str:
 CHECK_SCRIPT = """
   var boxes = Array.prototype.slice.call(document.querySelectorAll("#flow rect.box"));
   var arrows = Array.prototype.slice.call(document.querySelectorAll("#flow line.arrow"));
-  var flowOk = boxes.length > 0 && boxes.every(function (b) { var r = b.getBBox(); return r.width > 0 && r.height > 0; });
+  var flowOk = boxes.length > 0 && \
+boxes.every(function (b) { var r = b.getBBox(); return r.width > 0 && r.height > 0; });
   arrows.forEach(function (a) {
     var t = document.getElementById(a.getAttribute("data-to"));
     if (!t) { flowOk = false; return; }
     var r = t.getBBox(), x = a.x2.baseVal.value, y = a.y2.baseVal.value;
     var onEdge = x >= r.x - 1 && x <= r.x + r.width + 1 && y >= r.y - 1 && y <= r.y + r.height + 1 &&
-      (Math.abs(x - r.x) <= 1 || Math.abs(x - r.x - r.width) <= 1 || Math.abs(y - r.y) <= 1 || Math.abs(y - r.y - r.height) <= 1);
+      (Math.abs(x - r.x) <= 1 || Math.abs(x - r.x - r.width) <= 1 || \
+Math.abs(y - r.y) <= 1 || Math.abs(y - r.y - r.height) <= 1);
     if (!onEdge) flowOk = false;
   });
   document.body.setAttribute("data-flow-ok", flowOk ? "true" : "false");

@@ -9,19 +9,18 @@ embedded in the page as data URIs, so the page is one file, readable offline.
 from __future__ import annotations
 
 import base64
-from collections import Counter
 import html
 import io
 import json
+from collections import Counter
 from typing import Optional
 
 import numpy as np
 
-from pipeline.report import flowchart
 from pipeline.output import provenance, storage
 from pipeline.output.contracts import DoneMarker, FailedMarker, units_in_two_splits
-from transforms import features, spec
-from transforms import statistics
+from pipeline.report import flowchart
+from transforms import features, spec, statistics
 
 HIST_BINS = 20  # the report's distribution charts (from the statistics' finer histograms)
 
@@ -198,7 +197,8 @@ apart: a clinical zero below a range (ETCO2's 0 kPa, FiO2 and RR at 0 off the ve
 <h2 id="cases">Cases</h2>
 <p>{n_ok} cases with windows, {n_short} too short for one window, {n_failed} failed.
 Static defaults used: {defaults}. Clinical entry errors (implausible values, treated as missing): {implausible}.</p>
-<table><tr><th>case</th><th class="l">patient</th><th class="l">split</th><th class="l">status</th><th>windows</th><th>minutes</th>
+<table><tr><th>case</th><th class="l">patient</th><th class="l">split</th><th class="l">status</th>\
+<th>windows</th><th>minutes</th>
 <th class="l">static defaults</th><th class="l">clinical entry errors</th></tr>{case_rows}</table>
 <h2 id="provenance">Provenance</h2>
 <p>Made by {package} (commit <code>{commit}</code>) with vitaldb {vitaldb}, Apache Beam {beam}, tfx-bsl {tfxbsl}.
@@ -271,9 +271,11 @@ def render_html(q: dict, title: str, status: str, cohort: Optional[dict] = None,
         + "".join(f"<td>{f['splits'][s]['imputed_outside_share']:.1%}</td>" for s in splits) + "</tr>"
         for f in q["features"])
     case_rows = "".join(
-        f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['patient']))}</td><td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
+        f"<tr><td>{c['case_id']}</td><td class='l'>{e(str(c['patient']))}</td>"
+        f"<td class='l'>{e(str(c['split']))}</td><td class='l'>{e(str(c['status']))}</td>"
         f"<td>{c['windows']}</td><td>{(c['duration_s'] or 0) / 60:.0f}</td>"
-        f"<td class='l'>{e(', '.join(c['static_defaults']) + (' (no clinical row)' if c['no_clinical_row'] else ''))}</td>"
+        f"<td class='l'>"
+        f"{e(', '.join(c['static_defaults']) + (' (no clinical row)' if c['no_clinical_row'] else ''))}</td>"
         f"<td class='l{' warn' if c['static_implausible'] else ''}'>"
         f"{e(', '.join(f'{k}={v!r}' for k, v in c['static_implausible'].items()))}</td></tr>"
         for c in q["cases"])

@@ -455,7 +455,8 @@ def _continuous(clinical, names, splits, group, cases) -> dict[str, Variable]:
                 smd[o] = None
                 continue
             with np.errstate(all="ignore"):
-                value, _ = _tableone_lib()[1]._cont_smd(mean1=m1, mean2=m2, sd1=s1, sd2=s2, n1=n1, n2=n2, unbiased=False)
+                value, _ = _tableone_lib()[1]._cont_smd(mean1=m1, mean2=m2, sd1=s1, sd2=s2, n1=n1, n2=n2,
+                                                        unbiased=False)
             smd[o] = None if _num(value) is None else abs(float(value))
         out[name] = Variable(name, "continuous", label, _CONT_UNITS[name], (), per, smd, cells)
     return out

@@ -20,11 +20,10 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from pipeline.io import s3
-from pipeline.stages import stage1, stage2
-from pipeline.output.contracts import Stage1Job, StageJob
+from pipeline.io import remote, s3
 from pipeline.options import RunRequest
-from pipeline.io import remote
+from pipeline.output.contracts import Stage1Job, StageJob
+from pipeline.stages import stage1, stage2
 from pipeline.stages.dofns import NAMESPACE
 
 

@@ -16,14 +16,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 
-from transforms import cohort, encode
 from pipeline.io import sources
+from pipeline.io.clinical import ClinicalTable
+from pipeline.io.sources import Source
+from pipeline.io.vital import CaseError, CaseTodo, RawCase, load_case, read_track_names
+from transforms import cohort, encode
 from transforms.cohort import Criterion
 from transforms.per_case import CaseFailure, CaseWindows, process_case
 from transforms.settings import Settings
-from pipeline.io.vital import CaseError, CaseTodo, load_case, RawCase, read_track_names
-from pipeline.io.clinical import ClinicalTable
-from pipeline.io.sources import Source
 
 NAMESPACE = "master_poc"
 FAILED = "failed"

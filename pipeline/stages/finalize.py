@@ -24,12 +24,12 @@ import logging
 import os
 import time
 
-from pipeline.stages import stage2, verify
+from pipeline.options import RunRequest
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, ShardPlan, Stage2Job, Status
 from pipeline.output.metadata import RunRecord
-from pipeline.options import RunRequest
-from pipeline.run.runtime import Interrupted, run_with, stage_job, StageRunner
+from pipeline.run.runtime import Interrupted, StageRunner, run_with, stage_job
+from pipeline.stages import stage2, verify
 from pipeline.stages.verify import DAMAGED, Verification
 
 _LOG = logging.getLogger("master_poc")

@@ -19,19 +19,18 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.io import s3
+from pipeline.io import s3, sources
+from pipeline.io.clinical import ClinicalTable
+from pipeline.io.sources import Source
+from pipeline.io.vital import CaseTodo, RawCase
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, FailedMarker, Member, Stage1Job
+from pipeline.stages.dofns import EXCLUDED, FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
 from transforms import encode
-from pipeline.io import sources
-from pipeline.stages.dofns import EncodeCase, EXCLUDED, FAILED, LoadCase, NAMESPACE, TransformCase
 from transforms.cohort import Criterion, Exclusion
 from transforms.per_case import CaseFacts, CaseWindows
-from pipeline.io.vital import CaseTodo, RawCase
-from pipeline.io.clinical import ClinicalTable
-from transforms.windows import split_key
 from transforms.settings import Settings
-from pipeline.io.sources import Source
+from transforms.windows import split_key
 
 _LOG = logging.getLogger(__name__)
 

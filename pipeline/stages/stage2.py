@@ -35,6 +35,7 @@ from pipeline.io import s3
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, PlannedCase, ShardPlan, Stage2Job
 from pipeline.stages.dofns import NAMESPACE
+
 WINDOWS_PER_SHARD = 20000  # ~50 MB compressed per shard with the defaults
 
 

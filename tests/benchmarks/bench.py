@@ -54,13 +54,13 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from pipeline.tools import sample  # noqa: E402
-from pipeline.output import storage  # noqa: E402
-from transforms import encode, spec, tfrecord  # noqa: E402
-from pipeline.io import vital as load
-from pipeline.io.clinical import read_clinical
-from transforms.per_case import Settings, process_case  # noqa: E402
+from pipeline.io import vital as load  # noqa: E402
+from pipeline.io.clinical import read_clinical  # noqa: E402
 from pipeline.io.sources import Source  # noqa: E402
+from pipeline.output import storage  # noqa: E402
+from pipeline.tools import sample  # noqa: E402
+from transforms import encode, spec, tfrecord  # noqa: E402
+from transforms.per_case import Settings, process_case  # noqa: E402
 
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
@@ -85,7 +85,8 @@ def parse_floor(data: str, n: int) -> float:
     import vitaldb
     hooked, vitaldb.utils.gzip = vitaldb.utils.gzip, gzip
     def parse(cid):
-        vf = vitaldb.VitalFile(os.path.join(data, f"{cid:04d}.vital"), track_names=list(spec.DEFAULT_SPEC.source_tracks))
+        vf = vitaldb.VitalFile(os.path.join(data, f"{cid:04d}.vital"),
+                               track_names=list(spec.DEFAULT_SPEC.source_tracks))
         vf.to_numpy([x for x in spec.DEFAULT_SPEC.source_tracks if x in vf.trks], 1)
 
     try:
@@ -258,9 +259,10 @@ def remote_inputs(workdir: str, data: str, n: int, repeat: int) -> tuple[list, l
     each in its own process, against the local parse floor in passes
     between them; the transfer per case against its numeric part."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from s3util import KEY, REGION, SECRET, free_port, upload_dir, boto_client
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
+    from s3util import KEY, REGION, SECRET, boto_client, free_port, upload_dir
+
     from pipeline.io import remote
     web_port, s3_port = free_port(), free_port()
     py = sys.executable
@@ -452,7 +454,8 @@ def main() -> int:
     rows = [
         ("cases x length", f"{N} x {args.hours:g} h, {windows_per_case:.0f} windows/case, {args.repeat} repeat(s)"),
         ("parse floor", f"{pf_run:.3f} s/case timed in the run; {pf:.3f} in separate passes"),
-        (f"compress floor (libdeflate {encode.GZIP_LEVEL})", f"{cf:.3f} s/case ({sum(map(len, framed)) / N / 1e6:.1f} MB of examples/case)"),
+        (f"compress floor (libdeflate {encode.GZIP_LEVEL})",
+         f"{cf:.3f} s/case ({sum(map(len, framed)) / N / 1e6:.1f} MB of examples/case)"),
         ("stage 1, 1 worker", f"{s1:.3f} s/case steady state (start-up {m(lambda x: x['one']['s1_startup']):.1f} s)"),
         ("  in the DoFns", "  ".join(f"{k} {v_:.3f}" for k, v_ in steps.items()) + " s/case"),
         ("  between them (Beam)", f"{s1 - inside:.3f} s/case"),

@@ -62,8 +62,8 @@ def write_tables(workdir: str) -> tuple[str, str]:
 
 
 def decide(c_path: str, t_path: str) -> dict:
-    from pipeline.output import cohort as cohort_run
     from pipeline.io.clinical import read_clinical
+    from pipeline.output import cohort as cohort_run
     times = {}
     t = time.perf_counter()
     table = read_clinical(c_path)

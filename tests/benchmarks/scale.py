@@ -31,8 +31,9 @@ import psutil
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from pipeline.tools import sample  # noqa: E402
 from s3util import boto_client, free_port, s3_env, upload_dir  # noqa: E402
+
+from pipeline.tools import sample  # noqa: E402
 
 SM = os.path.join(os.path.dirname(sys.executable), "master-poc-sagemaker")
 
@@ -93,8 +94,9 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=int, default=30, help="length of every case")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "bench-out"))
     args = ap.parse_args(argv)
-    from moto.server import ThreadedMotoServer
     import logging
+
+    from moto.server import ThreadedMotoServer
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     os.environ.update(s3_env())
     data = generate(args.workdir, args.cases, args.minutes)
