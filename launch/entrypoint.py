@@ -30,8 +30,8 @@ from typing import Optional
 
 from pipeline import api
 from pipeline.cli import beam_args_in, check_beam_args, did_you_mean, own_flags_not_beam, summary_lines
-from pipeline.run.coordination import Share
 from pipeline.options import EXIT_INTERRUPTED, EXIT_USAGE, RunOptions, RunRequest, request_from_mapping
+from pipeline.run.coordination import Share
 from transforms.settings import OptionError, Settings, declared
 
 REQUIRED = ("cases", "input", "output")
@@ -102,8 +102,8 @@ def request_for_host(hp: dict, current: str, hosts: list[str]) -> RunRequest:
     """The run request of one host: its share of the cases, all its vCPUs.
     Its Beam flags are checked and their S3 options applied before the
     options are parsed (a track map on s3:// is read then)."""
-    from pipeline.run import runtime
     from pipeline.io import s3
+    from pipeline.run import runtime
     check_names(hp)
     given = beam_args_in(hp, SOURCE)
     check_beam_args(given, where="hyperparameter beam_args: ", not_here=own_flags_not_beam())

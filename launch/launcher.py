@@ -33,11 +33,20 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from launch.entrypoint import NOT_HYPERPARAMETERS, REQUIRED
-from pipeline.options import SAGEMAKER_SECTION, RunOptions, read_config, request_from_mapping
 from pipeline.io import sources
 from pipeline.io.sources import Source
-from transforms.settings import (OptionError, Settings, add_flags, declared, from_mapping, option, parse_bool,
-                                 positive_int, text_value)
+from pipeline.options import SAGEMAKER_SECTION, RunOptions, read_config, request_from_mapping
+from transforms.settings import (
+    OptionError,
+    Settings,
+    add_flags,
+    declared,
+    from_mapping,
+    option,
+    parse_bool,
+    positive_int,
+    text_value,
+)
 
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
 
@@ -254,8 +263,14 @@ def hyperparameters(req, given: dict) -> dict[str, str]:
 def build_request(plan: LaunchPlan, session=None) -> tuple[dict, dict]:
     """The CreateTrainingJob request, in boto3 form (printed) and in
     sagemaker-core form (sent), both from one ModelTrainer."""
-    from sagemaker.core.training.configs import (CheckpointConfig, Compute, Networking, OutputDataConfig,
-                                                 StoppingCondition, Tag)
+    from sagemaker.core.training.configs import (
+        CheckpointConfig,
+        Compute,
+        Networking,
+        OutputDataConfig,
+        StoppingCondition,
+        Tag,
+    )
     from sagemaker.train import ModelTrainer
     lo, hp = plan.launch, plan.hyperparameters
     compute = Compute(instance_type=lo.instance_type, instance_count=lo.instance_count,
@@ -311,8 +326,8 @@ def follow(client, name: str, poll_s: float = 30.0, out=None) -> int:
 def run_estimate(args: argparse.Namespace) -> int:
     """--estimate-from: the job's time and cost from a pilot output; launches nothing."""
     from launch import estimate as est
-    from pipeline.run import runtime
     from pipeline.io import s3
+    from pipeline.run import runtime
     from transforms.case_ids import parse_cases
     lo, job, problems = _gather(args)
     if not job.get("cases"):
