@@ -30,7 +30,7 @@ def commit() -> Optional[str]:
     env = os.environ.get("MASTER_POC_COMMIT")
     if env and env != "unknown":
         return env
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pipeline/output/ -> the root
     if not os.path.isdir(os.path.join(here, ".git")):
         return None
     try:
