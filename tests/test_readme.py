@@ -33,6 +33,8 @@ ELSEWHERE = {
     "image-push": "needs AWS credentials, an ECR registry and docker; neither is reachable here",
     "resume": "needs the real bucket; the same command, as a failed leader prints it, completes a job in "
               "test_sagemaker::test_a_leader_without_its_second_host_names_the_missing_cases_and_the_command_that_completes_the_job",
+    "cohort-bench": "a benchmark (prints figures, ~30 s): run by hand, its figures are in docs/benchmarks.md; "
+                    "test_cohort::test_the_flow_decides_fast_on_tables_of_the_real_sizes checks its decisions",
     "bench": "a benchmark (minutes, prints figures): run by hand, its dated figures are in docs/benchmarks.md",
     "scale": "a benchmark (minutes, prints figures): run by hand, its dated figures are in docs/benchmarks.md",
     "runners": "needs a GCP project (Dataflow) or a Flink cluster; test_runner_blocks_pass_their_beam_flags_through "

@@ -20,6 +20,9 @@ what the parser consumed is ever transferred. Two kinds of remote store:
   byte range and `If-Match` on the ETag; botocore retries the requests, a
   body cut mid-read is fetched again here.
 
+One `RetryPolicy` decides every retry here (web requests of each kind and
+S3 range reads alike), and one classification (`classify_status`,
+`status_error`, the transport errors that may pass) sorts the answers.
 Every reader records the file's identity as the server states it (ETag,
 else size and Last-Modified) and the bytes, requests and retries it cost.
 """
@@ -38,10 +41,11 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 from urllib.parse import urljoin, urlsplit
 
 _LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 BLOCK = 512 * 1024  # bytes per range request: the most transferred beyond what the parser read
 RETRY_AFTER_MAX_S = 300.0  # a longer Retry-After fails the request instead of stalling the worker
@@ -71,6 +75,10 @@ class HTTPStatus(TransferError):
         self.status = status
 
 
+class BodyTooLong(TransferError):
+    """The server sent more than was asked for (e.g. a whole file for a range)."""
+
+
 @dataclass(frozen=True)
 class WebOptions:
     """How a process talks to a web server (run options, see
@@ -81,16 +89,6 @@ class WebOptions:
     connections: int = 4  # per process and server
     backoff_s: float = 0.5  # first backoff; doubles per attempt, full jitter
     backoff_max_s: float = 30.0
-
-
-def backoff_delay(attempt: int, opts: WebOptions, retry_after: Optional[float] = None,
-                  rng: Callable[[], float] = random.random) -> float:
-    """Seconds to wait before attempt `attempt + 1` (attempt counts from 1):
-    the server's Retry-After when it gave one, else exponential backoff with
-    full jitter (uniform in [0, min(max, base * 2^(attempt-1))])."""
-    if retry_after is not None:
-        return retry_after
-    return rng() * min(opts.backoff_max_s, opts.backoff_s * 2 ** (attempt - 1))
 
 
 def parse_retry_after(value: Optional[str], now: Optional[float] = None) -> Optional[float]:
@@ -130,6 +128,130 @@ class Transfer:
         return {"bytes_read": self.bytes, "requests": self.requests, "retries": self.retries}
 
 
+# ---- what an answer means ---------------------------------------------------------
+
+class _Retry(Exception):
+    """An attempt failed in a way that may pass (a dropped connection, a
+    timeout, a cut body, 429, 5xx): the policy tries again. `retry_after`:
+    the server's wait; `partial`: the file's bytes that arrived before a cut."""
+
+    def __init__(self, why: str, retry_after: Optional[float] = None, partial: bytes = b""):
+        super().__init__(why)
+        self.retry_after = retry_after
+        self.partial = partial
+
+
+class _TooLong(Exception):
+    pass
+
+
+# Transport failures that may pass, as _Retry: before the answer's headers (a refused or dropped
+# connection, a timeout, a garbled answer), and while its body is read (a cut, a stall).
+SEND_ERRORS = (ConnectionError, socket.timeout, OSError, http.client.HTTPException)
+BODY_ERRORS = (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError)
+
+OK, REDIRECT, MISSING, RETRY, FINAL = "ok", "redirect", "missing", "retry", "final"
+
+
+def classify_status(status: int, ok=(200, 206), missing=(404, 410), follow: bool = False) -> str:
+    """What an HTTP answer means, in this order: OK (wanted), REDIRECT (to
+    follow; `follow` says it has a Location and redirects are left), MISSING
+    (no such file: NotFound), RETRY (429, 5xx: may pass), FINAL (any other,
+    e.g. 403 or a redirect not followed: retrying will not change it)."""
+    if status in ok:
+        return OK
+    if follow and status in REDIRECTS:
+        return REDIRECT
+    if status in missing:
+        return MISSING
+    if status == 429 or status >= 500:
+        return RETRY
+    return FINAL
+
+
+def status_error(url: str, status: int, kind: str, retry_after: Optional[str] = None,
+                 body: bytes = b"") -> Exception:
+    """The exception for an answer `classify_status` called MISSING, RETRY or
+    FINAL: NotFound, _Retry (with the Retry-After header's wait) or
+    HTTPStatus (naming the status and the page's start)."""
+    if kind == MISSING:
+        return NotFound(f"{url}: HTTP {status}")
+    if kind == RETRY:
+        return _Retry(f"HTTP {status}", parse_retry_after(retry_after))
+    return HTTPStatus(status, f"{url}: HTTP {status} {body[:200]!r}")
+
+
+def transport_failure(e: BaseException) -> _Retry:
+    """A transport error (SEND_ERRORS, or S3's) as a failure that may pass."""
+    return _Retry(f"{type(e).__name__}: {e}")
+
+
+# ---- retries ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a remote read is retried: at most `max_attempts` attempts; before
+    the next, the server's Retry-After when it gave one (one longer than
+    `retry_after_max_s` fails the read at once instead of stalling the
+    worker), else exponential backoff with full jitter (`rng`). One policy
+    serves every web request kind and S3's range reads."""
+
+    max_attempts: int = 8
+    backoff_s: float = 0.5
+    backoff_max_s: float = 30.0
+    retry_after_max_s: float = RETRY_AFTER_MAX_S
+    rng: Callable[[], float] = random.random
+
+    @classmethod
+    def of(cls, opts: WebOptions, rng: Callable[[], float] = random.random) -> "RetryPolicy":
+        return cls(opts.max_attempts, opts.backoff_s, opts.backoff_max_s, rng=rng)
+
+    def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:
+        """Seconds to wait before attempt `attempt + 1` (attempt counts from 1):
+        the server's Retry-After when it gave one, else exponential backoff with
+        full jitter (uniform in [0, min(max, base * 2^(attempt-1))])."""
+        if retry_after is not None:
+            return retry_after
+        return self.rng() * min(self.backoff_max_s, self.backoff_s * 2 ** (attempt - 1))
+
+    def next_wait(self, attempt: int, failure: _Retry, what: str) -> Optional[float]:
+        """After attempt `attempt` failed with `failure`: the seconds to wait
+        before the next, or None when the attempts are spent; TransferError
+        when the server asks for a wait past `retry_after_max_s`."""
+        if attempt >= self.max_attempts:
+            return None
+        if failure.retry_after is not None and failure.retry_after > self.retry_after_max_s:
+            raise TransferError(f"{what}: the server asks to retry after {failure.retry_after:.0f} s") from None
+        return self.delay(attempt, failure.retry_after)
+
+    def run(self, attempt: Callable[[], T], what: str, transfer: Transfer,
+            sleep: Callable[[float], None] = time.sleep, action: Optional[str] = None) -> T:
+        """attempt() until it returns. A _Retry from it is a failure that may
+        pass: the policy waits (`sleep`, one retry counted in `transfer`,
+        logged as `action`) and tries again; any other exception ends the run
+        at once. TransferError naming `what` when the attempts are spent."""
+        last = ""
+        for n in range(1, self.max_attempts + 1):
+            try:
+                return attempt()
+            except _Retry as e:
+                last = str(e)
+                delay = self.next_wait(n, e, what)
+            if delay is None:
+                break
+            transfer.retries += 1
+            _LOG.warning("%s failed (%s); retry %d of %d in %.2f s", action or what, last, n,
+                         self.max_attempts - 1, delay)
+            sleep(delay)
+        raise TransferError(f"{what}: failed after {self.max_attempts} attempts (last: {last})")
+
+
+def backoff_delay(attempt: int, opts: WebOptions, retry_after: Optional[float] = None,
+                  rng: Callable[[], float] = random.random) -> float:
+    """RetryPolicy.delay for these options."""
+    return RetryPolicy.of(opts, rng).delay(attempt, retry_after)
+
+
 # ---- HTTP -------------------------------------------------------------------------
 
 @dataclass
@@ -139,19 +261,47 @@ class Response:
     body: bytes
 
 
-class _Retry(Exception):
-    def __init__(self, why: str, retry_after: Optional[float] = None, partial: bytes = b""):
-        super().__init__(why)
-        self.retry_after = retry_after
-        self.partial = partial
+class _Pool:
+    """Keep-alive connections per server (scheme, host, port): at most
+    `connections` in use at once (more callers wait); idle ones are reused."""
+
+    def __init__(self, connections: int, timeout_s: float):
+        self.connections, self.timeout_s = connections, timeout_s
+        self._lock = threading.Lock()
+        self._idle: dict[tuple, list] = {}
+        self._slots: dict[tuple, threading.BoundedSemaphore] = {}
+
+    def take(self, key: tuple) -> "_Conn":
+        """A connection to this server, once one of its slots is free."""
+        with self._lock:
+            slot = self._slots.setdefault(key, threading.BoundedSemaphore(self.connections))
+        slot.acquire()
+        with self._lock:
+            idle = self._idle.get(key)
+            conn = idle.pop() if idle else None
+        if conn is None:
+            cls = http.client.HTTPSConnection if key[0] == "https" else http.client.HTTPConnection
+            conn = cls(key[1], key[2], timeout=self.timeout_s)
+        return _Conn(self, key, conn, slot)
+
+    def keep(self, key: tuple, conn) -> None:
+        with self._lock:
+            self._idle.setdefault(key, []).append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            for conns in self._idle.values():
+                for c in conns:
+                    c.close()
+            self._idle.clear()
 
 
 class _Conn:
     """A pooled connection in use: released once, reused only if the
     response was read to its end on a keep-alive connection."""
 
-    def __init__(self, client: "HttpClient", key: tuple, conn, slot: threading.BoundedSemaphore):
-        self.client, self.key, self.conn, self.slot = client, key, conn, slot
+    def __init__(self, pool: _Pool, key: tuple, conn, slot: threading.BoundedSemaphore):
+        self.pool, self.key, self.conn, self.slot = pool, key, conn, slot
         self._released = False
 
     def release(self, reuse: bool) -> None:
@@ -159,8 +309,7 @@ class _Conn:
             return
         self._released = True
         if reuse:
-            with self.client._lock:
-                self.client._idle.setdefault(self.key, []).append(self.conn)
+            self.pool.keep(self.key, self.conn)
         else:
             self.conn.close()
         self.slot.release()
@@ -185,7 +334,7 @@ def _read_all(resp, transfer: Transfer, limit: Optional[int] = None) -> bytes:
             transfer.bytes += len(chunk)
             if limit is not None and got > limit:
                 raise _TooLong()
-    except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as e:
+    except BODY_ERRORS as e:
         if isinstance(e, http.client.IncompleteRead):
             parts.append(e.partial)
             transfer.bytes += len(e.partial)
@@ -193,24 +342,74 @@ def _read_all(resp, transfer: Transfer, limit: Optional[int] = None) -> bytes:
                      partial=b"".join(parts)) from None
 
 
-class _TooLong(Exception):
-    pass
+def _exchange(client: "HttpClient", method: str, url: str, headers: dict, transfer: Transfer,
+              limit: Optional[int]) -> Response:
+    """One request and its whole answer (an error page up to ERROR_BODY_MAX);
+    the connection kept for reuse when the answer allows it. _Retry for a
+    transport failure (with the file's bytes that arrived, never an error
+    page's), _TooLong past `limit`."""
+    resp, handle = client._send(method, url, headers, transfer)
+    try:
+        hdrs = {k.lower(): v for k, v in resp.getheaders()}
+        # HEAD has no body, but the response must be read before the connection is reused
+        body = resp.read() if method == "HEAD" else \
+            _read_all(resp, transfer, limit if resp.status < 300 else ERROR_BODY_MAX)
+    except _Retry as e:
+        handle.release(False)
+        if resp.status >= 300:  # only a file's bytes are kept for resuming, never an error page's
+            raise _Retry(str(e)) from None
+        raise
+    except BaseException:
+        handle.release(False)
+        raise
+    handle.release(not resp.will_close)
+    return Response(resp.status, hdrs, body)
 
 
-class BodyTooLong(TransferError):
-    """The server sent more than was asked for (e.g. a whole file for a range)."""
+class _Attempts:
+    """One HttpClient.request across its attempts: where it is (a redirect
+    is followed, not an attempt), the file's bytes kept from cut attempts,
+    and the headers that resume the body after them (`resume(n)`)."""
+
+    def __init__(self, client: "HttpClient", method: str, url: str, headers: dict, transfer: Transfer,
+                 ok, missing, resume: Optional[Callable[[int], dict]], limit: Optional[int]):
+        self.client, self.method, self.url, self.headers, self.transfer = client, method, url, headers, transfer
+        self.ok, self.missing, self.resume, self.limit = ok, missing, resume, limit
+        self.target, self.redirects, self.partial = url, 0, b""
+
+    def __call__(self) -> Response:
+        """One attempt: the wanted answer, else _Retry, NotFound, HTTPStatus or BodyTooLong."""
+        while True:
+            try:
+                r = _exchange(self.client, self.method, self.target, self.headers, self.transfer, self.limit)
+            except _TooLong:
+                raise BodyTooLong(f"{self.url}: the server sent more than the {self.limit} bytes asked for") from None
+            except _Retry as e:
+                if e.partial and self.resume is not None:
+                    self.partial += e.partial
+                    self.headers.update(self.resume(len(self.partial)))
+                raise
+            location = r.headers.get("location")
+            kind = classify_status(r.status, self.ok, self.missing,
+                                   follow=bool(location) and self.redirects < MAX_REDIRECTS)
+            if kind == OK:
+                r.body = self.partial + r.body
+                return r
+            if kind != REDIRECT:
+                raise status_error(self.url, r.status, kind, r.headers.get("retry-after"), r.body)
+            self.target = urljoin(self.target, location)  # a mirror or a CDN: not an attempt
+            self.redirects += 1
 
 
 class HttpClient:
     """A per-process HTTP/1.1 client: keep-alive connections per server (at
     most `connections` in use at once; more callers wait), timeouts, and
-    retries (`request`). Thread-safe."""
+    retries (`request`, by `retry`). Thread-safe."""
 
     def __init__(self, opts: WebOptions):
         self.opts = opts
-        self._lock = threading.Lock()
-        self._idle: dict[tuple, list] = {}
-        self._slots: dict[tuple, threading.BoundedSemaphore] = {}
+        self.retry = RetryPolicy.of(opts)
+        self._pool = _Pool(opts.connections, opts.timeout_s)
         self.sleep = time.sleep  # the backoff's wait
 
     @staticmethod
@@ -225,51 +424,25 @@ class HttpClient:
         """Sends one request on a pooled connection: (the response with its
         headers read, the connection to release)."""
         key, target = self._split(url)
-        with self._lock:
-            slot = self._slots.setdefault(key, threading.BoundedSemaphore(self.opts.connections))
-        slot.acquire()
-        with self._lock:
-            idle = self._idle.get(key)
-            conn = idle.pop() if idle else None
-        if conn is None:
-            cls = http.client.HTTPSConnection if key[0] == "https" else http.client.HTTPConnection
-            conn = cls(key[1], key[2], timeout=self.opts.timeout_s)
-        handle = _Conn(self, key, conn, slot)
+        handle = self._pool.take(key)
         transfer.requests += 1
         try:
-            conn.request(method, target, headers={"User-Agent": "master-poc-preprocess", **headers})
-            resp = conn.getresponse()
+            handle.conn.request(method, target, headers={"User-Agent": "master-poc-preprocess", **headers})
+            resp = handle.conn.getresponse()
         except BaseException:
             handle.release(False)
             raise
         return resp, handle
 
-    def close(self) -> None:
-        with self._lock:
-            for conns in self._idle.values():
-                for c in conns:
-                    c.close()
-            self._idle.clear()
+    def _send(self, method: str, url: str, headers: dict, transfer: Transfer):
+        """send, a transport failure (SEND_ERRORS) raised as _Retry."""
+        try:
+            return self.send(method, url, headers, transfer)
+        except SEND_ERRORS as e:
+            raise transport_failure(e) from None
 
-    def _once(self, method: str, url: str, headers: dict, transfer: Transfer, limit: Optional[int]) -> Response:
-        try:
-            resp, handle = self.send(method, url, headers, transfer)
-        except (ConnectionError, socket.timeout, OSError, http.client.HTTPException) as e:
-            raise _Retry(f"{type(e).__name__}: {e}") from None
-        try:
-            hdrs = {k.lower(): v for k, v in resp.getheaders()}
-            # HEAD has no body, but the response must be read before the connection is reused
-            body = resp.read() if method == "HEAD" else _read_all(resp, transfer, limit if resp.status < 300 else ERROR_BODY_MAX)
-        except _Retry as e:
-            handle.release(False)
-            if resp.status >= 300:  # only a file's bytes are kept for resuming, never an error page's
-                raise _Retry(str(e)) from None
-            raise
-        except BaseException:
-            handle.release(False)
-            raise
-        handle.release(not resp.will_close)
-        return Response(resp.status, hdrs, body)
+    def close(self) -> None:
+        self._pool.close()
 
     def request(self, method: str, url: str, headers: Optional[dict] = None,
                 transfer: Optional[Transfer] = None, ok=(200, 206), missing=(404, 410),
@@ -281,45 +454,8 @@ class HttpClient:
         again whole. Raises NotFound, or TransferError when the attempts run
         out or the answer is final (403, ...)."""
         transfer = transfer if transfer is not None else Transfer()
-        headers = dict(headers or {})
-        partial = b""
-        last = ""
-        target = url
-        attempt = redirects = 0
-        while attempt < self.opts.max_attempts:
-            attempt += 1
-            try:
-                r = self._once(method, target, headers, transfer, limit)
-                if r.status in ok:
-                    r.body = partial + r.body
-                    return r
-                if r.status in REDIRECTS and r.headers.get("location") and redirects < MAX_REDIRECTS:
-                    target = urljoin(target, r.headers["location"])  # a mirror or a CDN: not an attempt
-                    redirects += 1
-                    attempt -= 1
-                    continue
-                if r.status in missing:
-                    raise NotFound(f"{url}: HTTP {r.status}")
-                if r.status == 429 or r.status >= 500:
-                    raise _Retry(f"HTTP {r.status}", parse_retry_after(r.headers.get("retry-after")))
-                raise HTTPStatus(r.status, f"{url}: HTTP {r.status} {r.body[:200]!r}")
-            except _TooLong:
-                raise BodyTooLong(f"{url}: the server sent more than the {limit} bytes asked for") from None
-            except _Retry as e:
-                last = str(e)
-                if e.partial and resume is not None:
-                    partial += e.partial
-                    headers.update(resume(len(partial)))
-                if attempt == self.opts.max_attempts:
-                    break
-                if e.retry_after is not None and e.retry_after > RETRY_AFTER_MAX_S:
-                    raise TransferError(f"{url}: the server asks to retry after {e.retry_after:.0f} s") from None
-                delay = backoff_delay(attempt, self.opts, e.retry_after)
-                transfer.retries += 1
-                _LOG.warning("%s %s failed (%s); retry %d of %d in %.2f s", method, url, last, attempt,
-                             self.opts.max_attempts - 1, delay)
-                self.sleep(delay)
-        raise TransferError(f"{url}: failed after {self.opts.max_attempts} attempts (last: {last})")
+        attempt = _Attempts(self, method, url, dict(headers or {}), transfer, ok, missing, resume, limit)
+        return self.retry.run(attempt, url, transfer, self.sleep, f"{method} {url}")
 
     def stream(self, url: str, transfer: Transfer):
         """GET with the body left to read: (the response, its connection to
@@ -328,10 +464,7 @@ class HttpClient:
         5xx, 429), NotFound, HTTPStatus."""
         target, redirects = url, 0
         while True:
-            try:
-                resp, handle = self.send("GET", target, {}, transfer)
-            except (ConnectionError, socket.timeout, OSError, http.client.HTTPException) as e:
-                raise _Retry(f"{type(e).__name__}: {e}") from None
+            resp, handle = self._send("GET", target, {}, transfer)
             if resp.status == 200:
                 return resp, handle
             try:
@@ -341,14 +474,10 @@ class HttpClient:
             finally:
                 handle.release(False)
             location = resp.getheader("Location")
-            if resp.status in REDIRECTS and location and redirects < MAX_REDIRECTS:
-                target, redirects = urljoin(target, location), redirects + 1
-                continue
-            if resp.status in (404, 410):
-                raise NotFound(f"{url}: HTTP {resp.status}")
-            if resp.status == 429 or resp.status >= 500:
-                raise _Retry(f"HTTP {resp.status}", parse_retry_after(resp.getheader("Retry-After")))
-            raise HTTPStatus(resp.status, f"{url}: HTTP {resp.status} {body[:200]!r}")
+            kind = classify_status(resp.status, (200,), follow=bool(location) and redirects < MAX_REDIRECTS)
+            if kind != REDIRECT:
+                raise status_error(url, resp.status, kind, resp.getheader("Retry-After"), body)
+            target, redirects = urljoin(target, location), redirects + 1
 
     def head(self, url: str, transfer: Optional[Transfer] = None) -> Optional[dict]:
         """The file's identity from a HEAD request (web_identity), or None if
@@ -362,11 +491,7 @@ class HttpClient:
                     raise
                 r = self.request("GET", url, headers={"Range": "bytes=0-0"}, transfer=transfer, ok=(200, 206),
                                  limit=1)
-                total = r.headers.get("content-range", "").rpartition("/")[2]
-                if r.status == 206 and total.isdigit():
-                    return web_identity(url, r.headers, int(total))
-                return web_identity(url, {k: v for k, v in r.headers.items() if k != "content-length"}, len(r.body)
-                                    if r.status == 200 else None)
+                return _first_byte_identity(url, r)
         except NotFound:
             return None
         except BodyTooLong:  # a 200 with the whole file to a byte range: its size is unknown until read
@@ -384,6 +509,15 @@ class HttpClient:
                 raise TransferError(f"{url}: a damaged gzip-encoded body ({e})") from None
         return r.body
 
+
+def _first_byte_identity(url: str, r: Response) -> dict:
+    """The identity from the answer to a request for byte 0: a 206's
+    Content-Range tells the size, a 200 (the whole, one-byte file) its body."""
+    total = r.headers.get("content-range", "").rpartition("/")[2]
+    if r.status == 206 and total.isdigit():
+        return web_identity(url, r.headers, int(total))
+    return web_identity(url, {k: v for k, v in r.headers.items() if k != "content-length"}, len(r.body)
+                        if r.status == 200 else None)
 
 def web_identity(url: str, headers: dict, size: Optional[int] = None) -> dict:
     """{path, bytes, etag} or {path, bytes, last_modified}: the server's word
@@ -561,7 +695,7 @@ class _StreamedFetch:
         """Up to n bytes; b"" at the end of a body of unknown size."""
         try:
             data = self._resp.read(n)
-        except (http.client.IncompleteRead, ConnectionError, socket.timeout, OSError) as e:
+        except BODY_ERRORS as e:
             raise _Retry(f"connection cut ({type(e).__name__})") from None
         if not data and (self.size is not None or self._resp.length):
             raise _Retry("the body ended early")
@@ -569,29 +703,29 @@ class _StreamedFetch:
         self._pos += len(data)
         return data
 
+    def _attempt(self, start: int, end: int) -> bytes:
+        """Bytes [start, end) from the stream, opened (again) if need be; on a
+        failure that may pass the stream is dropped (the next attempt opens it)."""
+        try:
+            if self._resp is None or self._pos > start:
+                self._open()
+            while self._pos < start:
+                if not self._read(min(start - self._pos, 1 << 20)):
+                    return b""
+            parts = []
+            while self._pos < end:
+                data = self._read(end - self._pos)
+                if not data:  # the end of a file of unknown size
+                    break
+                parts.append(data)
+            return b"".join(parts)
+        except _Retry:
+            self.close()
+            raise
+
     def __call__(self, start: int, end: int) -> bytes:
-        opts = self.client.opts
-        for attempt in range(1, opts.max_attempts + 1):
-            try:
-                if self._resp is None or self._pos > start:
-                    self._open()
-                while self._pos < start:
-                    if not self._read(min(start - self._pos, 1 << 20)):
-                        return b""
-                parts = []
-                while self._pos < end:
-                    data = self._read(end - self._pos)
-                    if not data:  # the end of a file of unknown size
-                        break
-                    parts.append(data)
-                return b"".join(parts)
-            except _Retry as e:
-                self.close()
-                if attempt == opts.max_attempts:
-                    raise TransferError(f"{self.url}: failed after {attempt} attempts (last: {e})") from None
-                self.transfer.retries += 1
-                self.client.sleep(backoff_delay(attempt, opts, e.retry_after))
-        raise AssertionError("unreachable")
+        return self.client.retry.run(lambda: self._attempt(start, end), self.url, self.transfer,
+                                     self.client.sleep, f"GET {self.url}")
 
 
 # Servers (scheme, host, port) found to answer range requests with whole files, per process.
@@ -642,40 +776,50 @@ def open_s3(client, identity: dict, transfer: Transfer, max_attempts: Optional[i
     GetObject with a byte range and If-Match per block. botocore retries
     the requests; a body cut mid-read is fetched again here, as often as
     botocore would try (AWS_MAX_ATTEMPTS, which --s3-max-attempts sets)."""
-    from botocore.exceptions import BotoCoreError, ClientError
     max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
     path = identity["path"]
-    bucket, key = path[len("s3://"):].split("/", 1)
-    etag = identity.get("etag")
-    opts = WebOptions(max_attempts=max_attempts)
+    policy = RetryPolicy(max_attempts=max_attempts)
+    get = _s3_range_get(client, path, identity.get("etag"), transfer)
 
     def fetch(start: int, end: int) -> bytes:
-        last = ""
-        for attempt in range(1, max_attempts + 1):
-            kw = {"IfMatch": etag} if etag else {}
-            try:
-                transfer.requests += 1
-                body = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **kw)["Body"]
-                data = body.read()
-                transfer.bytes += len(data)
-                if len(data) == end - start:
-                    return data
-                last = f"got {len(data)} of {end - start} bytes"
-            except ClientError as e:
-                code = str(e.response.get("Error", {}).get("Code", ""))
-                if code in ("PreconditionFailed", "412"):
-                    raise ChangedWhileReading(f"{path} changed while it was read (ETag {etag})") from None
-                if code in ("NoSuchKey", "404"):
-                    raise NotFound(f"{path}: no such object") from None
-                raise TransferError(f"{path}: {e}") from None
-            except (BotoCoreError, ConnectionError, OSError) as e:
-                last = f"{type(e).__name__}: {e}"
-            if attempt < max_attempts:
-                transfer.retries += 1
-                sleep(backoff_delay(attempt, opts))
-        raise TransferError(f"{path}: failed after {max_attempts} attempts (last: {last})")
+        return policy.run(lambda: get(start, end), path, transfer, sleep, f"GET {path}")
 
     return RangeReader(path, int(identity["bytes"]), fetch, transfer)
+
+
+def _s3_range_get(client, path: str, etag: Optional[str], transfer: Transfer) -> Callable[[int, int], bytes]:
+    """One attempt at bytes [start, end) of an S3 object, counted: a short
+    body or a transport error is _Retry; S3's refusals are final
+    (`s3_refusal`)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    bucket, key = path[len("s3://"):].split("/", 1)
+    kw = {"IfMatch": etag} if etag else {}
+
+    def get(start: int, end: int) -> bytes:
+        transfer.requests += 1
+        try:
+            data = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", **kw)["Body"].read()
+        except ClientError as e:
+            raise s3_refusal(e, path, etag) from None
+        except (BotoCoreError, ConnectionError, OSError) as e:
+            raise transport_failure(e) from None
+        transfer.bytes += len(data)
+        if len(data) != end - start:
+            raise _Retry(f"got {len(data)} of {end - start} bytes")
+        return data
+
+    return get
+
+
+def s3_refusal(e, path: str, etag: Optional[str]) -> TransferError:
+    """The final error for S3's answer (a botocore ClientError): its ETag no
+    longer matches (412), no such object (404), anything else."""
+    code = str(e.response.get("Error", {}).get("Code", ""))
+    if code in ("PreconditionFailed", "412"):
+        return ChangedWhileReading(f"{path} changed while it was read (ETag {etag})")
+    if code in ("NoSuchKey", "404"):
+        return NotFound(f"{path}: no such object")
+    return TransferError(f"{path}: {e}")
 
 
 class CountingReader(_RemoteStream):
