@@ -286,3 +286,23 @@ def test_a_host_reads_the_open_dataset_from_the_web_api(moto_endpoint, tmp_path)
                       ["Body"].read())
     assert meta["status"] == "complete" and meta["cases"]["ok"] == [1, 2, 3]
     assert meta["source"]["dataset"] == "VitalDB open dataset 1.0.1" and meta["transfer"]["cases"] == 3
+
+
+def test_the_cohort_travels_to_the_instances_as_a_hyperparameter(capsys, monkeypatch):
+    """The criteria, in the order given, reach every host; the launcher refuses a bad one before any call."""
+    monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
+    args = launch_args("mpp-cohort") + ["--role", "arn:aws:iam::123456789012:role/x", "--dry-run",
+                                        "--include", "age >= 18", "--require", "Propofol_INF,BP_MAP",
+                                        "--exclude", "department == 'Urology'", "--min-measured", "BP_MAP=0.3"]
+    assert launcher.main(args) == 0
+    hp = json.loads(capsys.readouterr().out)["HyperParameters"]
+    assert json.loads(hp["cohort"]) == [{"include": "age >= 18"}, {"require": "Propofol_INF,BP_MAP"},
+                                        {"exclude": "department == 'Urology'"}, {"min_measured": "BP_MAP=0.3"}]
+    req = entrypoint.request_for_host(hp, "algo-2", ["algo-1", "algo-2"])
+    assert [(c.kind, c.text) for c in req.options.cohort] == [
+        ("include", "age >= 18"), ("require", "Propofol_INF,BP_MAP"), ("exclude", "department == 'Urology'"),
+        ("min_measured", "BP_MAP=0.3")]
+    bad = launch_args("mpp-cohort") + ["--role", "arn:aws:iam::123456789012:role/x", "--dry-run",
+                                       "--min-measured", "BP_MAP=2"]
+    assert launcher.main(bad) == 2
+    assert "--min-measured 'BP_MAP=2': the fraction 2 is outside [0, 1]" in capsys.readouterr().err
