@@ -186,10 +186,15 @@ def _this_process_cohort(req: RunRequest, plan: cohort_run.CohortPlan, fs, out: 
     so. Returns (the cases for stage 1, those it checks by their track list)."""
     o = req.options
     mine = o.share.select(plan.work) if o.share else plan.work
+    # The leader makes every case's markers say the current criteria before it waits (the decisions are the
+    # same in every share), so a marker of earlier criteria never counts as this run's; the others their own.
+    ours = plan.work if not o.share or o.share.leader else mine
     by_inputs = sorted(plan.by_inputs)
-    mine_out = o.share.select(by_inputs) if o.share else by_inputs
-    from_markers, check = cohort_run.decide_from_markers(o.output, mine, plan, fs)
-    cohort_run.record(o.output, mine + mine_out, {**{c: plan.by_inputs[c] for c in mine_out}, **from_markers})
+    ours_out = by_inputs if not o.share or o.share.leader else o.share.select(by_inputs)
+    from_markers, check = cohort_run.decide_from_markers(o.output, ours, plan, fs)
+    cohort_run.record(o.output, ours + ours_out, {**{c: plan.by_inputs[c] for c in ours_out}, **from_markers},
+                      check)
+    check = frozenset(c for c in check if c in set(mine))
     if plan.criteria:
         _say(out, f"cohort: {len(plan.by_inputs)} of {len(plan.requested)} requested cases left out by the "
                   f"clinical{' and track' if plan.track_list else ''} criteria"
@@ -227,6 +232,8 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
     plan = _cohort_plan(req, source, case_ids, clinical, fs, out)  # refused before anything is written
     record.criteria, record.track_list, record.clinical_frame = plan.criteria, plan.track_list, clinical.frame
     guard_output(o.output, req.settings, o.overwrite)
+    storage.write_json(storage.cohort_path(o.output), {"criteria": [c.to_json() for c in plan.criteria],
+                                                       "track_list": plan.track_list})
 
     work = plan.work
     todo, check = _this_process_cohort(req, plan, fs, out)
@@ -294,16 +301,24 @@ def _leader_gave_up(req: RunRequest, record: RunRecord, missing: list[int], coun
 def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) -> RunResult:
     """Stage 2 alone, with the output's own settings; where the data came from
     is what the run that made the output recorded."""
+    if req.options.cohort:
+        raise Refused("finalize takes the cohort the output was made with (its metadata, its markers); to change "
+                      "the criteria, run the job again with them: committed cases are not recomputed")
     record.settings = load_settings(req.options.output)
     record.requested = req.case_ids()
-    if record.input is None and storage.exists(storage.metadata_path(req.options.output)):
-        previous = storage.read_json(storage.metadata_path(req.options.output))
+    previous = (storage.read_json(storage.metadata_path(req.options.output))
+                if storage.exists(storage.metadata_path(req.options.output)) else {})
+    if record.input is None and previous:
         record.input, record.clinical = previous.get("input"), record.clinical or previous.get("clinical")
         record.source, record.clinical_table = previous.get("source"), previous.get("clinical_table")
-        if not req.options.cohort:  # the criteria the output was made with
-            record.criteria = cohort.parse_criteria((previous.get("cohort") or {}).get("criteria") or [])
-    if req.options.cohort:
-        record.criteria = cohort.ordered(req.options.cohort)
+    cohort_path = storage.cohort_path(req.options.output)  # the last run's, also without a metadata yet
+    cohort_record = storage.read_json(cohort_path) if storage.exists(cohort_path) else previous.get("cohort") or {}
+    record.criteria = cohort.ordered(cohort.parse_criteria(cohort_record.get("criteria") or []))
+    record.track_list = cohort_record.get("track_list")
+    if record.criteria:  # min_measured of cases committed after the last flow (an interrupted run's)
+        plan = cohort_run.CohortPlan(record.criteria, sorted(storage.marker_ids(req.options.output, storage.DONE)),
+                                     {}, record.track_list)
+        cohort_run.settle(req.options.output, plan.requested, plan, record.settings.feature_spec())
     if record.clinical:  # Table 1's rows
         try:
             record.clinical_frame = read_clinical(record.clinical, None, req.options.web()).frame
@@ -366,7 +381,8 @@ def run(req: RunRequest, out: Optional[TextIO] = None) -> RunResult:
                 return timed(run_command(req, runner, record, out))
             except Interrupted:
                 return timed(_interrupted(req, runner, record))
-    except (Refused, ClinicalTableError, s3.S3AccessError, OptionError, SourceError, cohort_run.CohortRefused) as e:
+    except (Refused, ClinicalTableError, s3.S3AccessError, OptionError, SourceError, cohort_run.CohortRefused,
+            cohort.CohortError) as e:
         return timed(RunResult(EXIT_USAGE, Status.REFUSED, message=str(e)))
     except StageFailed as e:
         return timed(RunResult(EXIT_FAILED, Status.FAILED, message=str(e)))

@@ -217,6 +217,24 @@ def test_the_track_information_is_read_alone(tmp_path, monkeypatch):
     assert sum(map(len, read)) == size
 
 
+def test_a_file_that_is_not_packed_is_read_through_for_its_track_list(tmp_path, monkeypatch):
+    """Without the packed flag a device's track information may follow records: nothing is cut short."""
+    from pipeline.io import sources
+    from pipeline.tools.sample import write_vital
+    vf = vitaldb.VitalFile()
+    vf.dtstart, vf.dtend = T0, T0 + 600
+    for name in BASE:
+        vf.add_track(name, [{"dt": T0 + t, "val": 80.0} for t in range(0, 600, 2)], unit="")
+    vf.add_track("Orchestra/PPF20_RATE", [{"dt": T0 + t, "val": 15.0} for t in range(300, 600, 2)], unit="")
+    write_vital(vf, str(tmp_path / "0001.vital"), "interleaved")
+    read = []
+    original = sources.LocalFile.read
+    monkeypatch.setattr(sources.LocalFile, "read", lambda self, n=-1: read.append(original(self, n)) or read[-1])
+    names, _ = read_track_names(Source.for_location(str(tmp_path)), 1)
+    assert sorted(names) == sorted(BASE + ["Orchestra/PPF20_RATE"])
+    assert sum(map(len, read)) == os.path.getsize(tmp_path / "0001.vital")
+
+
 def test_two_tids_of_one_track_are_one_track(cohort_data):
     from pipeline.output.cohort import read_track_table
     table = read_track_table(os.path.join(cohort_data, "trks.csv"))
@@ -316,3 +334,46 @@ def test_with_the_web_api_a_case_left_out_by_its_tracks_costs_no_byte(cohort_dat
         assert api.sent_for(cid) == 0 and not [e for e in log if e[1].endswith(f"/{cid}.vital")], cid
     assert api.sent_for(1) > 0 and [e for e in log if e[1] == "/trks"] == [("GET", "/trks", "ok")]
     assert "track list " + f"{api.url}/trks: " in capsys.readouterr().out
+
+
+def test_finalize_alone_keeps_the_cohort_and_refuses_new_criteria(cohort_data, tmp_path, capsys):
+    from pipeline.cli import main
+    out = str(tmp_path / "fin")
+    assert run(cohort_data, out, *STUDY) == 0
+    before = meta(out)["cohort"]["criteria"]
+    assert main(["finalize", "--output", out]) == 0
+    assert meta(out)["cohort"]["criteria"] == before
+    capsys.readouterr()
+    assert main(["finalize", "--output", out, "--include", "age >= 50"]) == 2
+    assert "finalize takes the cohort the output was made with" in capsys.readouterr().err
+
+
+def test_a_criterion_given_twice_counts_once(cohort_data, tmp_path):
+    out = str(tmp_path / "twice")
+    assert run(cohort_data, out, "--include", "age >= 18", "--include", "age >= 18") == 0
+    assert meta(out)["cohort"]["criteria"] == [{"kind": "include", "text": "age >= 18", "excluded": [3]}]
+    assert meta(out)["cohort"]["selected"] == 6
+
+
+def test_with_shares_a_marker_of_earlier_criteria_never_counts_as_this_runs(cohort_data, tmp_path):
+    """The leader makes every case's markers say the current criteria before it waits."""
+    out = str(tmp_path / "stale")
+    assert run(cohort_data, out, "--include", "age >= 50") == 0  # 3, 5, 6 left out, never read
+    # No criteria now: the leader alone may not finalize on the old exclusions.
+    assert run(cohort_data, out, "--share", "1/2", "--leader-wait-s", "0") == 1
+    assert {3, 5, 6} - storage.marker_ids(out, storage.EXCLUDED) == {3, 5, 6}
+    assert run(cohort_data, out, "--share", "2/2") == 0
+    assert run(cohort_data, out, "--share", "1/2", "--poll-s", "0") == 0
+    full = str(tmp_path / "full")
+    assert run(cohort_data, full) == 0
+    assert split_bytes(out) == split_bytes(full) and meta(out)["cohort"]["selected"] == 7
+
+
+def test_a_case_the_track_list_does_not_list_is_decided_from_its_file(cohort_data, tmp_path):
+    table = pd.read_csv(os.path.join(cohort_data, "trks.csv"))
+    partial = tmp_path / "trks.csv"
+    table[table["caseid"] != 5].to_csv(partial, index=False)
+    out = str(tmp_path / "unlisted")
+    assert run(cohort_data, out, "--require", "Propofol_INF", "--track-list", str(partial)) == 0
+    assert meta(out)["cohort"]["criteria"][0]["excluded"] == [5]
+    assert storage.read_excluded(out)[5].tracks is not None  # read from its file, not assumed absent

@@ -115,7 +115,7 @@ def parse_criteria(value) -> tuple[Criterion, ...]:
     for item in value or ():
         if isinstance(item, Criterion):
             out.append(item)
-        elif isinstance(item, Mapping) and set(item) == {"kind", "text"}:
+        elif isinstance(item, Mapping) and {"kind", "text"} <= set(item):  # the metadata's rows carry more
             out.append(parse_criterion(item["kind"], item["text"]))
         elif isinstance(item, Mapping) and len(item) == 1:
             (kind, text), = item.items()
@@ -134,8 +134,8 @@ def dump_criteria(criteria: Iterable[Criterion]) -> list[dict]:
 
 def ordered(criteria: Iterable[Criterion]) -> tuple[Criterion, ...]:
     """Evaluation order: clinical criteria as given, then require, then
-    min_measured (a stable sort)."""
-    return tuple(sorted(criteria, key=lambda c: _STAGE[c.kind]))
+    min_measured (a stable sort); a criterion given twice counts once."""
+    return tuple(sorted(dict.fromkeys(criteria), key=lambda c: _STAGE[c.kind]))
 
 
 # ---- checks before any work --------------------------------------------------------
@@ -267,8 +267,10 @@ def cases_with_any(track_table: pd.DataFrame, tracks: frozenset) -> set[int]:
 def table_require_exclusions(case_ids: Iterable[int], criteria: Iterable[Criterion], track_table: pd.DataFrame,
                              fs: spec.FeatureSpec) -> dict[int, Exclusion]:
     """The require criteria decided from a track table, vectorised: per
-    criterion, the cases lacking a source track of one of its features."""
-    left = [int(c) for c in case_ids]
+    criterion, the cases lacking a source track of one of its features. A
+    case the table does not list at all is not decided here (its own file is)."""
+    listed = set(np.unique(track_table["caseid"].to_numpy()).tolist())
+    left = [int(c) for c in case_ids if int(c) in listed]
     out: dict[int, Exclusion] = {}
     for c in criteria:
         if c.kind != REQUIRE:

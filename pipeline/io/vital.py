@@ -111,10 +111,13 @@ class _UntilRecords:
 
     A `.vital` body is packets of [type: 1 byte][length: 4 bytes][data];
     device and track information (types 9 and 0) come before the records
-    (type 1). This reader follows the packet boundaries in the bytes it
+    (type 1) in a packed file (the header's packed flag; VitalDB 1.0.1's
+    layout). This reader follows the packet boundaries in the bytes it
     hands on and answers end-of-file at the first record packet, so vitaldb
     stops there, having parsed every track's information, and no more of the
-    file is inflated or fetched. Parsing stays vitaldb's."""
+    file is inflated or fetched. A file that is not packed may bring a
+    device's tracks after records (plugged in later): it is read through.
+    Parsing stays vitaldb's."""
 
     REC = 1
 
@@ -128,7 +131,15 @@ class _UntilRecords:
     def _advance(self) -> None:
         seen = self._seen
         if self._boundary is None and len(seen) >= 10:  # VITA, version, header length, header
-            self._boundary = 10 + int.from_bytes(seen[8:10], "little")
+            header = int.from_bytes(seen[8:10], "little")
+            if len(seen) < 10 + header:
+                return
+            if header < 27 or seen[10 + 26] != 1:
+                # Not packed: track and device information may follow records (a device plugged in
+                # later), so the whole stream is read; only a packed file has it all first.
+                self._stop = -1
+                return
+            self._boundary = 10 + header
         while self._stop is None and self._boundary is not None and len(seen) > self._boundary:
             if seen[self._boundary] == self.REC:
                 self._stop = self._boundary
@@ -138,7 +149,15 @@ class _UntilRecords:
             break
 
     def read(self, n: int = -1) -> bytes:
+        if self._stop == -1:  # not packed: read through
+            if self._given < len(self._seen):
+                out = bytes(self._seen[self._given:] if n is None or n < 0 else self._seen[self._given:self._given + n])
+                self._given += len(out)
+                return out
+            return self._inner.read(n)
         while True:
+            if self._stop == -1:
+                return self.read(n)
             end = len(self._seen) if self._stop is None else self._stop
             if self._given < end:
                 take = end - self._given if n is None or n < 0 else min(n, end - self._given)

@@ -79,6 +79,7 @@ class CohortPlan:
     requested: list[int]
     by_inputs: dict[int, Exclusion]  # decided from the clinical table and track table: every share agrees
     track_list: Optional[str] = None  # the track table used, if any
+    unlisted: frozenset = frozenset()  # cases the track table does not list: their require from their file
 
     @property
     def work(self) -> list[int]:
@@ -87,7 +88,12 @@ class CohortPlan:
 
     @property
     def needs_markers(self) -> bool:
-        return any(c.kind == MIN_MEASURED or (c.kind == REQUIRE and self.track_list is None) for c in self.criteria)
+        return any(c.kind == MIN_MEASURED or (c.kind == REQUIRE and (self.track_list is None or self.unlisted))
+                   for c in self.criteria)
+
+    def require_from_markers(self, case_id: int) -> bool:
+        """Whether this case's require is decided from what its file holds (no track table lists it)."""
+        return any(c.kind == REQUIRE for c in self.criteria) and (self.track_list is None or case_id in self.unlisted)
 
 
 def plan(requested: list[int], criteria: Iterable[Criterion], clinical: ClinicalTable, fs: spec.FeatureSpec,
@@ -97,10 +103,16 @@ def plan(requested: list[int], criteria: Iterable[Criterion], clinical: Clinical
     crit = cohort.ordered(criteria)
     frame = clinical.frame if clinical.frame is not None else pd.DataFrame({"caseid": []})
     ex = cohort.clinical_exclusions(requested, crit, frame, clinical.duplicates)
+    unlisted: frozenset = frozenset()
     if track_table is not None:
         left = [c for c in requested if c not in ex]
         ex.update(cohort.table_require_exclusions(left, crit, track_table, fs))
-    p = CohortPlan(crit, list(requested), ex, track_list if track_table is not None else None)
+        listed = set(track_table["caseid"].unique().tolist())
+        unlisted = frozenset(c for c in left if c not in listed)
+        if unlisted and any(c.kind == REQUIRE for c in crit):
+            _LOG.warning("the track list %s lists %d of the requested cases not at all (e.g. %s): their --require "
+                         "is decided from their own file", track_list, len(unlisted), sorted(unlisted)[:10])
+    p = CohortPlan(crit, list(requested), ex, track_list if track_table is not None else None, unlisted)
     if crit and requested and not p.work:
         left = len(requested)
         for c in crit:
@@ -119,7 +131,7 @@ def decide_from_markers(output: str, ids: list[int], p: CohortPlan, fs: spec.Fea
     require stage 1 must decide from their file."""
     if not p.needs_markers or not ids:
         return {}, frozenset()
-    tracks_from_markers = p.track_list is None and any(c.kind == REQUIRE for c in p.criteria)
+
     done_ids, excluded_ids = storage.marker_ids(output, storage.DONE), storage.marker_ids(output, storage.EXCLUDED)
     done = storage.read_done(output, [c for c in ids if c in done_ids])
     old = storage.read_excluded(output, [c for c in ids if c in excluded_ids and c not in done])
@@ -127,7 +139,7 @@ def decide_from_markers(output: str, ids: list[int], p: CohortPlan, fs: spec.Fea
     check: set[int] = set()
     for c in ids:
         m = done.get(c)
-        if tracks_from_markers:
+        if p.require_from_markers(c):
             tracks = recorded_tracks(m, fs) if m else (old[c].tracks if c in old else None)
             if tracks is None:
                 check.add(c)
@@ -143,14 +155,18 @@ def decide_from_markers(output: str, ids: list[int], p: CohortPlan, fs: spec.Fea
     return out, frozenset(check)
 
 
-def record(output: str, ids: Iterable[int], exclusions: dict[int, Exclusion]) -> None:
+def record(output: str, ids: Iterable[int], exclusions: dict[int, Exclusion],
+           pending: frozenset = frozenset()) -> None:
     """Makes the excluded markers of `ids` say `exclusions`: new or changed
-    ones written, those of cases now selected removed."""
+    ones written, those of cases now selected removed; but a marker that a
+    stage 1 wrote from the file's tracks for a `pending` case (one whose
+    require is decided there, perhaps by another share right now) stays."""
     ids = list(ids)
     present = storage.marker_ids(output, storage.EXCLUDED)
     old = storage.read_excluded(output, [c for c in ids if c in present])
     storage.write_excluded(output, [e for c, e in exclusions.items() if old.get(c) != e])
-    storage.delete_excluded(output, [c for c in old if c not in exclusions])
+    storage.delete_excluded(output, [c for c, e in old.items() if c not in exclusions
+                                     and not (c in pending and e.tracks is not None)])
 
 
 def settle(output: str, ids: Iterable[int], p: CohortPlan, fs: spec.FeatureSpec) -> int:

@@ -79,6 +79,11 @@ def markers_glob(out: str, kind: str) -> str:
     return join(out, "cases", kind, "*.json")
 
 
+def cohort_path(out: str) -> str:
+    """The criteria of the last run on this output (what finalize alone applies)."""
+    return join(out, "cases", "_cohort.json")
+
+
 def settings_path(out: str) -> str:
     return join(out, "cases", "_settings.json")
 
