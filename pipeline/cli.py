@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, Optional
 
 from pipeline.api import RunResult, run
 from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
+from pipeline.output.cohort import plural
 from pipeline.output.cohort import summary_lines as cohort_lines
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
@@ -223,10 +224,6 @@ def _inspect(argv: list[str]) -> int:
         return EXIT_USAGE
 
 
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
@@ -279,7 +276,8 @@ def _split_lines(meta: dict) -> list[str]:
              f"{split['seed']}, {shares}" + ("" if split["by"] == "patient" else
                                              ": the clinical table has no subjectid column")]
     for s, d in meta["splits"].items():
-        lines.append(f"  {s}: {d['windows']} windows from {_n(d['cases'], 'case')} of {_n(d['patients'], 'patient')}"
+        lines.append(f"  {s}: {d['windows']} windows from {plural(d['cases'], 'case')} of "
+                     f"{plural(d['patients'], 'patient')}"
                      f" -> {meta['output'].rstrip('/')}/{s}/ ({len(d['files'])} file(s))")
     if split["cases_split_by_case_id"]:
         lines.append(f"  split by case id, their clinical row names no patient (no subjectid): "

@@ -81,13 +81,13 @@ _CRITERIA_METAVAR = {cohort.INCLUDE: "EXPR", cohort.EXCLUDE: "EXPR", cohort.REQU
 
 def _criteria_flags(group, dest: str) -> None:
     for kind in cohort.KINDS:
-        examples = "; ".join(f"{'--' + kind.replace('_', '-')} \"{e}\"" for e in cohort.EXAMPLES[kind][:2])
-        group.add_argument("--" + kind.replace("_", "-"), dest=dest, action=_Criterion, const=kind, default=None,
+        examples = "; ".join(f"{cohort.flag_of(kind)} \"{e}\"" for e in cohort.EXAMPLES[kind][:2])
+        group.add_argument(cohort.flag_of(kind), dest=dest, action=_Criterion, const=kind, default=None,
                            metavar=_CRITERIA_METAVAR[kind],
                            help=f"{_CRITERIA_HELP[kind]}; repeatable, e.g. {examples}")
 
 
-_criteria_flags.names = tuple("--" + k.replace("_", "-") for k in cohort.KINDS)
+_criteria_flags.names = tuple(cohort.flag_of(k) for k in cohort.KINDS)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ except ImportError:  # pragma: no cover - deflate is a requirement of the packag
 
 from pipeline.output.names import METADATA_NAME, split_files_glob
 from transforms.tfrecord import CorruptRecordError
+from transforms.tfrecord import length_delimited as _ld
 
 __all__ = ["OutputReader", "DamagedFile", "parse_example"]
 
@@ -200,20 +201,6 @@ def parse_example(record: bytes) -> dict[str, object]:
 
 # ---- the fixed layout of this product's examples (the fast path) ------------------------
 
-def _varint_bytes(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _ld(tag: int, length: int) -> bytes:
-    return bytes([tag]) + _varint_bytes(length)
 
 
 # The varint lengths the fast path takes for an int64 value: 1 to 9 bytes

@@ -4,6 +4,7 @@ TensorFlow."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import pandas as pd
 import pytest
@@ -194,3 +195,29 @@ def s3_bucket(moto_endpoint, request):
     name = "t-" + request.node.name.lower().replace("_", "-")[:50].strip("-")
     boto_client(moto_endpoint).create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def io_settings_restored():
+    """parse_request applies the Beam flags' S3 options to this process (the
+    environment, Beam's FileSystems): undone after the test."""
+    from apache_beam.io.filesystems import FileSystems
+    env, options = dict(os.environ), FileSystems._pipeline_options
+    yield
+    os.environ.clear()
+    os.environ.update(env)
+    FileSystems._pipeline_options = options
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(page, profile, *args: str) -> str:
+    """Headless Chromium on a local page, as this machine allows it (no
+    background networking); its standard output (--dump-dom's DOM)."""
+    import subprocess
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}"]
+    return subprocess.run([CHROMIUM, *flags, *args, page.as_uri()], capture_output=True, text=True,
+                          timeout=120).stdout

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import vitaldb
-from conftest import INMEM, run_cli, split_bytes
+from conftest import CHROMIUM, INMEM, chromium, run_cli, split_bytes
 
 from pipeline.io.sources import Source
 from pipeline.io.vital import load_case, read_track_names
@@ -289,22 +289,14 @@ def test_verify_and_inspect_know_the_excluded_status(cohort_data, tmp_path, caps
     assert f"case {in_split} is excluded by the cohort (--include 'age >= 99')" in capsys.readouterr().out
 
 
-CHROMIUM = __import__("shutil").which("chromium")
-
-
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_the_report_draws_the_flow_as_boxes_and_arrows_in_a_real_browser(cohort_data, tmp_path):
     import html
     import re
-    import subprocess
     out = str(tmp_path / "r")
     assert run(cohort_data, out, *STUDY, "--exclude", "department == 'Gynecology'") == 0
     page = tmp_path / "r" / "report" / "index.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = chromium(page, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom")
     body = re.search(r"<body[^>]*>", dom).group(0)
     # requested, 4 criteria, selected, too short/failed, 3 splits; an arrow into every box but the first,
     # each ending on its box's edge (the page checks that after layout).

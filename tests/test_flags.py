@@ -16,16 +16,8 @@ from transforms.settings import OptionError
 CLI = os.path.join(os.path.dirname(sys.executable), "master-poc-preprocess")
 
 
-@pytest.fixture(autouse=True)
-def io_settings_restored():
-    """parse_request applies the Beam flags' S3 options to this process (the
-    environment, Beam's FileSystems): undone after each test."""
-    from apache_beam.io.filesystems import FileSystems
-    env, options = dict(os.environ), FileSystems._pipeline_options
-    yield
-    os.environ.clear()
-    os.environ.update(env)
-    FileSystems._pipeline_options = options
+# parse_request applies the Beam flags' S3 options to this process: undone after each test (conftest).
+pytestmark = pytest.mark.usefixtures("io_settings_restored")
 
 
 @pytest.mark.parametrize("beam", [

@@ -1,18 +1,14 @@
 """What users see: the quality report (checked in headless Chromium), inspect, progress."""
 import json
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import GOOD, NO_ROW, run_cli
+from conftest import CHROMIUM, GOOD, NO_ROW, chromium, run_cli
 from s3util import beam_s3_args, boto_client, upload_dir
 
 from pipeline.cli import main
 from transforms import spec
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def test_quality_numbers_match_the_metadata(run_output):
@@ -46,11 +42,7 @@ def test_quality_numbers_match_the_metadata(run_output):
 def test_report_page_loads_in_a_real_browser_with_images_and_no_broken_links(run_output, tmp_path):
     _, out = run_output
     page = Path(out) / "report" / "index.html"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([CHROMIUM, *flags, "--virtual-time-budget=10000", "--dump-dom", page.as_uri()],
-                         capture_output=True, text=True, timeout=120).stdout
+    dom = chromium(page, tmp_path / "profile", "--virtual-time-budget=10000", "--dump-dom")
     body = re.search(r"<body[^>]*>", dom).group(0)
     assert 'data-images-ok="true"' in body and 'data-images="3"' in body  # set by the page after load
     ids = set(re.findall(r'id="([^"]+)"', dom))
@@ -60,8 +52,7 @@ def test_report_page_loads_in_a_real_browser_with_images_and_no_broken_links(run
         else:
             assert (page.parent / href).resolve().exists(), href
     shot = tmp_path / "report.png"
-    subprocess.run([CHROMIUM, *flags, "--window-size=1300,3000", f"--screenshot={shot}", page.as_uri()],
-                   capture_output=True, timeout=120)
+    chromium(page, tmp_path / "profile", "--window-size=1300,3000", f"--screenshot={shot}")
     assert shot.stat().st_size > 50_000  # a page with charts, not a blank one
 
 

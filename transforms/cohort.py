@@ -47,6 +47,11 @@ class CohortError(ValueError):
     """A criterion that cannot be used; the message names it."""
 
 
+def flag_of(kind: str) -> str:
+    """The command-line flag of a criterion kind: min_measured -> --min-measured."""
+    return "--" + kind.replace("_", "-")
+
+
 @dataclass(frozen=True)
 class Criterion:
     kind: str
@@ -54,7 +59,7 @@ class Criterion:
 
     @property
     def flag(self) -> str:
-        return "--" + self.kind.replace("_", "-")
+        return flag_of(self.kind)
 
     def __str__(self) -> str:
         return f"{self.flag} {self.text!r}"

@@ -20,6 +20,8 @@ import numpy as np
 from tfx_bsl.coders import example_coder
 
 from transforms.tfrecord import frame_records
+from transforms.tfrecord import length_delimited as _ld
+from transforms.tfrecord import varint as _varint
 
 # The bytes an output is made of; part of its fingerprint (an output keeps one
 # format). 3: deterministic example serialization; each case compressed once,
@@ -64,22 +66,6 @@ def example_features(window: int, n_features: int, n_static: int, n_targets: int
                  + floats[3:])
 
 
-def _varint(v: int) -> bytes:
-    v &= 0xFFFFFFFFFFFFFFFF  # int64 as protobuf writes it (two's complement)
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _ld(tag: int, length: int) -> bytes:
-    """The tag byte and length varint of a length-delimited protobuf field."""
-    return bytes([tag]) + _varint(length)
 
 
 # Field tags (field number << 3 | 2): Example.features = 1, Features.feature

@@ -43,6 +43,27 @@ class CorruptRecordError(IOError):
     pass
 
 
+# ---- protobuf wire format: what encode writes and the reader's fast path expects ----
+
+def varint(v: int) -> bytes:
+    """A varint as protobuf writes it (an int64 in two's complement)."""
+    v &= 0xFFFFFFFFFFFFFFFF
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def length_delimited(tag: int, length: int) -> bytes:
+    """The tag byte and length varint of a length-delimited protobuf field."""
+    return bytes([tag]) + varint(length)
+
+
 class _Stream:
     """The bytes of a (gzip) stream as they are needed: `need(k)` reads and
     inflates until k bytes lie past `pos` (one or more gzip members)."""

@@ -250,7 +250,8 @@ def cohort_summary(flow_: dict, exclusions: dict[int, Exclusion], done: dict[int
             "warnings": rare_target_warnings(cov)}
 
 
-def _n(count: int, noun: str) -> str:
+def plural(count: int, noun: str) -> str:
+    """'1 case', '2 cases': the summary's, the flow diagram's and the cohort's counts."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
@@ -267,13 +268,13 @@ def summary_lines(c: Optional[dict]) -> list[str]:
     for row in c["criteria"]:
         n = len(row["excluded"])
         left -= n
-        flag = "--" + row["kind"].replace("_", "-")
+        flag = cohort.flag_of(row["kind"])
         lines.append(f"    left out by {flag} {row['text']!r}: {n} {_ids(row['excluded'])}; {left} remain")
     p = c["processed"]
     lines.append(f"    {c['selected']} selected and processed: {p['ok']} with windows, {p['too_short']} too short, "
                  f"{p['failed']} failed" + (f", {p['not_done']} not done yet" if p["not_done"] else ""))
-    lines.append("    " + "; ".join(f"{s}: {_n(d['cases'], 'case')}, {_n(d['patients'], 'patient')}, "
-                                    f"{_n(d['windows'], 'window')}" for s, d in c["splits"].items()))
+    lines.append("    " + "; ".join(f"{s}: {plural(d['cases'], 'case')}, {plural(d['patients'], 'patient')}, "
+                                    f"{plural(d['windows'], 'window')}" for s, d in c["splits"].items()))
     measured = [f"{n} {100 * d['measured_share_of_seconds']:.0f} %" for n, d in c["coverage"].items()
                 if d["measured_share_of_seconds"] is not None]
     with_source = [f"{n} {d['cases_with_source']}/{d['cases']}" for n, d in c["coverage"].items()]

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import html
 
+from pipeline.output.cohort import plural
+from transforms.cohort import flag_of
+
 BOX_W, BOX_H, GAP = 300, 46, 26
 MAIN_X, SIDE_X = 20, 420
 SIDE_W = 420
@@ -34,10 +37,6 @@ def _arrow(x1: int, y1: int, x2: int, y2: int, to: str) -> str:
             'stroke="#446" stroke-width="1.5" marker-end="url(#head)"/>')
 
 
-def _n(count: int, noun: str) -> str:
-    return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
 def _short(text: str, n: int = 52) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
@@ -45,7 +44,7 @@ def _short(text: str, n: int = 52) -> str:
 def flow_svg(cohort: dict) -> str:
     """The diagram of the metadata's `cohort` (pipeline.output.cohort.cohort_summary)."""
     parts, y = [], 10
-    parts.append(_box("flow-requested", MAIN_X, y, BOX_W, [f"Requested: {_n(cohort['requested'], 'case')}"]))
+    parts.append(_box("flow-requested", MAIN_X, y, BOX_W, [f"Requested: {plural(cohort['requested'], 'case')}"]))
     top = y + BOX_H
     y += BOX_H + GAP
     stem_x = MAIN_X + BOX_W // 2
@@ -53,9 +52,9 @@ def flow_svg(cohort: dict) -> str:
     for i, c in enumerate(cohort["criteria"]):
         n = len(c["excluded"])
         left -= n
-        flag = "--" + c["kind"].replace("_", "-")
+        flag = flag_of(c["kind"])
         parts.append(_box(f"flow-criterion-{i + 1}", SIDE_X, y, SIDE_W,
-                          [f"Left out: {_n(n, 'case')} ({left} remain)", _short(f"{flag} {c['text']}")], "side"))
+                          [f"Left out: {plural(n, 'case')} ({left} remain)", _short(f"{flag} {c['text']}")], "side"))
         parts.append(_arrow(stem_x, y + BOX_H // 2, SIDE_X, y + BOX_H // 2, f"flow-criterion-{i + 1}"))
         y += BOX_H + GAP // 2
     y += GAP // 2
@@ -63,7 +62,8 @@ def flow_svg(cohort: dict) -> str:
                  'stroke-width="1.5"/>')
     parts.append(_arrow(stem_x, y - 1, stem_x, y, "flow-selected"))
     p = cohort["processed"]
-    parts.append(_box("flow-selected", MAIN_X, y, BOX_W, [f"Selected and processed: {_n(cohort['selected'], 'case')}"]))
+    parts.append(_box("flow-selected", MAIN_X, y, BOX_W,
+                      [f"Selected and processed: {plural(cohort['selected'], 'case')}"]))
     parts.append(_box("flow-not-used", SIDE_X, y, SIDE_W,
                       [f"Too short for a window: {p['too_short']}; failed: {p['failed']}"]
                       + ([f"not done yet: {p['not_done']}"] if p["not_done"] else []), "side"))
@@ -76,8 +76,8 @@ def flow_svg(cohort: dict) -> str:
         row, col = divmod(i, per_row)
         x, sy = MAIN_X + col * (width + 10), y + row * (BOX_H + GAP)
         parts.append(_box(f"flow-split-{name}", x, sy, width,
-                          [f"{name}: {_n(d['cases'], 'case')}",
-                           f"{_n(d['patients'], 'patient')}, {_n(d['windows'], 'window')}"],
+                          [f"{name}: {plural(d['cases'], 'case')}",
+                           f"{plural(d['patients'], 'patient')}, {plural(d['windows'], 'window')}"],
                           "split"))
         parts.append(_arrow(stem_x, y - GAP, x + width // 2, sy, f"flow-split-{name}"))
     rows = (len(splits) + per_row - 1) // per_row

@@ -21,6 +21,7 @@ from pipeline.output import provenance, storage
 from pipeline.output.contracts import DoneMarker, FailedMarker, units_in_two_splits
 from pipeline.report import flowchart
 from transforms import features, spec, statistics
+from transforms.cohort import flag_of
 
 HIST_BINS = 20  # the report's distribution charts (from the statistics' finer histograms)
 
@@ -231,7 +232,7 @@ def cohort_section(c: Optional[dict]) -> str:
     if not c:
         return "<p>No cohort recorded.</p>"
     e = html.escape
-    crit = "".join(f"<tr><td class='l'>{e('--' + r['kind'].replace('_', '-'))}</td><td class='l'><code>"
+    crit = "".join(f"<tr><td class='l'>{e(flag_of(r['kind']))}</td><td class='l'><code>"
                    f"{e(r['text'])}</code></td><td>{len(r['excluded'])}</td><td class='l'>"
                    f"{e(', '.join(map(str, r['excluded'][:40])) + (' ...' if len(r['excluded']) > 40 else ''))}"
                    f"</td></tr>" for r in c["criteria"]) or "<tr><td colspan='4' class='l'>no criteria</td></tr>"

@@ -9,6 +9,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.output import names, storage
 from transforms import encode, tfrecord
+from transforms.cohort import flag_of
 from transforms.features import SINCE_MEASURED_CAP_S as SINCE_CAP_S
 from transforms.features import denormalise
 
@@ -38,7 +39,7 @@ def _header(root: str, meta: dict, out) -> None:
     c = meta.get("cohort")
     if c and c.get("criteria"):
         print(f"cohort: {c['requested']} requested, {c['selected']} selected; excluded: "
-              + "; ".join(f"--{r['kind'].replace('_', '-')} {r['text']!r}: {len(r['excluded'])}"
+              + "; ".join(f"{flag_of(r['kind'])} {r['text']!r}: {len(r['excluded'])}"
                           for r in c["criteria"]),
               file=out)
     print("(values are de-normalised; a value exactly at a range edge may have been clipped there)", file=out)
