@@ -45,6 +45,7 @@ from pipeline.output import cohort as cohort_run
 from pipeline.output import storage
 from pipeline.output.contracts import FailedMarker, Stage1Job, Status
 from pipeline.output.metadata import RunRecord, fingerprint
+from pipeline.output.records import Metadata
 from pipeline.run import coordination
 from pipeline.run.progress import Progress
 from pipeline.run.runtime import InProcess, Interrupted, StageFailed, StageRunner, run_with, stage_job
@@ -76,7 +77,7 @@ class RunResult:
     exit_code: int
     status: Status
     message: str = ""  # why it did not succeed, and what to do
-    metadata: Optional[dict] = None  # as written to preprocessing_metadata.json
+    metadata: Optional[Metadata] = None  # what preprocessing_metadata.json was written from
     counters: dict = field(default_factory=dict)  # stage 1's Beam counters (cases_skipped, ...)
     elapsed_s: float = 0.0
     stage1: Optional[Stage1Report] = None
@@ -115,11 +116,6 @@ def load_settings(output: str) -> Settings:
     if not storage.exists(path):
         raise Refused(f"{output} is not a master-poc output (no {path})")
     return Settings.from_json(storage.read_json(path))
-
-
-def success_rate(meta: dict) -> float:
-    ok, failed = len(meta["cases"]["ok"]), len(meta["cases"]["failed"])
-    return 1.0 if ok + failed == 0 else ok / (ok + failed)
 
 
 def clinical_line(table: ClinicalTable) -> str:
@@ -259,10 +255,10 @@ def run_command(req: RunRequest, runner: StageRunner, record: RunRecord, out: Te
         cohort_run.settle(o.output, work, plan, fs)
     _say(out, f"stage 2: writing splits to {o.output}")
     meta = Finalize(record, runner, req).run()
-    if meta["status"] != Status.COMPLETE:
-        return RunResult(EXIT_FAILED, Status(meta["status"]), metadata=meta, counters=counts,
-                         message="verification failed: " + "; ".join(meta["verification"]["problems"][:5]))
-    rate = success_rate(meta)
+    if meta.status != Status.COMPLETE:
+        return RunResult(EXIT_FAILED, meta.status, metadata=meta, counters=counts,
+                         message="verification failed: " + "; ".join(meta.verification.problems[:5]))
+    rate = meta.cases.success_rate
     if rate < o.min_success_rate:
         return RunResult(EXIT_FAILED, Status.COMPLETE, metadata=meta, counters=counts,
                          message=f"success rate {rate:.1%} is below --min-success-rate {o.min_success_rate:.0%}")
@@ -325,8 +321,7 @@ def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) ->
         except ClinicalTableError as e:
             _LOG.warning("Table 1 without clinical rows: %s", e)
     meta = Finalize(record, runner, dataclasses.replace(req, settings=record.settings)).run()
-    status = Status(meta["status"])
-    return RunResult(EXIT_OK if status == Status.COMPLETE else EXIT_FAILED, status, metadata=meta)
+    return RunResult(EXIT_OK if meta.status == Status.COMPLETE else EXIT_FAILED, meta.status, metadata=meta)
 
 
 def verify_command(req: RunRequest) -> RunResult:

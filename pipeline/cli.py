@@ -30,6 +30,7 @@ from pipeline.api import RunResult, run
 from pipeline.options import COMMANDS, EXIT_USAGE, PROG, RunOptions, RunRequest, load_config, request_from_mapping
 from pipeline.output.cohort import plural
 from pipeline.output.cohort import summary_lines as cohort_lines
+from pipeline.output.records import CaseAccount, Metadata
 from transforms.settings import COMMAND_LINE, OptionError, Settings, add_flags, declared
 
 
@@ -250,57 +251,57 @@ def _ids(ids: list, n: int = 50) -> str:
     return f"{ids[:n]}{' ...' if len(ids) > n else ''}"
 
 
-def _case_lines(res: RunResult, c: dict) -> list[str]:
+def _case_lines(res: RunResult, c: CaseAccount) -> list[str]:
     """The cases: how many of each status, the failures, the reprocessed."""
     counters = res.counters
-    lines = [f"  cases: {len(c['ok'])} ok, {len(c['too_short'])} too short (no window), {len(c['failed'])} "
-             f"failed, {counters.get('cases_skipped', 0)} skipped (already committed); {c['requested']} requested"]
-    lines += [f"  failed case {f['case_id']}: {f['reason']}: {f['detail']}" for f in c["failed"]]
-    if c["too_short"]:
-        lines.append(f"  too short for one window (not an error): {c['too_short']}")
+    lines = [f"  cases: {len(c.ok)} ok, {len(c.too_short)} too short (no window), {len(c.failed)} "
+             f"failed, {counters.get('cases_skipped', 0)} skipped (already committed); {c.requested} requested"]
+    lines += [f"  failed case {f.case_id}: {f.reason}: {f.detail}" for f in c.failed]
+    if c.too_short:
+        lines.append(f"  too short for one window (not an error): {list(c.too_short)}")
     if counters.get("cases_input_changed"):
         lines.append(f"  {counters['cases_input_changed']} committed case(s) processed again because their "
-                     f"input file changed since the commit (all such cases: {c['changed_inputs']})")
+                     f"input file changed since the commit (all such cases: {list(c.changed_inputs)})")
     if counters.get("cases_split_key_changed"):
         lines.append(f"  {counters['cases_split_key_changed']} committed case(s) processed again because their "
                      f"split key changed (the clinical table's subjectid): they moved with their patient")
-    if c["not_done"]:
-        lines.append(f"  not done yet: {_ids(c['not_done'])}")
+    if c.not_done:
+        lines.append(f"  not done yet: {_ids(list(c.not_done))}")
     return lines
 
 
-def _split_lines(meta: dict) -> list[str]:
-    split = meta["split"]
-    shares = f"{split['folds']} folds" if split.get("folds") else f"{'/'.join(map(str, split['percent']))} %"
-    lines = [f"  split by {'patient (subjectid)' if split['by'] == 'patient' else 'case id'}, seed "
-             f"{split['seed']}, {shares}" + ("" if split["by"] == "patient" else
-                                             ": the clinical table has no subjectid column")]
-    for s, d in meta["splits"].items():
-        lines.append(f"  {s}: {d['windows']} windows from {plural(d['cases'], 'case')} of "
-                     f"{plural(d['patients'], 'patient')}"
-                     f" -> {meta['output'].rstrip('/')}/{s}/ ({len(d['files'])} file(s))")
-    if split["cases_split_by_case_id"]:
+def _split_lines(meta: Metadata) -> list[str]:
+    split = meta.split
+    shares = f"{split.folds} folds" if split.folds else f"{'/'.join(map(str, split.percent))} %"
+    lines = [f"  split by {'patient (subjectid)' if split.by == 'patient' else 'case id'}, seed "
+             f"{split.seed}, {shares}" + ("" if split.by == "patient" else
+                                         ": the clinical table has no subjectid column")]
+    for s, d in meta.splits.items():
+        lines.append(f"  {s}: {d.windows} windows from {plural(d.cases, 'case')} of "
+                     f"{plural(d.patients, 'patient')}"
+                     f" -> {meta.output.rstrip('/')}/{s}/ ({len(d.files)} file(s))")
+    if split.cases_split_by_case_id:
         lines.append(f"  split by case id, their clinical row names no patient (no subjectid): "
-                     f"{_ids(split['cases_split_by_case_id'])}")
+                     f"{_ids(list(split.cases_split_by_case_id))}")
     return lines
 
 
-def _data_lines(meta: dict) -> list[str]:
+def _data_lines(meta: Metadata) -> list[str]:
     """What reading the inputs cost, and what the clinical rows lacked."""
-    c, lines = meta["cases"], []
-    if meta.get("transfer"):
-        t = meta["transfer"]
-        share = f" ({t['share_read']:.1%})" if t["share_read"] is not None else ""
-        lines.append(f"  the committed cases' remote input files: {_mb(t['bytes_read'])} read of "
-                     f"{_mb(t['file_bytes'])} in {t['cases']} files{share}, {t['requests']} requests, "
-                     f"{t['retries']} retried (when each case was committed)")
-    if c["static_defaults"]:
-        lines.append(f"  static defaults used: {c['static_defaults']}")
-    for cid, bad in c["static_implausible"].items():
+    c, lines = meta.cases, []
+    t = meta.transfer
+    if t is not None:
+        share = f" ({t.share_read:.1%})" if t.share_read is not None else ""
+        lines.append(f"  the committed cases' remote input files: {_mb(t.bytes_read)} read of "
+                     f"{_mb(t.file_bytes)} in {t.cases} files{share}, {t.requests} requests, "
+                     f"{t.retries} retried (when each case was committed)")
+    if c.static_defaults:
+        lines.append(f"  static defaults used: { {str(k): v for k, v in c.static_defaults.items()} }")
+    for cid, bad in c.static_implausible.items():
         lines.append(f"  case {cid}: clinical entry error(s) treated as missing: "
                      + ", ".join(f"{k}={v!r}" for k, v in bad.items()))
-    if meta["verification"] and not meta["verification"]["ok"]:
-        lines += [f"  VERIFY FAILED: {p}" for p in meta["verification"]["problems"]]
+    if meta.verification is not None and not meta.verification.ok:
+        lines += [f"  VERIFY FAILED: {p}" for p in meta.verification.problems]
     return lines
 
 
@@ -313,9 +314,9 @@ def summary_lines(res: RunResult) -> list[str]:
         return _verify_lines(res)
     if meta is None:
         return []
-    out = meta["output"].rstrip("/")
-    return ([f"\n{PROG}: {meta['status']} in {res.elapsed_s:.1f} s"] + _case_lines(res, meta["cases"])
-            + _split_lines(meta) + _data_lines(meta) + cohort_lines(meta.get("cohort"))
+    out = meta.output.rstrip("/")
+    return ([f"\n{PROG}: {meta.status} in {res.elapsed_s:.1f} s"] + _case_lines(res, meta.cases)
+            + _split_lines(meta) + _data_lines(meta) + cohort_lines(meta.cohort)
             + [f"  metadata: {out}/preprocessing_metadata.json", f"  Table 1: {out}/table1.csv",
                f"  quality report: {out}/report/index.html"])
 

@@ -312,12 +312,43 @@ def first_unmet_share(shares: Mapping[str, float], criteria: Iterable[Criterion]
     return None
 
 
-def flow(requested: list[int], criteria: Iterable[Criterion], exclusions: Mapping[int, Exclusion]) -> dict:
+@dataclass(frozen=True)
+class FlowStep:
+    """One criterion in the flow: the requested cases it took out (those an
+    earlier criterion took out are not counted again); for min_measured
+    each one's measured share, {case id: share}."""
+
+    kind: str
+    text: str
+    excluded: tuple[int, ...]
+    measured: Optional[dict] = None
+
+    def as_json(self) -> dict:
+        d = {"kind": self.kind, "text": self.text, "excluded": list(self.excluded)}
+        if self.measured is not None:
+            d["measured"] = {str(i): v for i, v in self.measured.items()}
+        return d
+
+
+@dataclass(frozen=True)
+class Flow:
     """requested -> each criterion (which cases it took out) -> selected."""
+
+    requested: int
+    steps: tuple[FlowStep, ...]
+    selected: int
+
+    def as_json(self) -> dict:
+        return {"requested": self.requested, "criteria": [s.as_json() for s in self.steps],
+                "selected": self.selected}
+
+
+def flow(requested: list[int], criteria: Iterable[Criterion], exclusions: Mapping[int, Exclusion]) -> Flow:
+    """The flow of the requested cases through the criteria, in order."""
     req = set(requested)
-    rows = []
+    steps = []
     for c in criteria:
-        rows.append({"kind": c.kind, "text": c.text,
-                     "excluded": sorted(i for i, e in exclusions.items() if i in req and e.criterion == c)})
-    out = sum(len(r["excluded"]) for r in rows)
-    return {"requested": len(requested), "criteria": rows, "selected": len(requested) - out}
+        out = tuple(sorted(i for i, e in exclusions.items() if i in req and e.criterion == c))
+        measured = {i: exclusions[i].measured for i in out} if c.kind == MIN_MEASURED else None
+        steps.append(FlowStep(c.kind, c.text, out, measured))
+    return Flow(len(requested), tuple(steps), len(requested) - sum(len(s.excluded) for s in steps))

@@ -32,6 +32,7 @@ from pipeline.io.clinical import ClinicalTable, _decode
 from pipeline.io.sources import read_document
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker
+from pipeline.output.records import CaseAccount, SplitCounts
 from transforms import cohort, spec
 from transforms.cohort import MIN_MEASURED, REQUIRE, Criterion, Exclusion
 
@@ -185,25 +186,38 @@ def settle(output: str, ids: Iterable[int], p: CohortPlan, fs: spec.FeatureSpec)
     return len(new)
 
 
-def flow(output: str, requested: list[int], criteria: Iterable[Criterion]) -> tuple[dict, dict[int, Exclusion]]:
-    """The cohort's flow from the markers (metadata `cohort`), and the
-    exclusions of the requested cases. A marker naming a criterion not given
-    now (an output whose criteria changed without a rerun) is listed after them."""
+def flow(output: str, requested: list[int], criteria: Iterable[Criterion]) -> cohort.Flow:
+    """The cohort's flow from the requested cases' excluded markers. A
+    marker naming a criterion not given now (an output whose criteria
+    changed without a rerun) is listed after them."""
     ids = storage.marker_ids(output, storage.EXCLUDED) & set(requested)
     exclusions = storage.read_excluded(output, sorted(ids))
     crit = list(cohort.ordered(criteria))
     crit += list(dict.fromkeys(e.criterion for e in exclusions.values() if e.criterion not in crit))
-    return cohort.flow(requested, crit, exclusions), exclusions
+    return cohort.flow(requested, crit, exclusions)
 
 
 # A target feature with a source track in fewer of the selected cases is warned about.
 RARE_TARGET_SHARE = 0.20
 
 
-def coverage(done: dict[int, DoneMarker], fs: spec.FeatureSpec) -> dict:
-    """Per feature, over the selected committed cases: how many have one of
-    its source tracks, and the share of those cases' used seconds that were
-    measured."""
+@dataclass(frozen=True)
+class FeatureCoverage:
+    """One feature over the selected committed cases: how many have one of
+    its source tracks, and the share of their used seconds that was measured."""
+
+    cases: int
+    cases_with_source: int
+    share_of_cases: Optional[float]
+    measured_share_of_seconds: Optional[float]
+    target: bool
+
+    def as_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def coverage(done: dict[int, DoneMarker], fs: spec.FeatureSpec) -> dict[str, FeatureCoverage]:
+    """Per feature, its coverage (FeatureCoverage) over these cases."""
     from transforms.features import MEASURED
     n = len(done)
     out = {}
@@ -212,42 +226,49 @@ def coverage(done: dict[int, DoneMarker], fs: spec.FeatureSpec) -> dict:
         with_track = [m for m in done.values() if srcs & set(recorded_tracks(m, fs))]
         seconds = sum(int(m.stats.get("seconds", 0)) for m in with_track)
         measured = sum(int(m.stats["rules"][j][MEASURED]) for m in with_track if m.stats.get("rules"))
-        out[f.name] = {"cases": n, "cases_with_source": len(with_track),
-                       "share_of_cases": round(len(with_track) / n, 4) if n else None,
-                       "measured_share_of_seconds": round(measured / seconds, 4) if seconds else None,
-                       "target": f.name in fs.targets}
+        out[f.name] = FeatureCoverage(n, len(with_track), round(len(with_track) / n, 4) if n else None,
+                                      round(measured / seconds, 4) if seconds else None, f.name in fs.targets)
     return out
 
 
-def rare_target_warnings(cov: dict) -> list[str]:
+def rare_target_warnings(cov: dict[str, FeatureCoverage]) -> list[str]:
     """"Noradrenalin_INF: a source track in 2 of 140 cases (1.4 %); its target is a clinical zero in the others"."""
-    out = []
-    for name, c in cov.items():
-        if c["target"] and c["cases"] and c["share_of_cases"] < RARE_TARGET_SHARE:
-            out.append(f"{name}: a source track in {c['cases_with_source']} of {c['cases']} cases "
-                       f"({100 * c['share_of_cases']:.1f} %); its target is a clinical zero in the others")
-    return out
+    return [f"{name}: a source track in {c.cases_with_source} of {c.cases} cases ({100 * c.share_of_cases:.1f} %); "
+            "its target is a clinical zero in the others"
+            for name, c in cov.items() if c.target and c.cases and c.share_of_cases < RARE_TARGET_SHARE]
 
 
-def cohort_summary(flow_: dict, exclusions: dict[int, Exclusion], done: dict[int, DoneMarker], record, meta: dict
-                   ) -> dict:
+@dataclass(frozen=True)
+class CohortSummary:
     """The metadata's `cohort`: the flow (requested -> each criterion ->
     selected), then what became of the selected cases (processed -> too
-    short / failed -> per split), the measured shares of the cases that
-    min_measured left out, and each feature's coverage."""
-    fs = record.settings.feature_spec()
-    c = meta["cases"]
-    for row in flow_["criteria"]:
-        if row["kind"] == MIN_MEASURED:
-            row["measured"] = {str(i): exclusions[i].measured for i in row["excluded"]}
-    cov = coverage(done, fs)
-    return {**flow_,
-            "track_list": record.track_list,
-            "processed": {"ok": len(c["ok"]), "too_short": len(c["too_short"]), "failed": len(c["failed"]),
-                          "not_done": len(c["not_done"])},
-            "splits": {s: {k: d[k] for k in ("cases", "patients", "windows")} for s, d in meta["splits"].items()},
-            "coverage": cov,
-            "warnings": rare_target_warnings(cov)}
+    short / failed -> per split), the track table used, and each feature's coverage."""
+
+    flow: cohort.Flow
+    track_list: Optional[str]
+    cases: CaseAccount
+    splits: dict[str, SplitCounts]
+    coverage: dict[str, FeatureCoverage]
+
+    @staticmethod
+    def of(flow_: cohort.Flow, done: dict[int, DoneMarker], fs: spec.FeatureSpec, track_list: Optional[str],
+           cases: CaseAccount, splits: dict[str, SplitCounts]) -> "CohortSummary":
+        return CohortSummary(flow_, track_list, cases, splits, coverage(done, fs))
+
+    @property
+    def warnings(self) -> list[str]:
+        return rare_target_warnings(self.coverage)
+
+    def as_json(self) -> dict:
+        c = self.cases
+        return {**self.flow.as_json(),
+                "track_list": self.track_list,
+                "processed": {"ok": len(c.ok), "too_short": len(c.too_short), "failed": len(c.failed),
+                              "not_done": len(c.not_done)},
+                "splits": {s: {"cases": d.cases, "patients": d.patients, "windows": d.windows}
+                           for s, d in self.splits.items()},
+                "coverage": {n: v.as_json() for n, v in self.coverage.items()},
+                "warnings": self.warnings}
 
 
 def plural(count: int, noun: str) -> str:
@@ -259,27 +280,28 @@ def _ids(ids: list[int], n: int = 30) -> str:
     return "[" + ", ".join(map(str, ids[:n])) + (", ..." if len(ids) > n else "") + "]"
 
 
-def summary_lines(c: Optional[dict]) -> list[str]:
+def summary_lines(c: Optional[CohortSummary]) -> list[str]:
     """The flow, one line per step, for the run's summary."""
-    if not c:
+    if c is None:
         return []
-    lines = [f"  cohort: {c['requested']} requested"]
-    left = c["requested"]
-    for row in c["criteria"]:
-        n = len(row["excluded"])
+    f = c.flow
+    lines = [f"  cohort: {f.requested} requested"]
+    left = f.requested
+    for step in f.steps:
+        n = len(step.excluded)
         left -= n
-        flag = cohort.flag_of(row["kind"])
-        lines.append(f"    left out by {flag} {row['text']!r}: {n} {_ids(row['excluded'])}; {left} remain")
-    p = c["processed"]
-    lines.append(f"    {c['selected']} selected and processed: {p['ok']} with windows, {p['too_short']} too short, "
-                 f"{p['failed']} failed" + (f", {p['not_done']} not done yet" if p["not_done"] else ""))
-    lines.append("    " + "; ".join(f"{s}: {plural(d['cases'], 'case')}, {plural(d['patients'], 'patient')}, "
-                                    f"{plural(d['windows'], 'window')}" for s, d in c["splits"].items()))
-    measured = [f"{n} {100 * d['measured_share_of_seconds']:.0f} %" for n, d in c["coverage"].items()
-                if d["measured_share_of_seconds"] is not None]
-    with_source = [f"{n} {d['cases_with_source']}/{d['cases']}" for n, d in c["coverage"].items()]
+        lines.append(f"    left out by {cohort.flag_of(step.kind)} {step.text!r}: {n} {_ids(list(step.excluded))}; "
+                     f"{left} remain")
+    p = c.cases
+    lines.append(f"    {f.selected} selected and processed: {len(p.ok)} with windows, {len(p.too_short)} too short, "
+                 f"{len(p.failed)} failed" + (f", {len(p.not_done)} not done yet" if p.not_done else ""))
+    lines.append("    " + "; ".join(f"{s}: {plural(d.cases, 'case')}, {plural(d.patients, 'patient')}, "
+                                    f"{plural(d.windows, 'window')}" for s, d in c.splits.items()))
+    measured = [f"{n} {100 * d.measured_share_of_seconds:.0f} %" for n, d in c.coverage.items()
+                if d.measured_share_of_seconds is not None]
+    with_source = [f"{n} {d.cases_with_source}/{d.cases}" for n, d in c.coverage.items()]
     lines.append("  coverage, cases with a source track: " + ", ".join(with_source))
     if measured:
         lines.append("  measured share of their used seconds: " + ", ".join(measured))
-    lines += [f"  WARNING: {w}" for w in c["warnings"]]
+    lines += [f"  WARNING: {w}" for w in c.warnings]
     return lines

@@ -3,6 +3,7 @@
 (tensorflow_metadata Schema), config.yaml and the quality report."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from tensorflow_metadata.proto.v0 import schema_pb2
 
 from pipeline.output import cohort as cohort_run
 from pipeline.output import names, provenance, storage
-from pipeline.output.contracts import DoneMarker, FailedMarker, Status
+from pipeline.output.contracts import DoneMarker, Status
+from pipeline.output.records import CaseAccount, Metadata, SplitCounts, SplitRule, Transfer, split_counts
 from pipeline.report import quality as report
 from pipeline.report import table1
 from transforms import cohort, encode, spec, statistics
@@ -62,28 +64,25 @@ def case_step_seconds(done: dict[int, DoneMarker]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in total.items()}
 
 
-def split_summary(settings: Settings, done: dict[int, DoneMarker], clinical_table: Optional[dict]) -> dict:
+def split_rule(settings: Settings, done: dict[int, DoneMarker], clinical_table: Optional[dict],
+               counts: dict[str, SplitCounts]) -> SplitRule:
     """How the cases were split (contract 1.2): by patient where the clinical
-    table has a subjectid column, the patients per split, and the cases split
-    by case id because their row names no patient."""
+    table has a subjectid column, the patients per split (of `counts`), and
+    the cases split by case id because their row names no patient."""
     tables = [m.clinical for m in done.values() if m.clinical] + ([clinical_table] if clinical_table else [])
     by_patient = (any(t.get("split_key") == "subjectid" for t in tables)
                   or any(m.split_key.startswith("s") for m in done.values()))
-    return {
-        "by": "patient" if by_patient else "case",
-        "key": "subjectid" if by_patient else "caseid",
-        "rule": "bucket = int(sha256(f'{seed}:{key}')) % 100, key = 's<subjectid>' (else the case id); "
-                + (f"fold-(floor(bucket * {settings.folds} / 100) + 1)" if settings.folds else
-                   "train below percent[0], validation below percent[0] + percent[1], test otherwise"),
-        "seed": settings.split_seed,
-        "percent": list(settings.split),
-        "folds": settings.folds,
-        "names": list(settings.split_names),
-        "patients": {s: len({m.split_unit for m in done.values() if m.split == s and m.has_windows})
-                     for s in settings.split_names},
+    return SplitRule(
+        by="patient" if by_patient else "case",
+        key="subjectid" if by_patient else "caseid",
+        rule="bucket = int(sha256(f'{seed}:{key}')) % 100, key = 's<subjectid>' (else the case id); "
+             + (f"fold-(floor(bucket * {settings.folds} / 100) + 1)" if settings.folds else
+                "train below percent[0], validation below percent[0] + percent[1], test otherwise"),
+        seed=settings.split_seed, percent=tuple(settings.split), folds=settings.folds,
+        names=tuple(settings.split_names), patients={s: c.patients for s, c in counts.items()},
         # Split by case id although the table names patients: their row has no subjectid (or no row).
-        "cases_split_by_case_id": sorted(c for c, m in done.items() if by_patient and not m.split_key.startswith("s")),
-    }
+        cases_split_by_case_id=tuple(sorted(c for c, m in done.items()
+                                            if by_patient and not m.split_key.startswith("s"))))
 
 
 def statistics_of(settings: Settings, done: dict[int, DoneMarker]) -> dict:
@@ -119,16 +118,15 @@ def statistics_of(settings: Settings, done: dict[int, DoneMarker]) -> dict:
     }
 
 
-def transfer_summary(done: dict[int, DoneMarker]) -> Optional[dict]:
+def transfer_summary(done: dict[int, DoneMarker]) -> Optional[Transfer]:
     """What reading the remote input files cost (streamed, stopped early):
     bytes transferred against the files' sizes; None for local inputs."""
     remote = [m.input for m in done.values() if "bytes_read" in m.input]
     if not remote:
         return None
     read, size = sum(i["bytes_read"] for i in remote), sum(i.get("bytes", 0) for i in remote)
-    return {"cases": len(remote), "bytes_read": read, "file_bytes": size,
-            "share_read": round(read / size, 4) if size else None,
-            "requests": sum(i.get("requests", 0) for i in remote), "retries": sum(i.get("retries", 0) for i in remote)}
+    return Transfer(len(remote), read, size, round(read / size, 4) if size else None,
+                    sum(i.get("requests", 0) for i in remote), sum(i.get("retries", 0) for i in remote))
 
 
 @dataclass
@@ -169,94 +167,68 @@ class RunRecord:
         return table1.build_table1(self.clinical_frame, {c: m.split for c, m in cases.items()},
                                    {c: m.split_unit for c, m in cases.items()}, self.settings.split_names)
 
-    def write(self, status: Status, verification=None, done: Optional[dict[int, DoneMarker]] = None) -> dict:
+    def write(self, status: Status, verification=None, done: Optional[dict[int, DoneMarker]] = None) -> Metadata:
         """Metadata, schema, config.yaml and the quality report, from the
         markers (`done` if already read); returns the metadata."""
-        out = self.output
+        out, fs = self.output, self.settings.feature_spec()
         done = storage.read_selected_done(out) if done is None else done
         excluded_ids = storage.marker_ids(out, storage.EXCLUDED)
         failed = {c: f for c, f in storage.read_failed(out).items() if c not in done and c not in excluded_ids}
         requested = (self.requested if self.requested is not None
                      else sorted(set(done) | set(failed) | excluded_ids))
-        flow, exclusions = cohort_run.flow(out, requested, self.criteria)
-        not_done = [c for c in requested if c not in done and c not in failed and c not in exclusions]
+        flow = cohort_run.flow(out, requested, self.criteria)
+        left_out = {c for step in flow.steps for c in step.excluded}
+        not_done = [c for c in requested if c not in done and c not in failed and c not in left_out]
         if status == Status.COMPLETE and not_done:
             status = Status.INCOMPLETE
         t = time.time()
-        config = self.config()
-        meta = build_metadata(self, status, requested, done, failed, verification, not_done, config)
-        meta["cohort"] = cohort_run.cohort_summary(flow, exclusions, done, self, meta)
+        files = {s: sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(storage.split_files_glob(out, s)))
+                 for s in self.settings.split_names}
+        counts = split_counts(self.settings.split_names, done, files)
+        cases = CaseAccount.of(len(requested), done, failed, not_done)
         t1 = self.table1(done)
-        meta["table1"] = t1.as_json()
-        report.write_report(out, done, failed, meta["status"], self.settings.feature_spec(), meta["provenance"],
-                            self.settings.split_names, meta["split"], meta["cohort"], t1.html())
+        meta = build_metadata(self, status, done, counts, cases, verification)
+        meta = dataclasses.replace(meta, table1=t1.as_json(),
+                                   cohort=cohort_run.CohortSummary(flow, self.track_list, cases, counts,
+                                                                   cohort_run.coverage(done, fs)))
+        report.write_report(out, done, failed, meta.status, fs, meta.provenance, self.settings.split_names,
+                            meta.split, meta.cohort.as_json(), t1.html(), counts)
         timings = dict(self.timings, metadata_report_s=round(time.time() - t, 3))
-        meta["timings"] = dict(timings, case_steps_s=case_step_seconds(done))
-        storage.write_json(storage.metadata_path(out), meta)
-        storage.write_json(storage.statistics_path(out), meta["statistics"])
+        meta = dataclasses.replace(meta, timings=dict(timings, case_steps_s=case_step_seconds(done)))
+        document = meta.as_json()
+        storage.write_json(storage.metadata_path(out), document)
+        storage.write_json(storage.statistics_path(out), document["statistics"])
         storage.write_atomic(storage.table1_path(out), t1.csv_text().encode())
         storage.write_atomic(storage.schema_path(out), schema_text(self.settings).encode())
-        storage.write_atomic(storage.config_path(out), config_text(config).encode())
+        storage.write_atomic(storage.config_path(out), config_text(meta.config).encode())
         return meta
 
 
-def build_metadata(record: RunRecord, status: Status, requested: list[int], done: dict[int, DoneMarker],
-                   failed: dict[int, FailedMarker], verification, not_done: list[int], config: dict) -> dict:
+def build_metadata(record: RunRecord, status: Status, done: dict[int, DoneMarker], counts: dict[str, SplitCounts],
+                   cases: CaseAccount, verification) -> Metadata:
     settings, output = record.settings, record.output
     fs = settings.feature_spec()
-    prov = provenance.build(done, record.source)
-    splits = {}
-    for s in settings.split_names:
-        cases = sorted(c for c, m in done.items() if m.split == s and m.has_windows)
-        splits[s] = {"cases": len(cases), "windows": int(sum(done[c].windows for c in cases)),
-                     "patients": len({done[c].split_unit for c in cases}),
-                     "case_ids": cases,
-                     "files": sorted(f.rsplit("/", 1)[-1] for f in storage.list_files(storage.split_files_glob(output, s)))}
     w = settings.window
-    return {
-        "status": status,
-        "started": record.started,
-        "finished": utcnow(),
-        "input": record.input,
-        "source": record.source,
-        "clinical": record.clinical,
-        "clinical_table": record.clinical_table,
-        "output": output,
-        "settings": fingerprint(settings),
-        "format": {**encode.FORMAT,
-                   "pattern": names.SHARD_PATTERN,
-                   "schema": names.SCHEMA_NAME,
-                   "features": {f.name: {"type": f.kind, "length": f.length} for f in example_features(settings)},
-                   "shapes": {"timeseries": [w, fs.n_features], "static": [spec.N_STATIC],
-                              "targets": [fs.n_targets]},
-                   "timeseries_layout": "row-major (time, feature)",
-                   "target_second": f"window_start + {w} - 1 + horizon"},
-        "spec": spec.spec_as_dict(fs),
-        "splits": splits,
-        "split": split_summary(settings, done, record.clinical_table),
-        "transfer": transfer_summary(done),
-        "statistics": statistics_of(settings, done),
-        "cases": {
-            "requested": len(requested),
-            "ok": sorted(c for c, m in done.items() if m.status == "ok"),
-            "too_short": sorted(c for c, m in done.items() if m.status == "too_short"),
-            "failed": [f.to_json() for _, f in sorted(failed.items())],
-            "not_done": not_done,
-            "static_defaults": {str(c): m.static_defaults for c, m in sorted(done.items()) if m.static_defaults},
-            # Clinical entry errors (outside the plausible range, not a number, a sex other
-            # than M/F): treated as missing, so their features are in static_defaults too.
-            "static_implausible": {str(c): m.static_implausible for c, m in sorted(done.items())
-                                   if m.static_implausible},
-            "dose_weight_default": sorted(c for c, m in done.items() if m.dose_weight_default),
-            "no_clinical_row": sorted(c for c, m in done.items() if m.no_clinical_row),
-            # Processed again because the input file changed after an earlier commit.
-            "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
-        },
-        "verification": verification.as_json() if verification is not None else None,
-        "versions": prov["versions"],  # also in provenance; kept here for readers of earlier outputs
-        "provenance": prov,
-        "config": config,
-    }
+    return Metadata(
+        status=status, started=record.started, finished=utcnow(), input=record.input, source=record.source,
+        clinical=record.clinical, clinical_table=record.clinical_table, output=output,
+        settings=fingerprint(settings),
+        format={**encode.FORMAT,
+                "pattern": names.SHARD_PATTERN,
+                "schema": names.SCHEMA_NAME,
+                "features": {f.name: {"type": f.kind, "length": f.length} for f in example_features(settings)},
+                "shapes": {"timeseries": [w, fs.n_features], "static": [spec.N_STATIC], "targets": [fs.n_targets]},
+                "timeseries_layout": "row-major (time, feature)",
+                "target_second": f"window_start + {w} - 1 + horizon"},
+        spec=spec.spec_as_dict(fs),
+        splits=counts,
+        split=split_rule(settings, done, record.clinical_table, counts),
+        transfer=transfer_summary(done),
+        statistics=statistics_of(settings, done),
+        cases=cases,
+        verification=verification,
+        provenance=provenance.build(done, record.source),
+        config=record.config())
 
 
 def config_text(config: dict) -> str:

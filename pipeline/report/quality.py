@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline.output import provenance, storage
 from pipeline.output.contracts import DoneMarker, FailedMarker, units_in_two_splits
+from pipeline.output.records import SplitCounts, SplitRule, split_counts
 from pipeline.report import flowchart
 from transforms import features, spec, statistics
 from transforms.cohort import flag_of
@@ -68,15 +69,17 @@ def _features(done: dict[int, DoneMarker], fs: spec.FeatureSpec, splits) -> list
 
 def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
             fs: spec.FeatureSpec = spec.DEFAULT_SPEC, splits=spec.SPLIT_NAMES,
-            prov: Optional[dict] = None, split: Optional[dict] = None) -> dict:
+            prov: Optional[dict] = None, split: Optional[SplitRule] = None,
+            counts: Optional[dict[str, SplitCounts]] = None) -> dict:
     """The report's numbers (quality.json) from the done and failed markers;
-    how the cases were split is the metadata's (`split`, metadata.split_summary)."""
+    how the cases were split and the counts per split are the metadata's
+    (`split`, `counts`: pipeline.output.records), counted from the markers where not given."""
     case_split = {cid: m.split for cid, m in done.items() if m.stats}
     by_split = {s: sorted(c for c, x in case_split.items() if x == s) for s in splits}
     seen_in = Counter(c for v in by_split.values() for c in v)
     # Patients (split units) in two splits: a leak a case check cannot see.
     in_two = units_in_two_splits((m.split_unit, m.split, c) for c, m in done.items() if m.has_windows)
-    split = split or {}
+    counts = counts if counts is not None else split_counts(tuple(splits), done)
     return {
         "features": _features(done, fs, splits),
         "hist_bins": np.linspace(-1, 1, HIST_BINS + 1).round(3).tolist(),
@@ -87,13 +90,12 @@ def combine(done: dict[int, DoneMarker], failed: dict[int, FailedMarker],
         "failed": [{"case_id": c, "reason": f.reason, "detail": f.detail} for c, f in sorted(failed.items())],
         "failed_by_reason": {r: sum(1 for f in failed.values() if f.reason == r)
                              for r in sorted({f.reason for f in failed.values()})},
-        "splits": {s: {"cases": sum(1 for c in by_split[s] if done[c].has_windows),
-                       "patients": split.get("patients", {}).get(s, 0),
-                       "windows": int(sum(done[c].windows for c in by_split[s]))} for s in splits},
-        "split_by": "patient (subjectid)" if split.get("by") == "patient" else "case id",
+        "splits": {s: {"cases": counts[s].cases, "patients": counts[s].patients, "windows": counts[s].windows}
+                   for s in splits},
+        "split_by": "patient (subjectid)" if split is not None and split.by == "patient" else "case id",
         "cases_in_two_splits": sorted(c for c, n in seen_in.items() if n > 1),
         "patients_in_two_splits": sorted(in_two),
-        "cases_split_by_case_id": split.get("cases_split_by_case_id", []),
+        "cases_split_by_case_id": list(split.cases_split_by_case_id) if split is not None else [],
         "provenance": prov if prov is not None else provenance.build(done),
         "changed_inputs": sorted(c for c, m in done.items() if m.changed_input),
     }
@@ -316,9 +318,10 @@ def _provenance_fields(q: dict) -> dict:
 
 def write_report(output: str, done: dict[int, DoneMarker], failed: dict[int, FailedMarker], status: str,
                  fs: spec.FeatureSpec = spec.DEFAULT_SPEC, prov: Optional[dict] = None,
-                 splits: tuple[str, ...] = spec.SPLIT_NAMES, split: Optional[dict] = None,
-                 cohort: Optional[dict] = None, table1: str = "") -> dict:
-    q = combine(done, failed, fs, splits, prov, split)
+                 splits: tuple[str, ...] = spec.SPLIT_NAMES, split: Optional[SplitRule] = None,
+                 cohort: Optional[dict] = None, table1: str = "",
+                 counts: Optional[dict[str, SplitCounts]] = None) -> dict:
+    q = combine(done, failed, fs, splits, prov, split, counts)
     storage.write_json(storage.report_path(output, "quality.json"), q)
     storage.write_atomic(storage.report_path(output, "index.html"),
                          render_html(q, output, status, cohort, table1).encode())

@@ -28,6 +28,7 @@ from pipeline.options import RunRequest
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, ShardPlan, Stage2Job, Status
 from pipeline.output.metadata import RunRecord
+from pipeline.output.records import Metadata
 from pipeline.run.runtime import Interrupted, StageRunner, run_with, stage_job
 from pipeline.stages import stage2, verify
 from pipeline.stages.verify import DAMAGED, Verification
@@ -40,7 +41,7 @@ class Finalize:
         self.record, self.runner, self.req = record, runner, req
         self.output = record.output
 
-    def run(self) -> dict:
+    def run(self) -> Metadata:
         """The phases in order; returns the metadata written."""
         t = time.time()
         done = storage.read_selected_done(self.output)  # the cases the cohort keeps
