@@ -29,6 +29,7 @@ import pandas as pd
 
 from pipeline.io import s3, sources
 from pipeline.io.clinical import ClinicalTable, ClinicalTableError, TableFormat, read_clinical
+from pipeline.io.identity import TableIdentity
 from pipeline.io.sources import Source, SourceError
 from pipeline.options import (
     EXIT_FAILED,
@@ -121,7 +122,7 @@ def load_settings(output: str) -> Settings:
 def clinical_line(table: ClinicalTable) -> str:
     """What the run says about the clinical table it read."""
     ident = table.identity
-    how = f", {TableFormat.from_json(ident['format']).describe()}" if ident.get("format") else ""
+    how = f", {TableFormat.from_json(ident.format).describe()}" if ident is not None and ident.format else ""
     split = ("split by patient (subjectid)" if table.by_patient
              else "split by case id: the table has no subjectid column")
     return f"clinical table {table.path}: {len(table.rows)} rows{how}; {split}"
@@ -306,7 +307,8 @@ def finalize_command(req: RunRequest, runner: StageRunner, record: RunRecord) ->
                 if storage.exists(storage.metadata_path(req.options.output)) else {})
     if record.input is None and previous:
         record.input, record.clinical = previous.get("input"), record.clinical or previous.get("clinical")
-        record.source, record.clinical_table = previous.get("source"), previous.get("clinical_table")
+        record.source = previous.get("source")
+        record.clinical_table = TableIdentity.from_json(previous.get("clinical_table"))
     cohort_path = storage.cohort_path(req.options.output)  # the last run's, also without a metadata yet
     cohort_record = storage.read_json(cohort_path) if storage.exists(cohort_path) else previous.get("cohort") or {}
     record.criteria = cohort.ordered(cohort.parse_criteria(cohort_record.get("criteria") or []))

@@ -8,6 +8,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS, SHORT, TRUNCATED
 
 from pipeline.io.clinical import ClinicalTable, read_clinical
+from pipeline.io.identity import FileIdentity
 from pipeline.io.sources import Source
 from pipeline.io.vital import RawCase
 from pipeline.output import storage
@@ -107,11 +108,11 @@ def test_plan_shards_balances_and_is_deterministic():
 
 def test_per_case_intermediates_have_a_coder_that_estimates_from_array_bytes():
     raw = RawCase(5, "in/0005.vital", np.arange(30.0).reshape(10, 3), ["Solar8000/HR"], {"parse": 0.1},
-                  input={"bytes": 123, "crc32c": "0a1b2c3d"})
+                  input=FileIdentity("in/0005.vital", 123, crc32c="0a1b2c3d"))
     coder = beam.coders.registry.get_coder(RawCase)
     assert isinstance(coder, ArraysCoder) and isinstance(beam.coders.registry.get_coder(CaseWindows), ArraysCoder)
     assert coder.get_impl().estimate_size(raw) == 1024 + 240  # no pickling to estimate
     back = coder.decode(coder.encode(raw))
     assert (back.case_id, back.path, back.tracks_found, back.input, back.timings) == (
-        5, "in/0005.vital", ["Solar8000/HR"], {"bytes": 123, "crc32c": "0a1b2c3d"}, {"parse": 0.1})
+        5, "in/0005.vital", ["Solar8000/HR"], FileIdentity("in/0005.vital", 123, crc32c="0a1b2c3d"), {"parse": 0.1})
     np.testing.assert_array_equal(back.raw, raw.raw)

@@ -12,6 +12,7 @@ import pytest
 from webstandin import StandIn
 
 from pipeline.io import remote
+from pipeline.io.identity import FileIdentity
 
 
 def test_backoff_honours_retry_after_else_jitters_exponentially():
@@ -69,7 +70,7 @@ def test_retry_after_is_honoured_and_faults_are_retried(tmp_path):
         waits = []
         c.sleep = waits.append
         t = remote.Transfer()
-        assert c.head(f"{s.url}/v/1.vital", t)["bytes"] == 5000
+        assert c.head(f"{s.url}/v/1.vital", t).bytes == 5000
         assert waits[:2] == [7.0, 3.0] and 0 <= waits[2] <= 2.0 and 0 <= waits[3] <= 4.0
         assert t.requests == 5 and t.retries == 4
 
@@ -269,7 +270,7 @@ def test_s3_range_reads_retry_short_bodies_and_dropped_connections():
     data = bytes(range(256)) * 8
     s3 = _FakeS3(data, 10, ConnectionResetError("reset"))  # a short body, a dropped connection, then whole
     t, waits = remote.Transfer(), []
-    r = remote.open_s3(s3, {"path": "s3://b/k.vital", "bytes": len(data), "etag": '"e"'}, t, max_attempts=3,
+    r = remote.open_s3(s3, FileIdentity("s3://b/k.vital", len(data), etag='"e"'), t, max_attempts=3,
                        sleep=waits.append)
     assert r.read() == data
     assert s3.calls[0] == ("b", "k.vital", f"bytes=0-{len(data) - 1}", {"IfMatch": '"e"'})
@@ -280,7 +281,7 @@ def test_s3_range_reads_retry_short_bodies_and_dropped_connections():
 def test_s3_range_reads_give_up_as_before():
     t = remote.Transfer()
     s3 = _FakeS3(b"x" * 100, *[ConnectionResetError("reset")] * 3)
-    r = remote.open_s3(s3, {"path": "s3://b/k", "bytes": 100}, t, max_attempts=3, sleep=lambda _: None)
+    r = remote.open_s3(s3, FileIdentity("s3://b/k", 100), t, max_attempts=3, sleep=lambda _: None)
     with pytest.raises(remote.TransferError) as e:
         r.read()
     assert str(e.value) == "s3://b/k: failed after 3 attempts (last: ConnectionResetError: reset)"
@@ -292,7 +293,7 @@ def test_s3_range_reads_give_up_as_before():
                                 ("404", remote.NotFound, "s3://b/k: no such object"),
                                 ("AccessDenied", remote.TransferError, None)]:
         t = remote.Transfer()
-        r = remote.open_s3(_FakeS3(b"x" * 100, _s3_error(code)), {"path": "s3://b/k", "bytes": 100, "etag": '"e"'},
+        r = remote.open_s3(_FakeS3(b"x" * 100, _s3_error(code)), FileIdentity("s3://b/k", 100, etag='"e"'),
                            t, max_attempts=3, sleep=lambda _: None)
         with pytest.raises(remote.TransferError) as e:
             r.read()

@@ -214,7 +214,7 @@ def test_an_interleaved_file_interleaves_and_streams_whole(tmp_path):
         source = Source.for_location(f"{s.url}/v")
         from pipeline.io.vital import load_case
         rc = load_case(source, 1)
-    assert rc.input["bytes_read"] == os.path.getsize(f"{folder}/0001.vital")
+    assert rc.input.bytes_read == os.path.getsize(f"{folder}/0001.vital")
 
 
 @pytest.mark.parametrize("mode", ["no-sizes", "no-head", "redirect"])

@@ -40,10 +40,10 @@ class CaseFacts:
     ibw_kg: float = 0.0
     stats: dict = field(default_factory=dict)  # per-feature counts for the quality report (case_stats)
     timings: dict = field(default_factory=dict)  # seconds per step of stage 1
-    input: dict = field(default_factory=dict)  # the input file's identity (pipeline.io.vital.RawCase.input)
+    input: Any = None  # the input file's identity (pipeline.io.identity.FileIdentity)
     # An earlier commit's input identity, when the input file changed since then.
-    changed_input: Optional[dict] = None
-    clinical: dict = field(default_factory=dict)  # the clinical table's identity (path, bytes, sha256)
+    changed_input: Any = None
+    clinical: Any = None  # the clinical table's identity (pipeline.io.identity.TableIdentity)
     # The features' source tracks the case's file has (the cohort's require decides from them).
     tracks: Optional[list] = None
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.io import sources
+from pipeline.io.identity import TableIdentity
 from transforms import spec
 
 # The columns the pipeline reads: the case, its patient (the split key, contract
@@ -69,8 +70,7 @@ class ClinicalTable:
     path: str
     rows: dict  # case id -> {column: value}
     duplicates: dict = field(default_factory=dict)  # case id -> detail naming the rows
-    # {"path", "bytes", "sha256", "format", "split_key"} of the table as read
-    identity: dict = field(default_factory=dict)
+    identity: Optional[TableIdentity] = None  # of the table as read
     # Every column as read (one row per trusted case): the cohort's criteria and
     # Table 1 use it; the stages get the table without it (`without_frame`).
     frame: Optional[pd.DataFrame] = field(default=None, compare=False, repr=False)
@@ -85,7 +85,7 @@ class ClinicalTable:
 
     @property
     def by_patient(self) -> bool:
-        return self.identity.get("split_key") == "subjectid"
+        return self.identity is not None and self.identity.by_patient
 
     @property
     def columns(self) -> list[str]:
@@ -202,6 +202,6 @@ def read_clinical(path: str, case_ids: Optional[list[int]] = None, web=None) -> 
     for rec in trusted[cols].to_dict("records"):
         rows[int(rec["caseid"])] = {k: _plain(v) for k, v in rec.items()}
     return ClinicalTable(path, rows, duplicates,
-                         {"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                          "format": fmt.as_json(), "split_key": "subjectid" if "subjectid" in df.columns else "caseid"},
+                         TableIdentity(path, len(data), hashlib.sha256(data).hexdigest(), fmt.as_json(),
+                                       "subjectid" if "subjectid" in df.columns else "caseid"),
                          frame=trusted)

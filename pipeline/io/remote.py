@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, TypeVar
 from urllib.parse import urljoin, urlsplit
 
+from pipeline.io.identity import FileIdentity
+
 _LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -479,7 +481,7 @@ class HttpClient:
                 raise status_error(url, resp.status, kind, resp.getheader("Retry-After"), body)
             target, redirects = urljoin(target, location), redirects + 1
 
-    def head(self, url: str, transfer: Optional[Transfer] = None) -> Optional[dict]:
+    def head(self, url: str, transfer: Optional[Transfer] = None) -> Optional[FileIdentity]:
         """The file's identity from a HEAD request (web_identity), or None if
         the server has no such file. A server that refuses HEAD is asked for
         the file's first byte instead (its Content-Range tells the size)."""
@@ -495,7 +497,7 @@ class HttpClient:
         except NotFound:
             return None
         except BodyTooLong:  # a 200 with the whole file to a byte range: its size is unknown until read
-            return {"path": url}
+            return FileIdentity(url)
         return web_identity(url, r.headers)
 
     def get_bytes(self, url: str, transfer: Optional[Transfer] = None) -> bytes:
@@ -510,7 +512,7 @@ class HttpClient:
         return r.body
 
 
-def _first_byte_identity(url: str, r: Response) -> dict:
+def _first_byte_identity(url: str, r: Response) -> FileIdentity:
     """The identity from the answer to a request for byte 0: a 206's
     Content-Range tells the size, a 200 (the whole, one-byte file) its body."""
     total = r.headers.get("content-range", "").rpartition("/")[2]
@@ -519,19 +521,13 @@ def _first_byte_identity(url: str, r: Response) -> dict:
     return web_identity(url, {k: v for k, v in r.headers.items() if k != "content-length"}, len(r.body)
                         if r.status == 200 else None)
 
-def web_identity(url: str, headers: dict, size: Optional[int] = None) -> dict:
-    """{path, bytes, etag} or {path, bytes, last_modified}: the server's word
-    on which file this is (the ETag when it sends one)."""
-    ident: dict = {"path": url}
+def web_identity(url: str, headers: dict, size: Optional[int] = None) -> FileIdentity:
+    """Path, size and ETag, or path, size and Last-Modified: the server's
+    word on which file this is (the ETag when it sends one)."""
     if size is None and headers.get("content-length", "").isdigit():
         size = int(headers["content-length"])
-    if size is not None:
-        ident["bytes"] = size
-    if headers.get("etag"):
-        ident["etag"] = headers["etag"]
-    elif headers.get("last-modified"):
-        ident["last_modified"] = headers["last-modified"]
-    return ident
+    etag = headers.get("etag") or None
+    return FileIdentity(url, size, etag=etag, last_modified=None if etag else headers.get("last-modified") or None)
 
 
 _CLIENTS: dict[WebOptions, HttpClient] = {}
@@ -758,33 +754,32 @@ class _WebFetch:
         self._streamed.close()
 
 
-def open_web(client: HttpClient, identity: dict, transfer: Transfer) -> RangeReader:
+def open_web(client: HttpClient, identity: FileIdentity, transfer: Transfer) -> RangeReader:
     """A stream over a web file whose identity `client.head` gave (its size
     and ETag): range requests of BLOCK bytes, each checked against the ETag,
     or one streamed GET where the server does not support ranges."""
-    url = identity["path"]
-    size = identity.get("bytes")
-    fetch = _WebFetch(client, url, identity.get("etag"), transfer, ranges=size is not None, size=size)
+    url, size = identity.path, identity.bytes
+    fetch = _WebFetch(client, url, identity.etag, transfer, ranges=size is not None, size=size)
     return RangeReader(url, size, fetch, transfer)
 
 
 # ---- S3 ---------------------------------------------------------------------------
 
-def open_s3(client, identity: dict, transfer: Transfer, max_attempts: Optional[int] = None,
+def open_s3(client, identity: FileIdentity, transfer: Transfer, max_attempts: Optional[int] = None,
             sleep: Callable[[float], None] = time.sleep) -> RangeReader:
     """A stream over an S3 object (identity from HeadObject: size, ETag):
     GetObject with a byte range and If-Match per block. botocore retries
     the requests; a body cut mid-read is fetched again here, as often as
     botocore would try (AWS_MAX_ATTEMPTS, which --s3-max-attempts sets)."""
     max_attempts = max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS") or 3)
-    path = identity["path"]
+    path = identity.path
     policy = RetryPolicy(max_attempts=max_attempts)
-    get = _s3_range_get(client, path, identity.get("etag"), transfer)
+    get = _s3_range_get(client, path, identity.etag, transfer)
 
     def fetch(start: int, end: int) -> bytes:
         return policy.run(lambda: get(start, end), path, transfer, sleep, f"GET {path}")
 
-    return RangeReader(path, int(identity["bytes"]), fetch, transfer)
+    return RangeReader(path, int(identity.bytes), fetch, transfer)
 
 
 def _s3_range_get(client, path: str, etag: Optional[str], transfer: Transfer) -> Callable[[int, int], bytes]:

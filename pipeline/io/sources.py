@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from pipeline.io import remote, s3
+from pipeline.io.identity import FileIdentity
 from transforms.case_ids import case_file_candidates, case_id_from_path
 
 _LOG = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ class Source:
         paths = case_file_candidates(self.location, case_id)
         return paths[::-1] if self.kind == "web" else paths
 
-    def stat(self, path: str, transfer: Optional[remote.Transfer] = None) -> Optional[dict]:
+    def stat(self, path: str, transfer: Optional[remote.Transfer] = None) -> Optional[FileIdentity]:
         """The file's identity without reading it, or None if it does not
         exist (a web server's HEAD requests are counted in `transfer`)."""
         kind = self.kind
@@ -124,15 +125,15 @@ class Source:
                 st = os.stat(path)
             except FileNotFoundError:
                 return None
-            return {"path": path, "bytes": st.st_size, "mtime": st.st_mtime}
+            return FileIdentity(path, st.st_size, mtime=st.st_mtime)
         if path.startswith("s3://"):
             return _s3_head(path)
         if not FileSystems.exists(path):
             return None
         meta = FileSystems.match([path])[0].metadata_list[0]
-        return {"path": path, "bytes": meta.size_in_bytes, "etag": FileSystems.checksum(path)}
+        return FileIdentity(path, meta.size_in_bytes, etag=FileSystems.checksum(path))
 
-    def locate(self, case_id: int, transfer: Optional[remote.Transfer] = None) -> tuple[str, dict]:
+    def locate(self, case_id: int, transfer: Optional[remote.Transfer] = None) -> tuple[str, FileIdentity]:
         """(path, identity) of the case's file; LookupError naming where it looked."""
         tried = self.candidates(case_id)
         for path in tried:
@@ -141,12 +142,12 @@ class Source:
                 return path, ident
         raise LookupError("no " + " or ".join(p.rsplit("/", 1)[-1] for p in tried) + f" in {self.location}")
 
-    def open(self, identity: dict, transfer: Optional[remote.Transfer] = None):
+    def open(self, identity: FileIdentity, transfer: Optional[remote.Transfer] = None):
         """The file as the stream the parser reads (`name`: the URL vitaldb is
         given; `head`: its first bytes; `finish_identity(hasher)`: what the
         read adds to its identity): a local file, or a remote one read as it
         is parsed (pipeline.io.remote, which counts the cost in `transfer`)."""
-        path = identity["path"]
+        path = identity.path
         kind = self.kind
         transfer = transfer if transfer is not None else remote.Transfer()
         if kind == "folder":
@@ -239,23 +240,6 @@ def read_document(path: str, web: Optional[remote.WebOptions] = None) -> bytes:
         return fh.read()
 
 
-def content_changed(old: dict, new: dict) -> bool:
-    """Whether two identities of a file name different content: the whole
-    file's CRC-32C where both have it (local files), else the ETag, else
-    size and Last-Modified (a touched local file is not a change)."""
-    for keys in (("crc32c",), ("etag",), ("bytes", "last_modified")):
-        if all(k in old for k in keys) and all(k in new for k in keys):
-            return any(old[k] != new[k] for k in keys)
-    return True
-
-
-def same_file(committed: dict, current: dict) -> bool:
-    """Whether the file a case was committed from is still the same file,
-    judged by what a stat tells (no read)."""
-    keys = [k for k in ("path", "bytes", "mtime", "etag", "last_modified") if k in current]
-    return bool(committed) and all(committed.get(k) == current[k] for k in keys)
-
-
 # ---- S3: Beam's own client configuration, bounded range reads -------------------
 
 def _s3_client():
@@ -268,7 +252,7 @@ def _s3_client():
     return boto3_client.Client(options=FileSystems._pipeline_options or PipelineOptions([])).client
 
 
-def _s3_head(path: str) -> Optional[dict]:
+def _s3_head(path: str) -> Optional[FileIdentity]:
     from botocore.exceptions import ClientError
     bucket, key = path[len("s3://"):].split("/", 1)
     try:
@@ -277,4 +261,4 @@ def _s3_head(path: str) -> Optional[dict]:
         if str(e.response.get("Error", {}).get("Code", "")) in ("404", "NoSuchKey", "NotFound"):
             return None
         raise
-    return {"path": path, "bytes": int(r["ContentLength"]), "etag": r["ETag"]}
+    return FileIdentity(path, int(r["ContentLength"]), etag=r["ETag"])

@@ -20,6 +20,7 @@ import numpy as np
 import vitaldb
 
 from pipeline.io import remote
+from pipeline.io.identity import FileIdentity, TableIdentity
 from pipeline.io.sources import Source
 from transforms import spec
 
@@ -43,8 +44,8 @@ class CaseTodo:
     its input file changed since its commit."""
 
     case_id: int
-    previous_input: Optional[dict] = None
-    located: Optional[tuple] = None  # (path, identity) when already found (sources.Source.locate)
+    previous_input: Optional[FileIdentity] = None
+    located: Optional[tuple[str, FileIdentity]] = None  # when already found (sources.Source.locate)
 
 
 @dataclass
@@ -56,12 +57,11 @@ class RawCase:
     # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
     timings: dict = field(default_factory=dict)
     row: Optional[dict] = None  # the case's clinical row, None if the table has none
-    # The input file's identity (pipeline.io.sources.Source.stat) and what reading it
-    # found: locally the whole file's crc32c; remotely bytes_read, requests, retries
-    # and crc32c_read (of the bytes read): provenance, and change detection.
-    input: dict = field(default_factory=dict)
-    previous_input: Optional[dict] = None  # the identity of an earlier commit of this case, if any
-    clinical: dict = field(default_factory=dict)  # the clinical table's identity
+    # The input file's identity (pipeline.io.sources.Source.stat) with what reading it
+    # found (pipeline.io.identity): provenance, and change detection.
+    input: Optional[FileIdentity] = None
+    previous_input: Optional[FileIdentity] = None  # the identity of an earlier commit of this case, if any
+    clinical: Optional[TableIdentity] = None  # the clinical table's identity
 
 
 class _TrackedGzipReader(gzip._GzipReader):
@@ -343,19 +343,19 @@ def describe_tracks(names: list[str]) -> str:
     return f"the file has {len(names)} track(s): {shown}{more}"
 
 
-def _open_case(source: Source, case_id: int, located: Optional[tuple[str, dict]], transfer: remote.Transfer):
+def _open_case(source: Source, case_id: int, located: Optional[tuple[str, FileIdentity]], transfer: remote.Transfer):
     """(path, identity, stream) of the case's file; CaseError if it is missing or cannot be fetched."""
     try:
         path, identity = located or source.locate(case_id, transfer)
-        return path, dict(identity), source.open(identity, transfer)
+        return path, identity, source.open(identity, transfer)
     except LookupError as e:
         raise CaseError("missing_file", str(e)) from None
     except remote.TransferError as e:
         raise _transfer_error(e) from None
 
 
-def read_track_names(source: Source, case_id: int, located: Optional[tuple[str, dict]] = None
-                     ) -> tuple[list[str], tuple[str, dict]]:
+def read_track_names(source: Source, case_id: int, located: Optional[tuple[str, FileIdentity]] = None
+                     ) -> tuple[list[str], tuple[str, FileIdentity]]:
     """Every track name in the case's file, read by vitaldb from the file's
     track information alone (the records that follow are neither inflated nor
     fetched: _UntilRecords); and (path, identity) for the load that may
@@ -373,7 +373,7 @@ _NO_SUCH_TRACK = "\x00/no such track"
 
 
 def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_SPEC,
-              located: Optional[tuple[str, dict]] = None) -> RawCase:
+              located: Optional[tuple[str, FileIdentity]] = None) -> RawCase:
     """Reads one case's numeric source tracks (those of `fs`) on the 1 s grid,
     from its file's stream (a remote file is parsed as it arrives; `located`:
     its (path, identity) if already found).
@@ -392,7 +392,7 @@ def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
     finally:
         stream.close()
     parse = time.perf_counter() - t1
-    identity.update(stream.finish_identity(hasher))
+    identity = identity.read(**stream.finish_identity(hasher))
     # Only exact names: vitaldb matches by suffix and could hand us another track.
     found = [t for t in tracks if t in vf.trks]
     if not found:

@@ -20,6 +20,7 @@ from enum import Enum
 from typing import ClassVar, Optional
 
 from pipeline.io.clinical import ClinicalTable
+from pipeline.io.identity import FileIdentity, TableIdentity
 from pipeline.io.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
 from pipeline.io.sources import Source
 from transforms.per_case import CaseFacts, CaseFailure
@@ -82,6 +83,8 @@ class DoneMarker(CaseFacts):
         # Shallow: the fields already hold JSON values (dataclasses.asdict deep-copies
         # the statistics, ~5 ms per 4-hour case, measured).
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k in ("input", "changed_input", "clinical"):
+            d[k] = d[k].to_json() if d[k] is not None else _ABSENT[k]
         d["members"] = [[m.nbytes, m.records] for m in self.members]
         return d
 
@@ -90,7 +93,14 @@ class DoneMarker(CaseFacts):
         d = _known(DoneMarker, d)
         members = d.get("members") or ([[d["object_bytes"], d["windows"]]] if d.get("object_bytes") else [])
         d["members"] = tuple(Member(int(b), int(r)) for b, r in members)
+        d["input"] = FileIdentity.from_json(d.get("input"))
+        d["changed_input"] = FileIdentity.from_json(d.get("changed_input"))
+        d["clinical"] = TableIdentity.from_json(d.get("clinical"))
         return DoneMarker(**d)
+
+
+# How a marker writes an identity it does not have (as markers always have).
+_ABSENT = {"input": {}, "changed_input": None, "clinical": {}}
 
 
 def units_in_two_splits(placed) -> dict[str, list[tuple[str, int]]]:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import schema_pb2
 
+from pipeline.io.identity import TableIdentity
 from pipeline.output import cohort as cohort_run
 from pipeline.output import names, provenance, storage
 from pipeline.output.contracts import DoneMarker, Status
@@ -64,13 +65,13 @@ def case_step_seconds(done: dict[int, DoneMarker]) -> dict[str, float]:
     return {k: round(v, 3) for k, v in total.items()}
 
 
-def split_rule(settings: Settings, done: dict[int, DoneMarker], clinical_table: Optional[dict],
+def split_rule(settings: Settings, done: dict[int, DoneMarker], clinical_table: Optional[TableIdentity],
                counts: dict[str, SplitCounts]) -> SplitRule:
     """How the cases were split (contract 1.2): by patient where the clinical
     table has a subjectid column, the patients per split (of `counts`), and
     the cases split by case id because their row names no patient."""
     tables = [m.clinical for m in done.values() if m.clinical] + ([clinical_table] if clinical_table else [])
-    by_patient = (any(t.get("split_key") == "subjectid" for t in tables)
+    by_patient = (any(t.by_patient for t in tables)
                   or any(m.split_key.startswith("s") for m in done.values()))
     return SplitRule(
         by="patient" if by_patient else "case",
@@ -121,12 +122,12 @@ def statistics_of(settings: Settings, done: dict[int, DoneMarker]) -> dict:
 def transfer_summary(done: dict[int, DoneMarker]) -> Optional[Transfer]:
     """What reading the remote input files cost (streamed, stopped early):
     bytes transferred against the files' sizes; None for local inputs."""
-    remote = [m.input for m in done.values() if "bytes_read" in m.input]
+    remote = [m.input for m in done.values() if m.input is not None and m.input.remote]
     if not remote:
         return None
-    read, size = sum(i["bytes_read"] for i in remote), sum(i.get("bytes", 0) for i in remote)
+    read, size = sum(i.bytes_read for i in remote), sum(i.bytes or 0 for i in remote)
     return Transfer(len(remote), read, size, round(read / size, 4) if size else None,
-                    sum(i.get("requests", 0) for i in remote), sum(i.get("retries", 0) for i in remote))
+                    sum(i.requests or 0 for i in remote), sum(i.retries or 0 for i in remote))
 
 
 @dataclass
@@ -143,7 +144,7 @@ class RunRecord:
     input: Optional[str] = None  # as given: a folder, a prefix, a URL, "vitaldb"
     source: Optional[dict] = None  # pipeline.io.sources.Source.describe()
     clinical: Optional[str] = None
-    clinical_table: Optional[dict] = None  # the identity of the table read (path, sha256, format, split key)
+    clinical_table: Optional[TableIdentity] = None  # the table read
     cases: Optional[str] = None  # --cases as given
     num_shards: int = 0
     timings: dict = field(default_factory=dict)

@@ -53,14 +53,14 @@ def build(done: dict[int, DoneMarker], source: Optional[dict] = None) -> dict:
     """The provenance block of the metadata: package, its commit, library
     versions, where the inputs came from (a named dataset: its URL and
     version), the clinical table(s) and every input file's identity."""
-    tables = Counter(json.dumps(m.clinical, sort_keys=True) for m in done.values() if m.clinical)
+    tables = Counter(json.dumps(m.clinical.to_json(), sort_keys=True) for m in done.values() if m.clinical)
     return {
         "package": {"name": PACKAGE, "version": _version(PACKAGE), "commit": commit()},
         "versions": versions(),
         "source": source,
         # One entry per distinct table the committed cases were made with (normally one).
         "clinical": [dict(json.loads(t), cases=n) for t, n in tables.most_common()],
-        "inputs": {str(c): m.input for c, m in sorted(done.items()) if m.input},
+        "inputs": {str(c): m.input.to_json() for c, m in sorted(done.items()) if m.input},
         "input_identity": "a local file: size, mtime and crc32c of the whole file; an object store's or web "
                           "server's: size and etag (else last_modified) as the store states them, and "
                           "crc32c_read of the bytes read (bytes_read; the rest was never transferred)",

@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pipeline.io.identity import TableIdentity
 from pipeline.output.contracts import DoneMarker, FailedMarker, Status
 
 
@@ -146,7 +147,7 @@ class Metadata:
     input: Optional[str]
     source: Optional[dict]
     clinical: Optional[str]
-    clinical_table: Optional[dict]
+    clinical_table: Optional[TableIdentity]
     output: str
     settings: dict
     format: dict
@@ -166,7 +167,8 @@ class Metadata:
     def as_json(self) -> dict:
         return {
             "status": self.status, "started": self.started, "finished": self.finished, "input": self.input,
-            "source": self.source, "clinical": self.clinical, "clinical_table": self.clinical_table,
+            "source": self.source, "clinical": self.clinical,
+            "clinical_table": self.clinical_table.to_json() if self.clinical_table is not None else None,
             "output": self.output, "settings": self.settings, "format": self.format, "spec": self.spec,
             "splits": {s: c.as_json() for s, c in self.splits.items()},
             "split": self.split.as_json(),

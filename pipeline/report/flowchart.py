@@ -42,7 +42,7 @@ def _short(text: str, n: int = 52) -> str:
 
 
 def flow_svg(cohort: dict) -> str:
-    """The diagram of the metadata's `cohort` (pipeline.output.cohort.cohort_summary)."""
+    """The diagram of the metadata's `cohort` (pipeline.output.cohort.CohortSummary.as_json)."""
     parts, y = [], 10
     parts.append(_box("flow-requested", MAIN_X, y, BOX_W, [f"Requested: {plural(cohort['requested'], 'case')}"]))
     top = y + BOX_H

@@ -16,7 +16,6 @@ import apache_beam as beam
 import numpy as np
 from apache_beam import pvalue
 
-from pipeline.io import sources
 from pipeline.io.clinical import ClinicalTable
 from pipeline.io.sources import Source
 from pipeline.io.vital import CaseError, CaseTodo, RawCase, load_case, read_track_names
@@ -137,7 +136,7 @@ class TransformCase(beam.DoFn):
             cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
             cw.facts.tracks = list(raw_case.tracks_found)
             previous = raw_case.previous_input
-            if previous and sources.content_changed(previous, raw_case.input):
+            if previous is not None and previous.content_changed(raw_case.input):
                 cw.facts.changed_input = previous
             yield cw
         except Exception as e:  # dead letter, see _internal

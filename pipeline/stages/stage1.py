@@ -19,7 +19,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.io import s3, sources
+from pipeline.io import s3
 from pipeline.io.clinical import ClinicalTable
 from pipeline.io.sources import Source
 from pipeline.io.vital import CaseTodo, RawCase
@@ -83,7 +83,7 @@ class SkipCommitted(beam.DoFn):
         except Exception as e:  # a failing store or server (TransferError, botocore's ClientError, ...)
             _LOG.warning("case %s: cannot check its input file (%s); its committed result stands", case_id, e)
             located = None
-        if located is None or not committed or sources.same_file(committed, located[1]):
+        if located is None or committed is None or committed.same_file(located[1]):
             self._skipped.inc()
             return
         _LOG.warning("case %s: its input file changed since its commit (%s -> %s): processing it again",
