@@ -29,7 +29,7 @@ import sys
 from typing import Optional
 
 from pipeline import api
-from pipeline.cli import beam_args_in, check_beam_args, did_you_mean, own_flags_not_beam, summary_lines
+from pipeline.cli import apply_beam_args_in, did_you_mean, summary_lines
 from pipeline.options import EXIT_INTERRUPTED, EXIT_USAGE, RunOptions, RunRequest, request_from_mapping
 from pipeline.run.coordination import Share
 from transforms.settings import OptionError, Settings, declared
@@ -100,15 +100,12 @@ def check_names(hp: dict) -> None:
 
 def request_for_host(hp: dict, current: str, hosts: list[str]) -> RunRequest:
     """The run request of one host: its share of the cases, all its vCPUs.
-    Its Beam flags are checked and their S3 options applied before the
-    options are parsed (a track map on s3:// is read then)."""
-    from pipeline.io import s3
-    from pipeline.run import runtime
+    Its Beam flags are checked and applied to this process before the
+    options are parsed (a track map on s3:// is read then); api.run applies
+    them again with the run's S3 retry options."""
     check_names(hp)
-    given = beam_args_in(hp, SOURCE)
-    check_beam_args(given, where="hyperparameter beam_args: ", not_here=own_flags_not_beam())
     ours = (f"--direct_num_workers={os.cpu_count() or 1}",)
-    runtime.setup_io([*given, *ours], s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+    apply_beam_args_in(hp, SOURCE, "hyperparameter beam_args: ", after=ours)
     req = request_from_mapping(hp, SOURCE, beam_args=ours)
     share = Share(hosts.index(current) + 1, len(hosts))
     return dataclasses.replace(req, options=dataclasses.replace(req.options, share=share))

@@ -326,7 +326,6 @@ def follow(client, name: str, poll_s: float = 30.0, out=None) -> int:
 def run_estimate(args: argparse.Namespace) -> int:
     """--estimate-from: the job's time and cost from a pilot output; launches nothing."""
     from launch import estimate as est
-    from pipeline.io import s3
     from pipeline.run import runtime
     from transforms.case_ids import parse_cases
     lo, job, problems = _gather(args)
@@ -338,7 +337,7 @@ def run_estimate(args: argparse.Namespace) -> int:
         n = len(parse_cases(str(job["cases"])))
     except ValueError as e:
         raise LaunchError(f"--cases {job['cases']!r}: {e}") from None
-    runtime.setup_io(list(shlex_split(job.get("beam_args"))), s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+    runtime.setup_io(shlex_split(job.get("beam_args")))  # before the pilot output is read
     kw = {"price_per_hour": args.price_per_hour, "vcpus": args.vcpus}
     if args.worker_efficiency is not None:
         kw["efficiency"] = args.worker_efficiency

@@ -149,6 +149,19 @@ def beam_args_in(values: Mapping, source: str) -> tuple[str, ...]:
     return request_from_mapping({"beam_args": values["beam_args"]}, source).beam_args
 
 
+def apply_beam_args_in(values: Mapping, source: str, where: str, after: Iterable[str] = ()) -> None:
+    """The Beam flags of a config file's or the hyperparameters' beam_args
+    (beam_args_in), checked (a refusal starts with `where`; our own flags
+    are refused there) and applied to this process with the flags `after`
+    following them, which win (pipeline.run.runtime.setup_io): called as the
+    mapping is read, before its options are parsed, so its track map on
+    s3:// is read with them."""
+    from pipeline.run import runtime
+    given = beam_args_in(values, source)
+    check_beam_args(given, where=where, not_here=own_flags_not_beam())
+    runtime.setup_io([*given, *after])
+
+
 def own_flags_not_beam() -> dict[str, str]:
     """Our flags, for beam_args in a config file or the hyperparameters:
     there they are options by name, not Beam flags."""
@@ -176,35 +189,30 @@ def parse_request(argv: list[str]) -> RunRequest:
     them. Raises OptionError for a bad value (naming the flag or the file's
     key) and UnknownFlag for a flag that is neither ours nor Beam's.
 
-    The S3 options among the Beam flags (--s3_endpoint_url, credentials,
-    region) are applied to this process (pipeline.run.runtime.setup_io) before
-    the config file and the track map are read, so an s3:// one is read
-    with them; the config file's own beam_args apply to what is read after
-    it (its track map). run() applies them again with the run's S3 retry
-    options."""
-    from pipeline.io import s3
+    The Beam flags are applied to this process where they enter it
+    (pipeline.run.runtime.setup_io says the rule): the command line's
+    (--s3_endpoint_url, credentials, region) before the config file and the
+    track map are read, so an s3:// one is read with them; the config file's
+    own beam_args, under the command line's, before its options are parsed
+    (its track map). run() applies the request's with its S3 retry options."""
     from pipeline.run import runtime
     argv = list(argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     check_beam_args(beam_args, option_strings(parser), commands=COMMANDS + ("inspect",))
-    runtime.setup_io(beam_args, s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+    runtime.setup_io(beam_args)
     given = {k: v for k, v in vars(args).items() if v is not None and k != "config"}
     if args.config:
         source = f"--config {args.config}"
         from_file = load_config(args.config)
-        file_beam = beam_args_in(from_file, source)
-        check_beam_args(file_beam, where=f"{source}: beam_args: ", not_here=own_flags_not_beam())
-        if file_beam:
-            runtime.setup_io([*file_beam, *beam_args], s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+        apply_beam_args_in(from_file, source, f"{source}: beam_args: ", after=beam_args)
         request_from_mapping(from_file, source)  # its own keys and values, named as in the file
         given = {**from_file, **given}
     return request_from_mapping(given, COMMAND_LINE, command, tuple(beam_args))
 
 
 def _inspect(argv: list[str]) -> int:
-    from pipeline.io import s3
     from pipeline.run import runtime
     from pipeline.tools.inspect_cmd import inspect
     ap = argparse.ArgumentParser(prog=f"{PROG} inspect", allow_abbrev=False,
@@ -217,7 +225,7 @@ def _inspect(argv: list[str]) -> int:
     except OptionError as e:
         print(f"{PROG} inspect: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    runtime.setup_io(beam_args, s3.DEFAULT_MAX_ATTEMPTS, s3.DEFAULT_RETRY_MODE)
+    runtime.setup_io(beam_args)  # before the path is read
     try:
         return inspect(args.path, args.examples)
     except FileNotFoundError as e:

@@ -225,3 +225,36 @@ def test_the_sagemaker_entry_point_reads_an_s3_track_map_with_its_beam_s3_flags(
           "tracks": f"s3://{s3_bucket}/map.yaml", "beam_args": " ".join(beam_s3_args(moto_endpoint))}
     req = entrypoint.request_for_host(hp, "algo-1", ["algo-1"])
     assert req.settings.tracks == expected
+
+
+def test_the_stage_process_inherits_the_runs_io_options_and_not_its_s3_clients(io_settings_restored, monkeypatch,
+                                                                                tmp_path):
+    """The forked stage process applies no I/O options of its own
+    (pipeline.run.runtime.setup_io): it runs with the ones its run applied
+    (retries, S3 options in the environment and Beam's FileSystems) and
+    builds its own S3 clients."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import S3Options
+
+    from pipeline.io import s3
+    from pipeline.output.contracts import Stage2Job
+    from pipeline.run import runtime
+    from pipeline.run.supervisor import Supervisor
+    flags = ["--s3_endpoint_url=http://127.0.0.1:9", "--s3_region_name=eu-west-3"]
+    runtime.setup_io(flags, 4, "adaptive")
+    monkeypatch.setitem(s3._SharedSession._clients, "the parent's", object())
+    seen = tmp_path / "seen.json"
+
+    def stage(job):
+        s3o = FileSystems._pipeline_options.view_as(S3Options)
+        seen.write_text(json.dumps([os.environ.get(k) for k in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE",
+                                                                 "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION")]
+                                   + [s3o.s3_endpoint_url, s3o.s3_region_name, len(s3._SharedSession._clients)]))
+        return {"ran": 1}
+
+    monkeypatch.setattr(runtime, "run_stage", stage)
+    monkeypatch.setattr(runtime, "setup_io", lambda *a, **k: pytest.fail("the stage process applied I/O options"))
+    with Supervisor(5) as sup:
+        assert sup.run_job(Stage2Job(output=str(tmp_path), beam_args=flags)) == (0, {"ran": 1})
+    assert json.loads(seen.read_text()) == ["4", "adaptive", "http://127.0.0.1:9", "eu-west-3",
+                                            "http://127.0.0.1:9", "eu-west-3", 0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -37,11 +37,27 @@ def configure_logging(verbose: bool) -> None:
             h.addFilter(lambda r: "semi_persistent_directory" not in r.getMessage())
 
 
-def setup_io(beam_args: list[str], s3_max_attempts: int, s3_retry_mode: str) -> None:
-    """S3 retries for every client, shared boto3 clients, and our own
-    FileSystems calls (listing, markers) with the pipeline's S3/GCS options;
-    the S3 options are also exported to the environment, which the stage
-    process and local Beam workers inherit."""
+def setup_io(beam_args: Iterable[str], s3_max_attempts: int = s3.DEFAULT_MAX_ATTEMPTS,
+             s3_retry_mode: str = s3.DEFAULT_RETRY_MODE) -> None:
+    """Applies this process's I/O options: S3 retries for every client, shared
+    boto3 clients, and our own FileSystems calls (listing, markers, config
+    files, track maps) with the Beam flags' S3/GCS options; the S3 options are
+    also exported to the environment, which the stage process and local Beam
+    workers inherit. Idempotent; a later call replaces an earlier one.
+
+    The one home of this, with one rule: Beam flags are applied where they
+    enter the process, before anything is read with them, and by the entry
+    point that takes them in, never by the code below it:
+      * the command line's, by the command that parses them (cli.parse_request,
+        cli inspect, the launcher's --estimate-from), before a config file is read;
+      * a config file's or the hyperparameters' beam_args, with the flags known
+        so far, as the mapping is read and before its options are parsed, so
+        its track map is read with them (cli.apply_beam_args_in);
+      * a run's (api.run): its request's Beam flags with its
+        --s3-max-attempts/--s3-retry-mode, for the whole run (an embedder's
+        RunRequest gets them there too).
+    The forked stage process (run_in_child) inherits them all; it applies
+    nothing and only drops the parent's S3 clients and connections."""
     s3.apply_retry_env(s3_max_attempts, s3_retry_mode)
     s3.prepare_process()
     options = PipelineOptions(list(beam_args))
@@ -87,12 +103,13 @@ def run_stage(job: StageJob) -> dict[str, int]:
 
 
 def run_in_child(job: StageJob, result_path: str) -> int:
-    """The stage process's work (pipeline.run.supervisor forks it): a fresh set
-    of S3 clients and connections (the parent's are not shared), the stage,
+    """The stage process's work (pipeline.run.supervisor forks it from the run
+    that made `job`): the run's I/O options are inherited as the fork's
+    (environment, FileSystems options, the shared-client patch: see
+    setup_io), only its S3 clients and connections are not shared; the stage,
     its counters written for the parent."""
     s3.forget_clients()  # the one cache of S3 clients; a forked child builds its own clients and connections
     remote.forget_connections()
-    setup_io(job.beam_args, job.s3_max_attempts, job.s3_retry_mode)
     counts = run_stage(job)
     with open(result_path, "w") as fh:
         json.dump({"counters": counts}, fh)
