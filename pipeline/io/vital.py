@@ -60,8 +60,11 @@ class RawCase:
     # found: locally the whole file's crc32c; remotely bytes_read, requests, retries
     # and crc32c_read (of the bytes read): provenance, and change detection.
     input: dict = field(default_factory=dict)
-    previous_input: Optional[dict] = None  # the identity of an earlier commit of this case, if any
+    # The identity of an earlier commit of this case, when the file's content changed
+    # since (pipeline.io.sources.content_changed; a touched file with the same bytes is no change).
+    changed_input: Optional[dict] = None
     clinical: dict = field(default_factory=dict)  # the clinical table's identity
+    split_key: str = ""  # the case's split key, as the clinical table gives it (ClinicalTable.split_key)
 
 
 class _TrackedGzipReader(gzip._GzipReader):
