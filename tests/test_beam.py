@@ -10,11 +10,12 @@ from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS
 from pipeline.io.clinical import ClinicalTable, read_clinical
 from pipeline.io.identity import FileIdentity
 from pipeline.io.sources import Source
-from pipeline.io.vital import RawCase
+from pipeline.io.vital import CaseTodo, RawCase
 from pipeline.output import storage
-from pipeline.output.contracts import DoneMarker, Stage1Job, Stage2Job
+from pipeline.output.contracts import DoneMarker, Member, Stage1Job, Stage2Job
 from pipeline.stages import stage1, stage2
-from pipeline.stages.dofns import FAILED, ArraysCoder, LoadCase, TransformCase
+from pipeline.stages.dofns import FAILED, ArraysCoder, EncodeCase, LoadCase, TransformCase
+from transforms import encode
 from transforms.per_case import CaseWindows
 from transforms.settings import Settings
 
@@ -116,3 +117,57 @@ def test_per_case_intermediates_have_a_coder_that_estimates_from_array_bytes():
     assert (back.case_id, back.path, back.tracks_found, back.input, back.timings) == (
         5, "in/0005.vital", ["Solar8000/HR"], FileIdentity("in/0005.vital", 123, crc32c="0a1b2c3d"), {"parse": 0.1})
     np.testing.assert_array_equal(back.raw, raw.raw)
+
+
+def _steps(dataset, todo, clinical=None):
+    """One case through LoadCase, TransformCase and EncodeCase, called directly."""
+    clinical = clinical or read_clinical(f"{dataset}/clinical_data.csv")
+    load, transform = LoadCase(Source.for_location(dataset), Settings()), TransformCase(Settings())
+    load.setup()
+    transform.setup()
+    [rc] = load.process(todo, clinical)
+    [cw] = transform.process(rc)
+    [(facts, obj)] = EncodeCase().process(cw)
+    return rc, cw, facts, obj
+
+
+def test_encode_case_gives_the_compressed_object_that_commit_writes(dataset, tmp_path):
+    """EncodeCase serializes and compresses (timed as encode and compress);
+    commit_case writes exactly its bytes and members, then the marker."""
+    out = str(tmp_path)
+    _, cw, facts, obj = _steps(dataset, 2)
+    examples = encode.encode_examples(2, cw.starts, cw.example_floats())
+    data, members = encode.gzip_members(examples, encode.WINDOWS_PER_MEMBER, encode.GZIP_LEVEL)
+    assert (obj.data, [list(m) for m in obj.members], obj.windows) == (data, members, facts.windows)
+    assert list(facts.timings) == ["load", "parse", "transform", "encode", "compress"]
+    marker = stage1.commit_case(out, facts, obj)
+    assert marker.object == storage.case_object(out, facts.split, 2) and marker.status == "ok"
+    with open(marker.object, "rb") as fh:
+        assert fh.read() == obj.data
+    assert (marker.object_bytes, marker.members) == (len(data), tuple(Member(b, r) for b, r in members))
+    assert list(marker.timings) == ["load", "parse", "transform", "encode", "compress", "write"]
+    assert storage.read_json(storage.marker_path(out, storage.DONE, 2))["members"] == members
+    # A case too short for a window: no members, no object, no compress step.
+    _, _, short_facts, short = _steps(dataset, SHORT)
+    assert short == encode.CaseObject() and short.windows == 0 and "compress" not in short_facts.timings
+    m = stage1.commit_case(out, short_facts, short)
+    assert (m.status, m.object, m.members) == ("too_short", DoneMarker(SHORT).object, ())
+    assert list(m.timings) == ["load", "parse", "transform", "encode", "write"]
+
+
+def test_the_load_step_decides_a_changed_input_and_gives_the_tables_split_key(dataset):
+    """Whether the file's content changed since an earlier commit is decided
+    where it is read (LoadCase); the split key comes from the clinical table;
+    TransformCase only copies both into the facts."""
+    clinical = read_clinical(f"{dataset}/clinical_data.csv")
+    rc, cw, _, _ = _steps(dataset, 2, clinical)
+    assert rc.changed_input is None and cw.facts.changed_input is None
+    assert rc.split_key == clinical.split_key(2) == cw.facts.split_key
+    assert cw.facts.split == Settings().split_of(clinical.split_key(2))
+    same = dict(rc.input)
+    assert _steps(dataset, CaseTodo(2, same), clinical)[0].changed_input is None  # same bytes: no change
+    other = dict(rc.input, crc32c="00000000")
+    rc2, cw2, _, _ = _steps(dataset, CaseTodo(2, other), clinical)
+    assert rc2.changed_input == other == cw2.facts.changed_input
+    rc3 = _steps(dataset, NO_ROW, clinical)[0]  # no clinical row: split by the case id
+    assert rc3.row is None and rc3.split_key == str(NO_ROW) == clinical.split_key(NO_ROW)

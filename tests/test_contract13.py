@@ -100,7 +100,7 @@ def test_a_4476_like_case_with_crop_anaesthesia_uses_its_whole_recording_and_lis
     raw = _raw(T)
     row = dict(ROW, anestart=-2156, aneend=ANEEND_4476)
     crop = Settings(crop_anaesthesia=True)
-    cw = process_case(4476, raw, row, crop)
+    cw = process_case(4476, raw, row, crop, split_key="4476")
     n = window_count(T)
     assert n == 40 and cw.facts.windows == n  # not too short: floor((1500 - 301) / 30) + 1
     np.testing.assert_array_equal(cw.starts, np.arange(0, 30 * n, 30))
@@ -109,13 +109,15 @@ def test_a_4476_like_case_with_crop_anaesthesia_uses_its_whole_recording_and_lis
     assert cw.facts.static_defaults == []  # not a static feature
     assert json.loads(json.dumps(cw.facts.static_implausible)) == {"aneend": ANEEND_4476}
     # The same examples as the whole recording without a crop, and as a row without the times.
-    for other in (process_case(4476, raw, row, Settings()), process_case(4476, raw, ROW, crop)):
+    for other in (process_case(4476, raw, row, Settings(), split_key="4476"),
+                  process_case(4476, raw, ROW, crop, split_key="4476")):
         for name in ("starts", "timeseries", "targets", "static"):
             np.testing.assert_array_equal(getattr(cw, name), getattr(other, name))
     # Listed also without --crop-anaesthesia: it is a fact of the clinical row.
-    assert process_case(4476, raw, row, Settings()).facts.static_implausible == {"aneend": ANEEND_4476}
+    plain = process_case(4476, raw, row, Settings(), split_key="4476")
+    assert plain.facts.static_implausible == {"aneend": ANEEND_4476}
     # Next to the static entry errors, which keep their own listing.
-    bad = process_case(4476, raw, dict(row, weight=900.0, bmi=None), crop).facts
+    bad = process_case(4476, raw, dict(row, weight=900.0, bmi=None), crop, split_key="4476").facts
     assert bad.static_implausible == {"weight": 900.0, "aneend": ANEEND_4476}
     assert bad.static_defaults == ["weight", "bmi"]
 
@@ -124,16 +126,18 @@ def test_a_plausible_anaesthesia_period_is_cropped_as_before():
     T = 1500
     raw = _raw(T)
     row = dict(ROW, anestart=120.5, aneend=1450)
-    cw = process_case(7, raw, row, Settings(crop_anaesthesia=True))
+    cw = process_case(7, raw, row, Settings(crop_anaesthesia=True), split_key="7")
     assert (cw.facts.used_from_s, cw.facts.used_seconds) == (120, 1330)
     assert cw.facts.static_implausible == {}
     assert cw.facts.windows == window_count(1330) == 35
     np.testing.assert_array_equal(cw.starts, 120 + np.arange(0, 30 * 35, 30))
-    cropped = process_case(7, raw[120:1450], dict(ROW), Settings())  # the cropped rows, imputed on their own
+    # the cropped rows, imputed on their own
+    cropped = process_case(7, raw[120:1450], dict(ROW), Settings(), split_key="7")
     np.testing.assert_array_equal(cw.timeseries, cropped.timeseries)
     np.testing.assert_array_equal(cw.targets, cropped.targets)
     # Both entry errors (aneend before anestart): the whole recording.
-    both = process_case(7, raw, dict(ROW, anestart=1450, aneend=120.5), Settings(crop_anaesthesia=True))
+    both = process_case(7, raw, dict(ROW, anestart=1450, aneend=120.5), Settings(crop_anaesthesia=True),
+                        split_key="7")
     assert (both.facts.used_from_s, both.facts.used_seconds, both.facts.windows) == (0, T, 40)
     assert both.facts.static_implausible == {"anestart": 1450, "aneend": 120.5}
 

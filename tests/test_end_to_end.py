@@ -83,7 +83,8 @@ def test_examples_hold_the_case_values_in_order(run_output, dataset):
     split = sample_split(cid)
     ex = examples_by_key(read_examples(split_files(out, split)))
     rc = load.load_case(Source.for_location(dataset), cid)
-    cw = process_case(cid, rc.raw, clinical.read_clinical(f"{dataset}/clinical_data.csv").row(cid), Settings())
+    table = clinical.read_clinical(f"{dataset}/clinical_data.csv")
+    cw = process_case(cid, rc.raw, table.row(cid), Settings(), split_key=table.split_key(cid))
     e = ex[(cid, 60)]
     np.testing.assert_allclose(e["timeseries"], cw.timeseries[2], atol=0)
     np.testing.assert_allclose(e["targets"], cw.targets[2], atol=0)

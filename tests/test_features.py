@@ -244,7 +244,7 @@ def test_consumers_take_any_number_of_features_and_sources():
     raw = np.full((T, len(fs.source_tracks)), np.nan)
     raw[::2, fs.source_tracks.index("Intellivue/ABP_MEAN")] = 85.0  # only the 4th source of BP_MAP
     raw[::5, fs.source_tracks.index("Intellivue/TEMP")] = 36.0
-    cw = process_case(1, raw, {"weight": 70}, Settings(), fs)
+    cw = process_case(1, raw, {"weight": 70}, Settings(), fs, split_key="1")
     assert cw.timeseries.shape == (cw.facts.windows, 300 * 17)
     ts = cw.timeseries.reshape(-1, 300, 17)
     assert features.denormalise(ts[0, 10, 16], 30, 42) == pytest.approx(36.0, abs=1e-4)

@@ -56,11 +56,14 @@ def test_one_patients_cases_share_a_split_under_every_seed(tmp_path):
                             {"caseid": 3, "subjectid": "42.0"}, {"caseid": 4, "subjectid": None}])
     ct = read_clinical(path)
     assert ct.by_patient and ct.row(1)["subjectid"] == "0042"  # as written
+    # The table gives each case's key (the one home of it): a blank subjectid or no row, the case id.
+    assert [ct.split_key(c) for c in (1, 2, 3, 4, 5)] == ["s42", "s42", "s42", "4", "5"]
     raw = np.full((400, len(spec.DEFAULT_SPEC.source_tracks)), np.nan)
     by_case_differs = 0
     for seed in range(60):
         s = Settings(split_seed=seed)
-        facts = {c: process_case(c, raw, ct.row(c), s).facts for c in (1, 2, 3, 4)}
+        facts = {c: process_case(c, raw, ct.row(c), s, split_key=ct.split_key(c)).facts
+                 for c in (1, 2, 3, 4)}
         assert {facts[c].split_key for c in (1, 2, 3)} == {"s42"} and facts[4].split_key == "4"
         assert len({facts[c].split for c in (1, 2, 3)}) == 1
         b = bucket(f"{seed}:s42")

@@ -158,3 +158,26 @@ def gzip_members(records: list[bytes], per_member: int, level: int = GZIP_LEVEL)
         parts.append(data)
         index.append([len(data), len(chunk)])
     return b"".join(parts), index
+
+
+@dataclass(frozen=True)
+class CaseObject:
+    """A case's examples as the bytes of its object (cases/<split>/<id>.tfrecord.gz):
+    consecutive gzip members, and (member bytes, member records) of each, in order.
+    A case without windows has none (and no object)."""
+
+    data: bytes = b""
+    members: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def windows(self) -> int:
+        return sum(records for _, records in self.members)
+
+
+def case_object(examples: list[bytes]) -> CaseObject:
+    """A case's serialized examples compressed as its object is written: gzip
+    members of up to WINDOWS_PER_MEMBER examples at GZIP_LEVEL (gzip_members)."""
+    if not examples:
+        return CaseObject()
+    data, members = gzip_members(examples, WINDOWS_PER_MEMBER, GZIP_LEVEL)
+    return CaseObject(data, tuple((size, records) for size, records in members))

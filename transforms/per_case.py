@@ -67,8 +67,9 @@ class CaseFailure:
 
 @dataclass
 class CaseWindows:
+    """One case's windows, as arrays, and its facts (its split among them: facts.split)."""
+
     case_id: int
-    split: str
     starts: np.ndarray
     timeseries: np.ndarray  # (n, window*F) float32
     targets: np.ndarray  # (n, targets) float32
@@ -185,8 +186,10 @@ def _jsonable(v: Any) -> Any:
 
 
 def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings: Settings,
-                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> CaseWindows:
-    """The whole per-case transform, pure: numpy in, numpy out."""
+                 fs: spec.FeatureSpec = spec.DEFAULT_SPEC, *, split_key: str) -> CaseWindows:
+    """The whole per-case transform, pure: numpy in, numpy out. `split_key`
+    is the case's (the clinical table's, pipeline.io.clinical.ClinicalTable.split_key):
+    its split is the one the settings give that key."""
     cv = features.clean_clinical(row)  # entry errors are missing values from here on
     # Every entry error of the row, the anaesthesia times' too (contract 1.3), cropped or not.
     entry_errors = {k: _jsonable(v) for k, v in {**cv.implausible, **anaesthesia_period(row)[2]}.items()}
@@ -213,13 +216,11 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     if len(starts):
         stats["values"] = value_stats(norm, measured, starts, static, static_defaults, settings, fs)
     starts = starts + lo  # seconds from the recording start, also when cropped
-    key = windows.split_key(case_id, (row or {}).get("subjectid"))
-    split = windows.assign_split(key, settings.split, settings.split_seed, folds=settings.folds)
     facts = CaseFacts(
-        case_id=case_id, split=split, split_key=key, windows=int(len(starts)), duration_s=int(T_full),
-        used_from_s=int(lo), used_seconds=int(raw.shape[0]), no_clinical_row=row is None,
+        case_id=case_id, split=settings.split_of(split_key), split_key=split_key, windows=int(len(starts)),
+        duration_s=int(T_full), used_from_s=int(lo), used_seconds=int(raw.shape[0]), no_clinical_row=row is None,
         static_defaults=static_defaults, static_implausible=entry_errors,
         dose_weight_kg=weight, dose_weight_default=weight_default, ibw_kg=ibw,
         stats=stats)
-    return CaseWindows(case_id, split, starts, ts, targets.astype(np.float32), static, observed, facts, since)
+    return CaseWindows(case_id, starts, ts, targets.astype(np.float32), static, observed, facts, since)
 

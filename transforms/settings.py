@@ -245,6 +245,10 @@ class Settings:
         """The output's splits: train, validation, test; or the folds."""
         return windows.fold_names(self.folds) if self.folds else spec.SPLIT_NAMES
 
+    def split_of(self, key) -> str:
+        """The split a split key (transforms.windows.split_key) falls in under these settings."""
+        return windows.assign_split(key, self.split, self.split_seed, self.split_names, self.folds)
+
     @property
     def split_shares(self) -> tuple[float, ...]:
         """Each split's percentage of the buckets."""

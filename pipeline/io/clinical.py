@@ -20,7 +20,7 @@ import pandas as pd
 
 from pipeline.io import sources
 from pipeline.io.identity import TableIdentity
-from transforms import spec
+from transforms import spec, windows
 
 # The columns the pipeline reads: the case, its patient (the split key, contract
 # 1.2), the static features' columns (spec.STATIC) and the anaesthesia period.
@@ -77,6 +77,13 @@ class ClinicalTable:
 
     def row(self, case_id: int) -> Optional[dict]:
         return self.rows.get(case_id)
+
+    def split_key(self, case_id: int) -> str:
+        """The key the case's split is hashed from (contract 1.2,
+        transforms.windows.split_key): its row's patient, else the case id.
+        The one place a case's key comes from: the transform is given it, and
+        a committed case whose key changed since is processed again."""
+        return windows.split_key(case_id, (self.row(case_id) or {}).get("subjectid"))
 
     @property
     def case_ids(self) -> list[int]:

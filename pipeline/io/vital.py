@@ -60,8 +60,11 @@ class RawCase:
     # The input file's identity (pipeline.io.sources.Source.stat) with what reading it
     # found (pipeline.io.identity): provenance, and change detection.
     input: Optional[FileIdentity] = None
-    previous_input: Optional[FileIdentity] = None  # the identity of an earlier commit of this case, if any
+    # The identity of an earlier commit of this case, when the file's content changed
+    # since (FileIdentity.content_changed; a touched file with the same bytes is no change).
+    changed_input: Optional[FileIdentity] = None
     clinical: Optional[TableIdentity] = None  # the clinical table's identity
+    split_key: str = ""  # the case's split key, as the clinical table gives it (ClinicalTable.split_key)
 
 
 class _TrackedGzipReader(gzip._GzipReader):

@@ -108,9 +108,10 @@ class LoadCase(beam.DoFn):
                     yield pvalue.TaggedOutput(EXCLUDED, exclusion)
                     return
             rc = load_case(self._source, case_id, self._spec, located)
-            rc.row = clinical.row(case_id)
-            rc.previous_input = todo.previous_input
-            rc.clinical = clinical.identity
+            rc.row, rc.split_key, rc.clinical = clinical.row(case_id), clinical.split_key(case_id), clinical.identity
+            previous = todo.previous_input
+            if previous is not None and previous.content_changed(rc.input):
+                rc.changed_input = previous
             yield rc
         except CaseError as e:
             yield pvalue.TaggedOutput(FAILED, CaseFailure(case_id, e.code, e.detail))
@@ -120,7 +121,7 @@ class LoadCase(beam.DoFn):
 
 class TransformCase(beam.DoFn):
     """RawCase -> CaseWindows (features, imputation, normalisation, windows,
-    targets, split)."""
+    targets, split): the pure process_case, and the facts LoadCase found."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
@@ -131,26 +132,30 @@ class TransformCase(beam.DoFn):
     def process(self, raw_case):
         try:
             t = time.perf_counter()
-            cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings, self._spec)
+            cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings, self._spec,
+                              split_key=raw_case.split_key)
             cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
             cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
             cw.facts.tracks = list(raw_case.tracks_found)
-            previous = raw_case.previous_input
-            if previous is not None and previous.content_changed(raw_case.input):
-                cw.facts.changed_input = previous
+            cw.facts.changed_input = raw_case.changed_input
             yield cw
         except Exception as e:  # dead letter, see _internal
             yield _internal(raw_case.case_id, "TransformCase", e)
 
 
 class EncodeCase(beam.DoFn):
-    """CaseWindows -> (CaseFacts, serialized tf.train.Examples)."""
+    """CaseWindows -> (CaseFacts, encode.CaseObject): the serialized
+    tf.train.Examples, compressed as the case's object is written."""
 
     def process(self, cw):
         try:
             t = time.perf_counter()
             examples = encode.encode_examples(cw.case_id, cw.starts, cw.example_floats())
-            cw.facts.timings["encode"] = time.perf_counter() - t
-            yield cw.facts, examples
+            t1 = time.perf_counter()
+            cw.facts.timings["encode"] = t1 - t
+            obj = encode.case_object(examples)
+            if examples:
+                cw.facts.timings["compress"] = time.perf_counter() - t1
+            yield cw.facts, obj
         except Exception as e:  # dead letter, see _internal
             yield _internal(cw.case_id, "EncodeCase", e)

@@ -30,7 +30,6 @@ from transforms import encode
 from transforms.cohort import Criterion, Exclusion
 from transforms.per_case import CaseFacts, CaseWindows
 from transforms.settings import Settings
-from transforms.windows import split_key
 
 _LOG = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class SkipCommitted(beam.DoFn):
             yield case_id
             return
         done = DoneMarker.from_json(storage.read_json(marker))
-        key = split_key(case_id, (clinical.row(case_id) or {}).get("subjectid"))
+        key = clinical.split_key(case_id)
         if done.split_key != key:
             _LOG.warning("case %s: its split key changed since its commit (%s -> %s, the clinical table's "
                          "subjectid): processing it again", case_id, done.split_key, key)
@@ -92,22 +91,19 @@ class SkipCommitted(beam.DoFn):
         yield CaseTodo(case_id, committed, located)
 
 
-def commit_case(output: str, facts: CaseFacts, examples: list[bytes]) -> DoneMarker:
-    """Writes the case object (complete or not at all), then its marker."""
+def commit_case(output: str, facts: CaseFacts, obj: encode.CaseObject) -> DoneMarker:
+    """Writes the case object (EncodeCase's bytes; complete or not at all),
+    then its marker. A case without windows has no object."""
     timings = dict(facts.timings)
     marker = DoneMarker(**{f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)},
-                        status="ok" if examples else "too_short",
+                        status="ok" if obj.members else "too_short",
                         host=os.environ.get("MASTER_POC_HOST") or socket.gethostname(), worker=os.getpid())
     t = time.perf_counter()
-    if examples:
-        data, members = encode.gzip_members(examples, encode.WINDOWS_PER_MEMBER, encode.GZIP_LEVEL)
-        t1 = time.perf_counter()
-        timings["compress"] = t1 - t
-        t = t1
+    if obj.members:
         path = storage.case_object(output, facts.split, facts.case_id)
-        storage.write_atomic(path, data, storage.tmp_dir(output))
-        marker.object, marker.object_bytes = path, len(data)
-        marker.members = tuple(Member(b, r) for b, r in members)
+        storage.write_atomic(path, obj.data, storage.tmp_dir(output))
+        marker.object, marker.object_bytes = path, len(obj.data)
+        marker.members = tuple(Member(b, r) for b, r in obj.members)
     # Seconds per step, for the benchmark and for finding slow cases; the
     # marker's own write is the last step and not in them.
     timings["write"] = time.perf_counter() - t
@@ -125,10 +121,10 @@ class CommitCases(beam.DoFn):
         self._windows = Metrics.counter(NAMESPACE, "windows_written")
 
     def process(self, element):
-        facts, examples = element
-        marker = commit_case(self._out, facts, examples)
-        (self._ok if examples else self._short).inc()
-        self._windows.inc(len(examples))
+        facts, obj = element
+        marker = commit_case(self._out, facts, obj)
+        (self._ok if obj.members else self._short).inc()
+        self._windows.inc(obj.windows)
         yield marker
 
 

@@ -43,7 +43,7 @@ import vitaldb
 from pipeline.io.sources import CLINICAL_FILE
 from pipeline.output import storage
 from transforms.settings import Settings
-from transforms.windows import assign_split, split_key
+from transforms.windows import split_key
 
 DT0 = 4102444800.0  # 2100-01-01, like VitalDB's anonymised start times
 IMPLAUSIBLE_WEIGHT_KG = 900.0
@@ -163,10 +163,11 @@ def patient_cases(case_id: int) -> list[int]:
 
 
 def sample_split(case_id: int, settings: Optional[Settings] = None) -> str:
-    """The split a generated case lands in (by its patient, contract 1.2)."""
-    settings = settings or Settings()
-    return assign_split(split_key(case_id, subject_id(case_id)), settings.split, settings.split_seed,
-                        settings.split_names, settings.folds)
+    """The split a generated case lands in (by its patient, contract 1.2): the
+    key its row's subjectid gives (as ClinicalTable.split_key reads the written
+    table) under the run's settings (Settings.split_of, as process_case). It is
+    known before the table is written: the sample's case ids are chosen by it."""
+    return (settings or Settings()).split_of(split_key(case_id, subject_id(case_id)))
 
 
 # VitalDB's cases.csv: ages (lo, hi, cases; 57 patients under 18), sexes, and

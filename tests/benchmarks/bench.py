@@ -105,7 +105,7 @@ def case_examples(data: str, n: int) -> list[bytes]:
     out = []
     for cid in range(1, n + 1):
         rc = load.load_case(Source.for_location(data), cid)
-        cw = process_case(cid, rc.raw, clinical.row(cid), Settings())
+        cw = process_case(cid, rc.raw, clinical.row(cid), Settings(), split_key=clinical.split_key(cid))
         out.append(tfrecord.frame_records(encode.encode_examples(cid, cw.starts, cw.example_floats())))
     return out
 
