@@ -257,4 +257,4 @@ def test_consumers_take_any_number_of_features_and_sources():
     html = report.render_html(q, "out", "complete")
     assert html.count("<tr><td class='l'>TEMP</td>") == 1
     assert report.hist_shares(q, "train").shape == (17, 20)  # the report's distribution chart: a row per feature
-    assert report.hist_shares(q, cw.split)[16].sum() == pytest.approx(1.0)
+    assert report.hist_shares(q, cw.facts.split)[16].sum() == pytest.approx(1.0)
