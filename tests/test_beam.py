@@ -10,7 +10,7 @@ from conftest import BAD_MAGIC, DUPLICATE_ROW, EMPTY, MISSING, NO_ROW, NO_TRACKS
 from pipeline.io.clinical import ClinicalTable, read_clinical
 from pipeline.io.identity import FileIdentity
 from pipeline.io.sources import Source
-from pipeline.io.vital import CaseTodo, RawCase
+from pipeline.io.vital import CaseTodo, RawCase, StepSeconds
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, Member, Stage1Job, Stage2Job
 from pipeline.stages import stage1, stage2
@@ -43,8 +43,8 @@ def test_transform_case_uses_the_clinical_side_input(dataset):
         res = (p | beam.Create([2, SHORT, NO_ROW])
                | beam.ParDo(LoadCase(Source.for_location(dataset), Settings()), side)
                | beam.ParDo(TransformCase(Settings())))
-        assert_that(res | beam.Map(lambda cw: (cw.case_id, cw.facts.windows, cw.facts.dose_weight_default,
-                                               cw.facts.no_clinical_row)),
+        assert_that(res | beam.Map(lambda oc: (oc[1].case_id, oc[1].facts.windows, oc[1].facts.dose_weight_default,
+                                               oc[1].facts.no_clinical_row)),
                     equal_to([(2, (1500 - 301) // 30 + 1, True, False), (SHORT, 0, False, False),
                               (NO_ROW, 40, True, True)]))
 
@@ -108,14 +108,15 @@ def test_plan_shards_balances_and_is_deterministic():
 
 
 def test_per_case_intermediates_have_a_coder_that_estimates_from_array_bytes():
-    raw = RawCase(5, "in/0005.vital", np.arange(30.0).reshape(10, 3), ["Solar8000/HR"], {"parse": 0.1},
+    raw = RawCase(5, "in/0005.vital", np.arange(30.0).reshape(10, 3), ["Solar8000/HR"], StepSeconds(parse=0.1),
                   input=FileIdentity("in/0005.vital", 123, crc32c="0a1b2c3d"))
     coder = beam.coders.registry.get_coder(RawCase)
     assert isinstance(coder, ArraysCoder) and isinstance(beam.coders.registry.get_coder(CaseWindows), ArraysCoder)
     assert coder.get_impl().estimate_size(raw) == 1024 + 240  # no pickling to estimate
     back = coder.decode(coder.encode(raw))
     assert (back.case_id, back.path, back.tracks_found, back.input, back.timings) == (
-        5, "in/0005.vital", ["Solar8000/HR"], FileIdentity("in/0005.vital", 123, crc32c="0a1b2c3d"), {"parse": 0.1})
+        5, "in/0005.vital", ["Solar8000/HR"], FileIdentity("in/0005.vital", 123, crc32c="0a1b2c3d"),
+        StepSeconds(parse=0.1))
     np.testing.assert_array_equal(back.raw, raw.raw)
 
 
@@ -126,48 +127,48 @@ def _steps(dataset, todo, clinical=None):
     load.setup()
     transform.setup()
     [rc] = load.process(todo, clinical)
-    [cw] = transform.process(rc)
-    [(facts, obj)] = EncodeCase().process(cw)
-    return rc, cw, facts, obj
+    [(origin, cw)] = transform.process(rc)
+    [(origin, facts, obj)] = EncodeCase().process((origin, cw))
+    return rc, origin, cw, facts, obj
 
 
 def test_encode_case_gives_the_compressed_object_that_commit_writes(dataset, tmp_path):
     """EncodeCase serializes and compresses (timed as encode and compress);
     commit_case writes exactly its bytes and members, then the marker."""
     out = str(tmp_path)
-    _, cw, facts, obj = _steps(dataset, 2)
+    _, origin, cw, facts, obj = _steps(dataset, 2)
     examples = encode.encode_examples(2, cw.starts, cw.example_floats())
     data, members = encode.gzip_members(examples, encode.WINDOWS_PER_MEMBER, encode.GZIP_LEVEL)
     assert (obj.data, [list(m) for m in obj.members], obj.windows) == (data, members, facts.windows)
-    assert list(facts.timings) == ["load", "parse", "transform", "encode", "compress"]
-    marker = stage1.commit_case(out, facts, obj)
+    assert [k for k, _ in origin.timings.items()] == ["load", "parse", "transform", "encode", "compress"]
+    marker = stage1.commit_case(out, origin, facts, obj)
     assert marker.object == storage.case_object(out, facts.split, 2) and marker.status == "ok"
     with open(marker.object, "rb") as fh:
         assert fh.read() == obj.data
     assert (marker.object_bytes, marker.members) == (len(data), tuple(Member(b, r) for b, r in members))
-    assert list(marker.timings) == ["load", "parse", "transform", "encode", "compress", "write"]
+    assert list(marker.to_json()["timings"]) == ["load", "parse", "transform", "encode", "compress", "write"]
     assert storage.read_json(storage.marker_path(out, storage.DONE, 2))["members"] == members
     # A case too short for a window: no members, no object, no compress step.
-    _, _, short_facts, short = _steps(dataset, SHORT)
-    assert short == encode.CaseObject() and short.windows == 0 and "compress" not in short_facts.timings
-    m = stage1.commit_case(out, short_facts, short)
+    _, short_origin, _, short_facts, short = _steps(dataset, SHORT)
+    assert short == encode.CaseObject() and short.windows == 0 and short_origin.timings.compress is None
+    m = stage1.commit_case(out, short_origin, short_facts, short)
     assert (m.status, m.object, m.members) == ("too_short", DoneMarker(SHORT).object, ())
-    assert list(m.timings) == ["load", "parse", "transform", "encode", "write"]
+    assert list(m.to_json()["timings"]) == ["load", "parse", "transform", "encode", "write"]
 
 
 def test_the_load_step_decides_a_changed_input_and_gives_the_tables_split_key(dataset):
     """Whether the file's content changed since an earlier commit is decided
     where it is read (LoadCase); the split key comes from the clinical table;
-    TransformCase only copies both into the facts."""
+    TransformCase only hands both on (the origin, the facts)."""
     clinical = read_clinical(f"{dataset}/clinical_data.csv")
-    rc, cw, _, _ = _steps(dataset, 2, clinical)
-    assert rc.changed_input is None and cw.facts.changed_input is None
+    rc, origin, cw, _, _ = _steps(dataset, 2, clinical)
+    assert rc.changed_input is None and origin.changed_input is None
     assert rc.split_key == clinical.split_key(2) == cw.facts.split_key
     assert cw.facts.split == Settings().split_of(clinical.split_key(2))
-    same = dict(rc.input)
+    same = rc.input
     assert _steps(dataset, CaseTodo(2, same), clinical)[0].changed_input is None  # same bytes: no change
-    other = dict(rc.input, crc32c="00000000")
-    rc2, cw2, _, _ = _steps(dataset, CaseTodo(2, other), clinical)
-    assert rc2.changed_input == other == cw2.facts.changed_input
+    other = rc.input.read(crc32c="00000000")
+    rc2, origin2, _, _, _ = _steps(dataset, CaseTodo(2, other), clinical)
+    assert rc2.changed_input == other == origin2.changed_input
     rc3 = _steps(dataset, NO_ROW, clinical)[0]  # no clinical row: split by the case id
     assert rc3.row is None and rc3.split_key == str(NO_ROW) == clinical.split_key(NO_ROW)

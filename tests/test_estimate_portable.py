@@ -14,6 +14,7 @@ from s3util import free_port
 
 from launch import estimate as est
 from launch import launcher
+from pipeline.io.vital import StepSeconds
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, Status
 
@@ -26,7 +27,7 @@ def synthetic_pilot(out: str) -> None:
         worker = 100 + i % 2
         storage.write_done(out, DoneMarker(case_id=i + 1, split="train", windows=300, object_bytes=600_000,
                                            host="pilot", worker=worker, committed=1000.0 + 4.0 * (i // 2),
-                                           timings={"load": 2.0, "parse": 1.9, "transform": 0.5}))
+                                           timings=StepSeconds(2.0, 1.9, 0.5)))
     storage.write_json(storage.metadata_path(out), {"status": Status.COMPLETE, "timings": {
         "stage2_shard_write_s": 0.5, "verify_s": 1.5, "metadata_report_s": 3.0}})
 

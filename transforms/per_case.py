@@ -17,8 +17,9 @@ from transforms.settings import Settings
 
 @dataclass
 class CaseFacts:
-    """What one case's processing found out, JSON-able: the core of its done
-    marker, and what the metadata and quality report are built from."""
+    """What one case's transform found out, JSON-able: the core of its done
+    marker (which adds where the case came from, pipeline.io.vital.CaseOrigin),
+    and what the metadata and quality report are built from."""
 
     case_id: int
     split: str = ""
@@ -39,13 +40,6 @@ class CaseFacts:
     dose_weight_default: bool = False
     ibw_kg: float = 0.0
     stats: dict = field(default_factory=dict)  # per-feature counts for the quality report (case_stats)
-    timings: dict = field(default_factory=dict)  # seconds per step of stage 1
-    input: Any = None  # the input file's identity (pipeline.io.identity.FileIdentity)
-    # An earlier commit's input identity, when the input file changed since then.
-    changed_input: Any = None
-    clinical: Any = None  # the clinical table's identity (pipeline.io.identity.TableIdentity)
-    # The features' source tracks the case's file has (the cohort's require decides from them).
-    tracks: Optional[list] = None
 
 
 @dataclass(frozen=True)

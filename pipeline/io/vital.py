@@ -5,6 +5,7 @@ reads only the streams this pipeline opened); or its track list alone.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import math
@@ -49,13 +50,40 @@ class CaseTodo:
 
 
 @dataclass
+class StepSeconds:
+    """A case's seconds per step of stage 1, for the benchmark and for finding
+    slow cases: load (all of load_case), parse (vitaldb's calls within it),
+    transform, encode, compress (none for a case without windows) and write
+    (its object; the marker's own write is not in them). Begun here, added
+    to on the way to the case's done marker."""
+
+    load: Optional[float] = None
+    parse: Optional[float] = None
+    transform: Optional[float] = None
+    encode: Optional[float] = None
+    compress: Optional[float] = None
+    write: Optional[float] = None
+
+    def items(self) -> list[tuple[str, float]]:
+        """(step, seconds) of the steps timed, in order."""
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def to_json(self) -> dict:
+        return {k: round(v, 4) for k, v in self.items()}
+
+    @staticmethod
+    def from_json(d) -> "StepSeconds":
+        names = {f.name for f in dataclasses.fields(StepSeconds)}
+        return StepSeconds(**{k: v for k, v in (d or {}).items() if k in names})
+
+
+@dataclass
 class RawCase:
     case_id: int
     path: str
     raw: np.ndarray  # (T, len(spec.source_tracks)) float, NaN = no record in that second
     tracks_found: list[str]
-    # seconds: "load" (all of load_case), "parse" (the vitaldb calls alone)
-    timings: dict = field(default_factory=dict)
+    timings: StepSeconds = field(default_factory=StepSeconds)  # load and parse
     row: Optional[dict] = None  # the case's clinical row, None if the table has none
     # The input file's identity (pipeline.io.sources.Source.stat) with what reading it
     # found (pipeline.io.identity): provenance, and change detection.
@@ -65,6 +93,27 @@ class RawCase:
     changed_input: Optional[FileIdentity] = None
     clinical: Optional[TableIdentity] = None  # the clinical table's identity
     split_key: str = ""  # the case's split key, as the clinical table gives it (ClinicalTable.split_key)
+
+
+@dataclass
+class CaseOrigin:
+    """What stage 1 knows of a case beside what its transform finds
+    (transforms.per_case.CaseFacts): its input file's identity, an earlier
+    commit's where the file's content changed since, the clinical table's,
+    the features' source tracks its file has (the cohort's require decides
+    from them) and its seconds per step. It travels with the case from its
+    load to its done marker."""
+
+    input: Optional[FileIdentity] = None
+    changed_input: Optional[FileIdentity] = None
+    clinical: Optional[TableIdentity] = None
+    tracks: Optional[list] = None
+    timings: StepSeconds = field(default_factory=StepSeconds)
+
+    @staticmethod
+    def of(raw: RawCase) -> "CaseOrigin":
+        return CaseOrigin(raw.input, raw.changed_input, raw.clinical, list(raw.tracks_found),
+                          dataclasses.replace(raw.timings))
 
 
 class _TrackedGzipReader(gzip._GzipReader):
@@ -418,4 +467,4 @@ def load_case(source: Source, case_id: int, fs: spec.FeatureSpec = spec.DEFAULT_
         cols = cols[:, None]
     idx = [tracks.index(t) for t in found]
     raw[:, idx] = cols[:T]
-    return RawCase(case_id, path, raw, found, {"load": time.perf_counter() - t0, "parse": parse}, input=identity)
+    return RawCase(case_id, path, raw, found, StepSeconds(time.perf_counter() - t0, parse), input=identity)

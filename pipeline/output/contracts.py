@@ -21,8 +21,8 @@ from typing import ClassVar, Optional
 
 from pipeline.io.clinical import ClinicalTable
 from pipeline.io.identity import FileIdentity, TableIdentity
-from pipeline.io.s3 import DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
 from pipeline.io.sources import Source
+from pipeline.io.vital import StepSeconds
 from transforms.per_case import CaseFacts, CaseFailure
 from transforms.settings import Settings
 
@@ -59,8 +59,14 @@ class Member:
 
 @dataclass
 class DoneMarker(CaseFacts):
-    """A committed case: its facts plus where and how it was committed."""
+    """A committed case: its facts, where it came from (its CaseOrigin's
+    fields) and where and how it was committed."""
 
+    timings: StepSeconds = field(default_factory=StepSeconds)
+    input: Optional[FileIdentity] = None
+    changed_input: Optional[FileIdentity] = None  # an earlier commit's, when the file's content changed since
+    clinical: Optional[TableIdentity] = None
+    tracks: Optional[list] = None  # the features' source tracks its file has (None: a marker before 1.3)
     status: str = "ok"  # "ok" (windows written) or "too_short" (no window, not an error)
     host: str = ""
     worker: int = 0  # process id of the worker that committed it
@@ -85,6 +91,7 @@ class DoneMarker(CaseFacts):
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for k in ("input", "changed_input", "clinical"):
             d[k] = d[k].to_json() if d[k] is not None else _ABSENT[k]
+        d["timings"] = self.timings.to_json()
         d["members"] = [[m.nbytes, m.records] for m in self.members]
         return d
 
@@ -96,6 +103,7 @@ class DoneMarker(CaseFacts):
         d["input"] = FileIdentity.from_json(d.get("input"))
         d["changed_input"] = FileIdentity.from_json(d.get("changed_input"))
         d["clinical"] = TableIdentity.from_json(d.get("clinical"))
+        d["timings"] = StepSeconds.from_json(d.get("timings"))
         return DoneMarker(**d)
 
 
@@ -140,15 +148,14 @@ class ShardPlan:
 @dataclass
 class StageJob:
     """What every Beam stage the stage process runs is given: the output, the
-    data settings, the Beam flags and the S3 settings. One type per stage."""
+    data settings and the Beam flags (the S3 settings are the run process's, which
+    the stage process inherits: pipeline.run.runtime.setup_io). One type per stage."""
 
     stage: ClassVar[int] = 0
     output: str = ""
     settings: Settings = field(default_factory=Settings)
     beam_args: list = field(default_factory=list)
     verbose: bool = False
-    s3_max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    s3_retry_mode: str = DEFAULT_RETRY_MODE
     stop_file: Optional[str] = None  # touched on SIGTERM: stage 1 takes no new case
 
 

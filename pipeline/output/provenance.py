@@ -31,7 +31,7 @@ def commit() -> Optional[str]:
     if env and env != "unknown":
         return env
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # pipeline/output/ -> the root
-    if not os.path.isdir(os.path.join(here, ".git")):
+    if not os.path.exists(os.path.join(here, ".git")):  # a folder, or a file in a git worktree or submodule
         return None
     try:
         head = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -167,10 +167,10 @@ class InProcess(StageRunner):
 
 
 def stage_job(req: RunRequest, kind: type, **kw) -> StageJob:
-    """A stage of this request (`kind`: Stage1Job or Stage2Job): its Beam flags and S3 settings, and `kw`."""
+    """A stage of this request (`kind`: Stage1Job or Stage2Job): its Beam flags, and `kw`
+    (its S3 settings it inherits from the run's process: setup_io)."""
     o = req.options
-    return kind(output=o.output, settings=req.settings, beam_args=list(req.beam_args),
-                    verbose=o.verbose, s3_max_attempts=o.s3_max_attempts, s3_retry_mode=o.s3_retry_mode, **kw)
+    return kind(output=o.output, settings=req.settings, beam_args=list(req.beam_args), verbose=o.verbose, **kw)
 
 
 def run_with(runner: StageRunner, job: StageJob, progress: Optional[Callable[[], None]] = None,

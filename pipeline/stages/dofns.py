@@ -18,7 +18,7 @@ from apache_beam import pvalue
 
 from pipeline.io.clinical import ClinicalTable
 from pipeline.io.sources import Source
-from pipeline.io.vital import CaseError, CaseTodo, RawCase, load_case, read_track_names
+from pipeline.io.vital import CaseError, CaseOrigin, CaseTodo, RawCase, load_case, read_track_names
 from transforms import cohort, encode
 from transforms.cohort import Criterion
 from transforms.per_case import CaseFailure, CaseWindows, process_case
@@ -120,8 +120,9 @@ class LoadCase(beam.DoFn):
 
 
 class TransformCase(beam.DoFn):
-    """RawCase -> CaseWindows (features, imputation, normalisation, windows,
-    targets, split): the pure process_case, and the facts LoadCase found."""
+    """RawCase -> (CaseOrigin, CaseWindows): the pure process_case (features,
+    imputation, normalisation, windows, targets, split), and what LoadCase
+    found of the case's origin."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
@@ -134,28 +135,27 @@ class TransformCase(beam.DoFn):
             t = time.perf_counter()
             cw = process_case(raw_case.case_id, raw_case.raw, raw_case.row, self._settings, self._spec,
                               split_key=raw_case.split_key)
-            cw.facts.timings = dict(raw_case.timings, transform=time.perf_counter() - t)
-            cw.facts.input, cw.facts.clinical = raw_case.input, raw_case.clinical
-            cw.facts.tracks = list(raw_case.tracks_found)
-            cw.facts.changed_input = raw_case.changed_input
-            yield cw
+            origin = CaseOrigin.of(raw_case)
+            origin.timings.transform = time.perf_counter() - t
+            yield origin, cw
         except Exception as e:  # dead letter, see _internal
             yield _internal(raw_case.case_id, "TransformCase", e)
 
 
 class EncodeCase(beam.DoFn):
-    """CaseWindows -> (CaseFacts, encode.CaseObject): the serialized
-    tf.train.Examples, compressed as the case's object is written."""
+    """(CaseOrigin, CaseWindows) -> (CaseOrigin, CaseFacts, encode.CaseObject):
+    the serialized tf.train.Examples, compressed as the case's object is written."""
 
-    def process(self, cw):
+    def process(self, element):
+        origin, cw = element
         try:
             t = time.perf_counter()
             examples = encode.encode_examples(cw.case_id, cw.starts, cw.example_floats())
             t1 = time.perf_counter()
-            cw.facts.timings["encode"] = t1 - t
+            origin.timings.encode = t1 - t
             obj = encode.case_object(examples)
             if examples:
-                cw.facts.timings["compress"] = time.perf_counter() - t1
-            yield cw.facts, obj
+                origin.timings.compress = time.perf_counter() - t1
+            yield origin, cw.facts, obj
         except Exception as e:  # dead letter, see _internal
             yield _internal(cw.case_id, "EncodeCase", e)

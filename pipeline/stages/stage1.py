@@ -22,7 +22,7 @@ from apache_beam.metrics import Metrics
 from pipeline.io import s3
 from pipeline.io.clinical import ClinicalTable
 from pipeline.io.sources import Source
-from pipeline.io.vital import CaseTodo, RawCase
+from pipeline.io.vital import CaseOrigin, CaseTodo, RawCase
 from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, FailedMarker, Member, Stage1Job
 from pipeline.stages.dofns import EXCLUDED, FAILED, NAMESPACE, EncodeCase, LoadCase, TransformCase
@@ -91,11 +91,12 @@ class SkipCommitted(beam.DoFn):
         yield CaseTodo(case_id, committed, located)
 
 
-def commit_case(output: str, facts: CaseFacts, obj: encode.CaseObject) -> DoneMarker:
+def commit_case(output: str, origin: CaseOrigin, facts: CaseFacts, obj: encode.CaseObject) -> DoneMarker:
     """Writes the case object (EncodeCase's bytes; complete or not at all),
-    then its marker. A case without windows has no object."""
-    timings = dict(facts.timings)
+    then its marker: the case's facts and origin. A case without windows has no object."""
     marker = DoneMarker(**{f.name: getattr(facts, f.name) for f in dataclasses.fields(facts)},
+                        timings=origin.timings, input=origin.input, changed_input=origin.changed_input,
+                        clinical=origin.clinical, tracks=origin.tracks,
                         status="ok" if obj.members else "too_short",
                         host=os.environ.get("MASTER_POC_HOST") or socket.gethostname(), worker=os.getpid())
     t = time.perf_counter()
@@ -104,10 +105,7 @@ def commit_case(output: str, facts: CaseFacts, obj: encode.CaseObject) -> DoneMa
         storage.write_atomic(path, obj.data, storage.tmp_dir(output))
         marker.object, marker.object_bytes = path, len(obj.data)
         marker.members = tuple(Member(b, r) for b, r in obj.members)
-    # Seconds per step, for the benchmark and for finding slow cases; the
-    # marker's own write is the last step and not in them.
-    timings["write"] = time.perf_counter() - t
-    marker.timings = {k: round(v, 4) for k, v in timings.items()}
+    marker.timings.write = time.perf_counter() - t  # the marker's own write is not in the timings
     marker.committed = time.time()
     storage.write_done(output, marker)
     return marker
@@ -121,10 +119,9 @@ class CommitCases(beam.DoFn):
         self._windows = Metrics.counter(NAMESPACE, "windows_written")
 
     def process(self, element):
-        facts, obj = element
-        marker = commit_case(self._out, facts, obj)
-        (self._ok if obj.members else self._short).inc()
-        self._windows.inc(obj.windows)
+        marker = commit_case(self._out, *element)
+        (self._ok if marker.has_windows else self._short).inc()
+        self._windows.inc(marker.windows)
         yield marker
 
 
@@ -167,7 +164,7 @@ def ProcessCases(case_ids, source: Source, output: str, settings: Settings, clin
               .with_output_types(RawCase).with_outputs(FAILED, EXCLUDED, main="ok"))
     _ = loaded[EXCLUDED] | "RecordExclusions" >> beam.ParDo(RecordExclusions(output))
     transformed = (loaded.ok | "TransformCase" >> beam.ParDo(TransformCase(settings))
-                   .with_output_types(CaseWindows).with_outputs(FAILED, main="ok"))
+                   .with_output_types(beam.typehints.Tuple[CaseOrigin, CaseWindows]).with_outputs(FAILED, main="ok"))
     encoded = transformed.ok | "EncodeCase" >> beam.ParDo(EncodeCase()).with_outputs(FAILED, main="ok")
     committed = encoded.ok | "CommitCases" >> beam.ParDo(CommitCases(output))
     failed = ((loaded[FAILED], transformed[FAILED], encoded[FAILED])

@@ -171,7 +171,8 @@ def steady_state(done: dict) -> tuple[float, float, float, dict]:
             rates.append((len(ms) - 1) / span)
             spans.append(span / (len(ms) - 1))
             steady += ms[1:]
-    steps = {k: statistics.mean(m.timings.get(k, 0.0) for m in steady) for k in steady[0].timings}
+    steps = {k: statistics.mean(dict(m.timings.items()).get(k, 0.0) for m in steady)
+             for k, _ in steady[0].timings.items()}
     first = min(m.committed for m in done.values())
     return statistics.median(spans), sum(rates), first, steps
 
