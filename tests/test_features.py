@@ -159,15 +159,15 @@ def test_case_stats_equal_a_direct_count():
     filled = rng.uniform(-50, 400, (T, F))
     norm = features.normalise_timeseries(filled)
     st = case_stats(filled, norm, rules, source)
-    assert st["seconds"] == T
+    assert st.seconds == T and st.values is None
     for f in range(F):
-        assert st["rules"][f] == [int((rules[:, f] == r).sum()) for r in range(len(features.RULE_NAMES))]
+        assert st.rules[f] == [int((rules[:, f] == r).sum()) for r in range(len(features.RULE_NAMES))]
         n_src = len(spec.DEFAULT_SPEC.timeseries[f].sources)
-        assert st["sources"][f] == [int((source[:, f] == k).sum()) for k in range(n_src)]
+        assert st.sources[f] == [int((source[:, f] == k).sum()) for k in range(n_src)]
         lo, hi = spec.DEFAULT_SPEC.timeseries[f].norm
         outside = (filled[:, f] < lo) | (filled[:, f] > hi)
-        assert st["clipped"][f] == int((outside & (rules[:, f] == features.MEASURED)).sum())
-        assert st["imputed_outside"][f] == int((outside & (rules[:, f] != features.MEASURED)).sum())
+        assert st.clipped[f] == int((outside & (rules[:, f] == features.MEASURED)).sum())
+        assert st.imputed_outside[f] == int((outside & (rules[:, f] != features.MEASURED)).sum())
 
 
 # ---- clinical entry errors (contract 1.1) ------------------------------------
@@ -250,8 +250,8 @@ def test_consumers_take_any_number_of_features_and_sources():
     assert features.denormalise(ts[0, 10, 16], 30, 42) == pytest.approx(36.0, abs=1e-4)
     assert features.denormalise(ts[0, 10, 3], 40, 180) == pytest.approx(85.0, abs=1e-4)
     st = cw.facts.stats
-    assert st["sources"][3] == [0, 0, 0, T // 2] and st["sources"][16] == [T // 5]
-    q = report.combine({1: DoneMarker(**dataclasses.asdict(cw.facts))}, {}, fs)
+    assert st.sources[3] == [0, 0, 0, T // 2] and st.sources[16] == [T // 5]
+    q = report.combine({1: DoneMarker(**vars(cw.facts))}, {}, fs)
     assert [f["name"] for f in q["features"]][-1] == "TEMP" and len(q["features"]) == 17
     assert q["features"][3]["sources"]["Intellivue/ABP_MEAN"] == 1.0
     html = report.render_html(q, "out", "complete")

@@ -267,25 +267,25 @@ def test_target_and_static_statistics_of_one_case_by_hand():
     v = value_stats(norm, measured, starts, np.zeros(6, np.float32), ["asa"], Settings(window=4, step=2, horizon=1))
     ti = list(fs.targets).index("Propofol_INF")
     acc = statistics.Accumulator(len(fs.targets))
-    acc.add(v["targets"]["all"])
+    acc.add(v.targets.all)
     got = acc.summary(ti, 0, 12)
     assert got["count"] == 3 and np.isclose(got["mean"], (6 + 3 + 9) / 3) and (got["min"], got["max"]) == (3, 9)
     acc = statistics.Accumulator(len(fs.targets))
-    acc.add(v["targets"]["measured"])
+    acc.add(v.targets.measured)
     got = acc.summary(ti, 0, 12)
     assert got["count"] == 2 and np.isclose(got["mean"], 7.5)  # seconds 4 and 8: 6 and 9
     # the time series: second s counted once per window holding it (0,1: 1; 2,3: 2; 4,5: 2; 6,7: 1)
     acc = statistics.Accumulator(F)
-    acc.add(v["timeseries"]["all"])
+    acc.add(v.timeseries.all)
     weights = np.array([1, 1, 2, 2, 2, 2, 1, 1, 0, 0])
     assert acc.summary(7, 0, 12)["count"] == 12
     assert np.isclose(acc.summary(7, 0, 12)["mean"], (weights * clinical).sum() / 12)
     acc = statistics.Accumulator(F)
-    acc.add(v["timeseries"]["measured"])
+    acc.add(v.timeseries.measured)
     assert acc.summary(7, 0, 12)["count"] == 2 and acc.summary(0, 20, 200)["count"] == 1 + 1 + 2
     # static: once per window; asa was defaulted, so it is not among the measured
     acc = statistics.Accumulator(6)
-    acc.add(v["static"]["measured"])
+    acc.add(v.static.measured)
     assert [acc.summary(j, -1, 1)["count"] for j in range(6)] == [3, 3, 3, 3, 3, 0]
 
 

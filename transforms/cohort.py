@@ -22,12 +22,15 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
 
 from transforms import spec
+
+if TYPE_CHECKING:
+    from transforms.per_case import CaseStats
 
 INCLUDE, EXCLUDE, REQUIRE, MIN_MEASURED = "include", "exclude", "require", "min_measured"
 KINDS = (INCLUDE, EXCLUDE, REQUIRE, MIN_MEASURED)
@@ -291,12 +294,12 @@ def table_require_exclusions(case_ids: Iterable[int], criteria: Iterable[Criteri
     return out
 
 
-def measured_shares(stats: Mapping, fs: spec.FeatureSpec) -> dict[str, float]:
+def measured_shares(stats: Optional[CaseStats], fs: spec.FeatureSpec) -> dict[str, float]:
     """Per feature, the share of the used seconds with a measured value,
-    from a case's per-rule counts (transforms.per_case.case_stats)."""
+    from a case's per-rule counts (transforms.per_case.case_stats; None: none)."""
     from transforms.features import MEASURED
-    seconds = int(stats.get("seconds") or 0)
-    rules = stats.get("rules") or []
+    seconds = stats.seconds if stats else 0
+    rules = stats.rules if stats else []
     return {f.name: (round(rules[j][MEASURED] / seconds, 6) if seconds and j < len(rules) else 0.0)
             for j, f in enumerate(fs.timeseries)}
 

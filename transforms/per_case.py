@@ -6,6 +6,7 @@ per-case facts and statistics the quality report and metadata are built from.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -13,13 +14,87 @@ import numpy as np
 
 from transforms import encode, features, spec, statistics, windows
 from transforms.settings import Settings
+from transforms.statistics import ColumnStats
+
+# The value statistics' groups and kinds (value_stats), in their JSON order.
+VALUE_GROUPS = ("timeseries", "targets", "static")
+VALUE_KINDS = ("all", "measured")
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """One group's columns (a ColumnStats per feature, target or static
+    feature): of all its values, and of the measured ones."""
+
+    all: list[ColumnStats]
+    measured: list[ColumnStats]
+
+    def to_json(self) -> dict:
+        return {"all": [c.to_json() for c in self.all], "measured": [c.to_json() for c in self.measured]}
+
+    @staticmethod
+    def from_json(d: Mapping) -> "GroupStats":
+        column = ColumnStats.from_json
+        return GroupStats([column(c) for c in d["all"]], [column(c) for c in d["measured"]])
+
+
+@dataclass(frozen=True)
+class ValueStats:
+    """The statistics of the values a case's examples hold (value_stats), per
+    group; JSON: {group: {kind: [column, ...]}}."""
+
+    timeseries: GroupStats
+    targets: GroupStats
+    static: GroupStats
+
+    def columns(self, group: str, kind: str) -> list[ColumnStats]:
+        """The columns of one group (VALUE_GROUPS) and kind (VALUE_KINDS)."""
+        return getattr(getattr(self, group), kind)
+
+    def to_json(self) -> dict:
+        return {g: getattr(self, g).to_json() for g in VALUE_GROUPS}
+
+    @staticmethod
+    def from_json(d: Mapping) -> "ValueStats":
+        return ValueStats(*(GroupStats.from_json(d[g]) for g in VALUE_GROUPS))
+
+
+@dataclass(frozen=True)
+class CaseStats:
+    """A case's per-feature counts (case_stats) and, where it has windows, the
+    statistics of its values (value_stats): what the quality report, the
+    metadata's statistics and the cohort's min_measured are summed from.
+    JSON (the done marker's "stats"): a dict by field name, "values" only
+    where there are some. The counts are lists, as the JSON holds them."""
+
+    seconds: int = 0  # the seconds used
+    rules: list[list[int]] = field(default_factory=list)  # (F, rules): seconds per rule (features.RULE_NAMES)
+    sources: list[list[int]] = field(default_factory=list)  # per feature, seconds per source (its own)
+    clipped: list[int] = field(default_factory=list)  # (F,): measured seconds outside the range
+    imputed_outside: list[int] = field(default_factory=list)  # (F,): imputed seconds outside it
+    values: Optional[ValueStats] = None  # None: no window
+
+    def to_json(self) -> dict:
+        d = {"seconds": self.seconds, "rules": self.rules, "sources": self.sources, "clipped": self.clipped,
+             "imputed_outside": self.imputed_outside}
+        if self.values is not None:
+            d["values"] = self.values.to_json()
+        return d
+
+    @staticmethod
+    def from_json(d: Mapping) -> "CaseStats":
+        values = d.get("values")
+        return CaseStats(int(d.get("seconds") or 0), d.get("rules") or [], d.get("sources") or [],
+                         d.get("clipped") or [], d.get("imputed_outside") or [],
+                         ValueStats.from_json(values) if values else None)
 
 
 @dataclass
 class CaseFacts:
-    """What one case's transform found out, JSON-able: the core of its done
-    marker (which adds where the case came from, pipeline.io.vital.CaseOrigin),
-    and what the metadata and quality report are built from."""
+    """What one case's transform found out, JSON-able (its statistics through
+    CaseStats.to_json): the core of its done marker (which adds where the case
+    came from, pipeline.io.vital.CaseOrigin), and what the metadata and quality
+    report are built from."""
 
     case_id: int
     split: str = ""
@@ -39,7 +114,7 @@ class CaseFacts:
     dose_weight_kg: float = 0.0
     dose_weight_default: bool = False
     ibw_kg: float = 0.0
-    stats: dict = field(default_factory=dict)  # per-feature counts for the quality report (case_stats)
+    stats: Optional[CaseStats] = None  # per-feature counts and value statistics (None: an old marker's {})
 
 
 @dataclass(frozen=True)
@@ -117,7 +192,7 @@ def crop_bounds(T: int, row: Optional[Mapping]) -> tuple[int, int]:
 
 
 def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: np.ndarray,
-               fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
+               fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> CaseStats:
     """Per-feature counts for the quality report (summed over cases later):
     seconds per imputation rule, per source track (each feature's own
     sources, any number), and the seconds whose clinical value lay outside
@@ -133,13 +208,13 @@ def case_stats(filled: np.ndarray, norm: np.ndarray, rules: np.ndarray, source: 
     # Outside (lo, hi): cut to -1 or +1 (a drug at 0 with lo = 0 is exactly -1, not outside).
     outside = (filled < fs.norm_lo) | (filled > fs.norm_hi)
     clipped = (outside & (rules == features.MEASURED)).sum(axis=0)
-    return {"seconds": int(norm.shape[0]), "rules": rule_counts.tolist(),
-            "sources": [src_counts[j, :len(f.sources)].tolist() for j, f in enumerate(fs.timeseries)],
-            "clipped": clipped.tolist(), "imputed_outside": (outside.sum(axis=0) - clipped).tolist()}
+    return CaseStats(seconds=int(norm.shape[0]), rules=rule_counts.tolist(),
+                     sources=[src_counts[j, :len(f.sources)].tolist() for j, f in enumerate(fs.timeseries)],
+                     clipped=clipped.tolist(), imputed_outside=(outside.sum(axis=0) - clipped).tolist())
 
 
 def value_stats(norm: np.ndarray, measured: np.ndarray, starts: np.ndarray, static: np.ndarray,
-                static_defaults: list, settings: Settings, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> dict:
+                static_defaults: list, settings: Settings, fs: spec.FeatureSpec = spec.DEFAULT_SPEC) -> ValueStats:
     """The case's statistics of the values its examples hold, in clinical
     units (transforms.statistics): the time series (each second once per
     window it is in), the targets and the static features (once per
@@ -165,14 +240,14 @@ def value_stats(norm: np.ndarray, measured: np.ndarray, starts: np.ndarray, stat
     static_meas = np.array([[s.name not in static_defaults] for s in spec.STATIC])
     per_case = np.array([n])
     column = statistics.case_columns
-    return {
-        "timeseries": {"all": column(clinical, per_second, lo, hi, bins=bins),
-                       "measured": column(clinical, per_second, lo, hi, meas, bins)},
-        "targets": {"all": column(targets, once, lo[ti], hi[ti]),
-                    "measured": column(targets, once, lo[ti], hi[ti], target_meas)},
-        "static": {"all": column(static_values, per_case, s_lo, s_hi),
-                   "measured": column(static_values, per_case, s_lo, s_hi, static_meas)},
-    }
+    return ValueStats(
+        timeseries=GroupStats(all=column(clinical, per_second, lo, hi, bins=bins),
+                              measured=column(clinical, per_second, lo, hi, meas, bins)),
+        targets=GroupStats(all=column(targets, once, lo[ti], hi[ti]),
+                           measured=column(targets, once, lo[ti], hi[ti], target_meas)),
+        static=GroupStats(all=column(static_values, per_case, s_lo, s_hi),
+                          measured=column(static_values, per_case, s_lo, s_hi, static_meas)),
+    )
 
 
 def _jsonable(v: Any) -> Any:
@@ -208,7 +283,8 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
                                      settings.step, settings.horizon, fs.target_index)[1]
     stats = case_stats(filled, norm, rules, source, fs)
     if len(starts):
-        stats["values"] = value_stats(norm, measured, starts, static, static_defaults, settings, fs)
+        stats = dataclasses.replace(stats, values=value_stats(norm, measured, starts, static, static_defaults,
+                                                              settings, fs))
     starts = starts + lo  # seconds from the recording start, also when cropped
     facts = CaseFacts(
         case_id=case_id, split=settings.split_of(split_key), split_key=split_key, windows=int(len(starts)),

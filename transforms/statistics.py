@@ -16,12 +16,36 @@ quantiles from a histogram of STAT_BINS bins over the feature's range
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
 
 STAT_BINS = 500
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnStats:
+    """One column's statistics in one case (case_columns): every part merges
+    exactly. JSON (a case's marker): the list [count, total, total_sq, vmin,
+    vmax, bins, counts]."""
+
+    count: int  # values counted (each with its weight)
+    total: float  # their weighted sum
+    total_sq: float  # and sum of squares
+    vmin: Optional[float]  # None where count is 0
+    vmax: Optional[float]
+    bins: list[int]  # the nonzero histogram bins (of STAT_BINS), ascending
+    counts: list[int]  # their counts
+
+    def to_json(self) -> list:
+        return [self.count, self.total, self.total_sq, self.vmin, self.vmax, self.bins, self.counts]
+
+    @staticmethod
+    def from_json(c: Sequence) -> "ColumnStats":
+        n, s1, s2, vmin, vmax, bins, counts = c
+        return ColumnStats(n, s1, s2, vmin, vmax, bins, counts)
 
 
 def bins_of(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -34,12 +58,12 @@ def bins_of(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def case_columns(values: np.ndarray, row_weight: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                 mask: Optional[np.ndarray] = None, bins: Optional[np.ndarray] = None) -> list:
+                 mask: Optional[np.ndarray] = None, bins: Optional[np.ndarray] = None) -> list[ColumnStats]:
     """Per column (a row of `values`, (C, n): one feature's values in
     clinical units), each value counted `row_weight` (n,) times (how often it
     occurs in the examples), only where `mask` (C, n) is true if given.
-    Returns per column [count, sum, sum of squares, min, max, nonzero
-    histogram bins, their counts] (JSON-able; every part merges exactly).
+    Returns per column its ColumnStats (count, sum, sum of squares, min,
+    max, nonzero histogram bins, their counts).
 
     Most values have one weight (a second is in window/step windows away
     from a case's ends): the histogram counts every value once at that
@@ -77,11 +101,11 @@ def case_columns(values: np.ndarray, row_weight: np.ndarray, lo: np.ndarray, hi:
     out = []
     for j in range(n_cols):
         if count[j] == 0:
-            out.append([0, 0.0, 0.0, None, None, [], []])
+            out.append(ColumnStats(0, 0.0, 0.0, None, None, [], []))
             continue
         idx = np.flatnonzero(hist[j])
-        out.append([int(count[j]), float(s1[j]), float(s2[j]), float(vmin[j]), float(vmax[j]), idx.tolist(),
-                    hist[j, idx].tolist()])
+        out.append(ColumnStats(int(count[j]), float(s1[j]), float(s2[j]), float(vmin[j]), float(vmax[j]),
+                               idx.tolist(), hist[j, idx].tolist()))
     return out
 
 
@@ -97,16 +121,16 @@ class Accumulator:
         self.vmax = np.full(n_cols, -np.inf)
         self.hist = np.zeros((n_cols, STAT_BINS), np.int64)
 
-    def add(self, columns: list) -> None:
-        for j, (n, s1, s2, vmin, vmax, idx, counts) in enumerate(columns):
-            if n == 0:
+    def add(self, columns: Sequence[ColumnStats]) -> None:
+        for j, c in enumerate(columns):
+            if c.count == 0:
                 continue
-            self.count[j] += n
-            self.s1[j] += s1
-            self.s2[j] += s2
-            self.vmin[j] = min(self.vmin[j], vmin)
-            self.vmax[j] = max(self.vmax[j], vmax)
-            np.add.at(self.hist[j], idx, counts)
+            self.count[j] += c.count
+            self.s1[j] += c.total
+            self.s2[j] += c.total_sq
+            self.vmin[j] = min(self.vmin[j], c.vmin)
+            self.vmax[j] = max(self.vmax[j], c.vmax)
+            np.add.at(self.hist[j], c.bins, c.counts)
 
     def summary(self, j: int, lo: float, hi: float) -> dict:
         """count, mean, std (population), min, max and QUANTILES of column j;
@@ -131,8 +155,8 @@ class Accumulator:
                 "max": float(self.vmax[j]), "quantiles": quantiles}
 
 
-def downsample(col: list, bins: int) -> np.ndarray:
+def downsample(col: ColumnStats, bins: int) -> np.ndarray:
     """A column's histogram in `bins` coarser bins (STAT_BINS a multiple of it)."""
     out = np.zeros(bins, np.int64)
-    np.add.at(out, np.asarray(col[5], np.int64) // (STAT_BINS // bins), np.asarray(col[6], np.int64))
+    np.add.at(out, np.asarray(col.bins, np.int64) // (STAT_BINS // bins), np.asarray(col.counts, np.int64))
     return out

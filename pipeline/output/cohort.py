@@ -70,7 +70,7 @@ def recorded_tracks(m: DoneMarker, fs: spec.FeatureSpec) -> list[str]:
     them; a marker of an earlier version: the sources that gave seconds)."""
     if m.tracks is not None:
         return list(m.tracks)
-    counts = (m.stats or {}).get("sources") or []
+    counts = m.stats.sources if m.stats else []
     return [s.track for f, row in zip(fs.timeseries, counts) for s, n in zip(f.sources, row) if n]
 
 
@@ -224,8 +224,8 @@ def coverage(done: dict[int, DoneMarker], fs: spec.FeatureSpec) -> dict[str, Fea
     for j, f in enumerate(fs.timeseries):
         srcs = {s.track for s in f.sources}
         with_track = [m for m in done.values() if srcs & set(recorded_tracks(m, fs))]
-        seconds = sum(int(m.stats.get("seconds", 0)) for m in with_track)
-        measured = sum(int(m.stats["rules"][j][MEASURED]) for m in with_track if m.stats.get("rules"))
+        seconds = sum(m.stats.seconds for m in with_track if m.stats)
+        measured = sum(int(m.stats.rules[j][MEASURED]) for m in with_track if m.stats and m.stats.rules)
         out[f.name] = FeatureCoverage(n, len(with_track), round(len(with_track) / n, 4) if n else None,
                                       round(measured / seconds, 4) if seconds else None, f.name in fs.targets)
     return out

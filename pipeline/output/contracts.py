@@ -23,7 +23,7 @@ from pipeline.io.clinical import ClinicalTable
 from pipeline.io.identity import FileIdentity, TableIdentity
 from pipeline.io.sources import Source
 from pipeline.io.vital import StepSeconds
-from transforms.per_case import CaseFacts, CaseFailure
+from transforms.per_case import CaseFacts, CaseFailure, CaseStats
 from transforms.settings import Settings
 
 
@@ -86,18 +86,20 @@ class DoneMarker(CaseFacts):
         return self.split_key or str(self.case_id)
 
     def to_json(self) -> dict:
-        # Shallow: the fields already hold JSON values (dataclasses.asdict deep-copies
-        # the statistics, ~5 ms per 4-hour case, measured).
+        # Shallow: the fields already hold JSON values but the statistics, which
+        # convert their own (dataclasses.asdict deep-copies, ~5 ms per 4-hour case, measured).
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for k in ("input", "changed_input", "clinical"):
             d[k] = d[k].to_json() if d[k] is not None else _ABSENT[k]
         d["timings"] = self.timings.to_json()
+        d["stats"] = self.stats.to_json() if self.stats is not None else {}
         d["members"] = [[m.nbytes, m.records] for m in self.members]
         return d
 
     @staticmethod
     def from_json(d: dict) -> "DoneMarker":
         d = _known(DoneMarker, d)
+        d["stats"] = CaseStats.from_json(d["stats"]) if d.get("stats") else None
         members = d.get("members") or ([[d["object_bytes"], d["windows"]]] if d.get("object_bytes") else [])
         d["members"] = tuple(Member(int(b), int(r)) for b, r in members)
         d["input"] = FileIdentity.from_json(d.get("input"))

@@ -99,11 +99,11 @@ def statistics_of(settings: Settings, done: dict[int, DoneMarker]) -> dict:
     acc = {s: {g: {k: statistics.Accumulator(len(cols)) for k in kinds} for g, cols in groups.items()}
            for s in settings.split_names}
     for m in done.values():
-        values = m.stats.get("values")
-        if values and m.split in acc:
+        values = m.stats.values if m.stats else None
+        if values is not None and m.split in acc:
             for g in groups:
                 for k in kinds:
-                    acc[m.split][g][k].add(values[g][k])
+                    acc[m.split][g][k].add(values.columns(g, k))
     return {
         "about": "in clinical units, over the values as the examples hold them (a second once per window it "
                  "is in; targets and static features once per window; values outside a feature's "

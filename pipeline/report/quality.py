@@ -42,15 +42,15 @@ def _features(done: dict[int, DoneMarker], fs: spec.FeatureSpec, splits) -> list
         st, s = m.stats, m.split
         if not st:
             continue
-        rules += np.asarray(st["rules"], np.int64)
-        for j, counts in enumerate(st["sources"]):
+        rules += np.asarray(st.rules, np.int64)
+        for j, counts in enumerate(st.sources):
             sources[j] += np.asarray(counts, np.int64)
-        if "values" in st:  # a case with windows: its values as the examples hold them
-            hist[s] += np.array([statistics.downsample(c, HIST_BINS) for c in st["values"]["timeseries"]["all"]])
-        clipped[s] += np.asarray(st["clipped"], np.int64)
-        imputed_outside[s] += np.asarray(st["imputed_outside"], np.int64)
-        measured[s] += np.asarray(st["rules"], np.int64)[:, features.MEASURED]
-        seconds[s] += int(st["seconds"])
+        if st.values is not None:  # a case with windows: its values as the examples hold them
+            hist[s] += np.array([statistics.downsample(c, HIST_BINS) for c in st.values.timeseries.all])
+        clipped[s] += np.asarray(st.clipped, np.int64)
+        imputed_outside[s] += np.asarray(st.imputed_outside, np.int64)
+        measured[s] += np.asarray(st.rules, np.int64)[:, features.MEASURED]
+        seconds[s] += st.seconds
     total = max(1, int(rules[0].sum())) if F else 1
     return [{
         "name": f.name, "unit": f.unit, "seconds": int(rules[j].sum()),
