@@ -91,7 +91,7 @@ def one_case(T: int):
     raw = np.full((T, len(fs.source_tracks)), np.nan)
     raw[::2, fs.source_tracks.index("Solar8000/HR")] = 70.0 + np.arange(0, T, 2) % 13
     raw[::3, fs.source_tracks.index("Solar8000/ART_MBP")] = 85.0
-    return process_case(1, raw, {"weight": 70, "subjectid": 5, "asa": 2}, Settings())
+    return process_case(1, raw, {"weight": 70, "subjectid": 5, "asa": 2}, Settings(), split_key="s5")
 
 
 def test_the_case_stats_json_is_todays_dict_and_reads_back():
