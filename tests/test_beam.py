@@ -1,6 +1,7 @@
 """TestPipeline tests of the Beam transforms, counters, and portability."""
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -15,8 +16,8 @@ from pipeline.output import storage
 from pipeline.output.contracts import DoneMarker, Member, Stage1Job, Stage2Job
 from pipeline.stages import stage1, stage2
 from pipeline.stages.dofns import FAILED, ArraysCoder, EncodeCase, LoadCase, TransformCase
-from transforms import encode
-from transforms.per_case import CaseWindows
+from transforms import encode, spec
+from transforms.per_case import CaseWindows, process_case
 from transforms.settings import Settings
 
 OPTS = ["--direct_running_mode=in_memory"]
@@ -172,3 +173,23 @@ def test_the_load_step_decides_a_changed_input_and_gives_the_tables_split_key(da
     assert rc2.changed_input == other == origin2.changed_input
     rc3 = _steps(dataset, NO_ROW, clinical)[0]  # no clinical row: split by the case id
     assert rc3.row is None and rc3.split_key == str(NO_ROW) == clinical.split_key(NO_ROW)
+
+
+def test_a_marker_of_an_earlier_version_reads_and_writes_as_it_was():
+    """A clinical identity recorded before contract 1.2 has no format and no
+    split key; a marker without timings, tracks or input reads too."""
+    old = {"case_id": 3, "split": "train", "windows": 2, "clinical": {"path": "c.csv", "bytes": 10, "sha256": "ab"},
+           "input": {"path": "in/0003.vital", "bytes": 5, "mtime": 1.5}}
+    m = DoneMarker.from_json(old)
+    assert (m.clinical.by_patient, m.clinical.format, m.timings.items(), m.tracks) == (False, None, [], None)
+    d = m.to_json()
+    assert (d["clinical"], d["input"], d["timings"], d["changed_input"]) == (old["clinical"], old["input"], {}, None)
+    bare = DoneMarker.from_json({"case_id": 4})
+    assert (bare.to_json()["input"], bare.to_json()["clinical"]) == ({}, {})
+    assert bare.to_json()["input"] is not DoneMarker(5).to_json()["input"]  # a fresh dict each time
+
+
+def test_a_case_without_a_split_key_is_refused():
+    raw = np.full((400, len(spec.DEFAULT_SPEC.source_tracks)), np.nan)
+    with pytest.raises(ValueError, match="no split key"):
+        process_case(1, raw, None, Settings(), split_key="")

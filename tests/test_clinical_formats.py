@@ -35,9 +35,9 @@ def test_a_semicolon_table_with_decimal_commas_reads_as_its_comma_twin(twins):
     comma, semi, tab = (read_clinical(f"{twins}/{n}") for n in ("clinical_data.csv", "semicolon.csv", "tab.csv"))
     assert semi.rows == comma.rows == tab.rows
     assert semi.rows[1]["height"] == comma.rows[1]["height"] and isinstance(semi.rows[1]["height"], float)
-    assert semi.identity["format"] == {"separator": "semicolon", "decimal": "comma", "encoding": "cp1252"}
-    assert tab.identity["format"] == {"separator": "tab", "decimal": "point", "encoding": "utf-8"}
-    assert comma.identity["format"] == {"separator": "comma", "decimal": "point", "encoding": "utf-8"}
+    assert semi.identity.format == {"separator": "semicolon", "decimal": "comma", "encoding": "cp1252"}
+    assert tab.identity.format == {"separator": "tab", "decimal": "point", "encoding": "utf-8"}
+    assert comma.identity.format == {"separator": "comma", "decimal": "point", "encoding": "utf-8"}
     assert semi.by_patient and semi.rows[2]["subjectid"] == "90001"
 
 

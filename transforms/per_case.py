@@ -259,6 +259,8 @@ def process_case(case_id: int, raw: np.ndarray, row: Optional[Mapping], settings
     """The whole per-case transform, pure: numpy in, numpy out. `split_key`
     is the case's (the clinical table's, pipeline.io.clinical.ClinicalTable.split_key):
     its split is the one the settings give that key."""
+    if not split_key:  # a RawCase not made by LoadCase: every such case would share one split
+        raise ValueError(f"case {case_id}: no split key (pipeline.io.clinical.ClinicalTable.split_key gives it)")
     cv = features.clean_clinical(row)  # entry errors are missing values from here on
     # Every entry error of the row, the anaesthesia times' too (contract 1.3), cropped or not.
     entry_errors = {k: _jsonable(v) for k, v in {**cv.implausible, **anaesthesia_period(row)[2]}.items()}

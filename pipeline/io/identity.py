@@ -76,15 +76,16 @@ class TableIdentity:
     path: str
     bytes: int
     sha256: str
-    format: dict
-    split_key: str
+    format: Optional[dict] = None  # None: recorded by a version before contract 1.2
+    split_key: Optional[str] = None
 
     @property
     def by_patient(self) -> bool:
         return self.split_key == "subjectid"
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields it has (an identity recorded before 1.2 has no format or split key)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
     @staticmethod
     def from_json(d: Optional[Mapping]) -> Optional["TableIdentity"]:

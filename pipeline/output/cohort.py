@@ -250,11 +250,6 @@ class CohortSummary:
     splits: dict[str, SplitCounts]
     coverage: dict[str, FeatureCoverage]
 
-    @staticmethod
-    def of(flow_: cohort.Flow, done: dict[int, DoneMarker], fs: spec.FeatureSpec, track_list: Optional[str],
-           cases: CaseAccount, splits: dict[str, SplitCounts]) -> "CohortSummary":
-        return CohortSummary(flow_, track_list, cases, splits, coverage(done, fs))
-
     @property
     def warnings(self) -> list[str]:
         return rare_target_warnings(self.coverage)

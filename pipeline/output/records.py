@@ -8,8 +8,9 @@ into preprocessing_metadata.json's JSON only at the edge (`as_json`).
     Transfer     what reading remote input files cost
     Metadata     the whole record
 
-The summary a person reads (pipeline.cli), the exit status (pipeline.api),
-the cohort's flow and the quality report read these fields, never the JSON's keys.
+The summary a person reads (pipeline.cli), the exit status (pipeline.api)
+and the quality report's counts read these fields, never the JSON's keys;
+the report's HTML and flow diagram are rendered from the JSON as written.
 """
 from __future__ import annotations
 

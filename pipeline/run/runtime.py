@@ -43,7 +43,9 @@ def setup_io(beam_args: Iterable[str], s3_max_attempts: int = s3.DEFAULT_MAX_ATT
     boto3 clients, and our own FileSystems calls (listing, markers, config
     files, track maps) with the Beam flags' S3/GCS options; the S3 options are
     also exported to the environment, which the stage process and local Beam
-    workers inherit. Idempotent; a later call replaces an earlier one.
+    workers inherit. Calling it again with the same flags changes nothing; a later
+    call with other flags replaces the FileSystems options and the variables it
+    sets (an S3 option it does not name keeps its earlier variable).
 
     The one home of this, with one rule: Beam flags are applied where they
     enter the process, before anything is read with them, and by the entry

@@ -292,7 +292,7 @@ def remote_inputs(workdir: str, data: str, n: int, repeat: int) -> tuple[list, l
                 t = time.perf_counter()
                 cases = [load.load_case(src, cid) for cid in range(1, n + 1)]
                 loads[name] = (time.perf_counter() - t) / n
-                transfers += [(name, c.case_id, c.input["bytes_read"], numeric[c.case_id], c.input["bytes"])
+                transfers += [(name, c.case_id, c.input.bytes_read, numeric[c.case_id], c.input.bytes)
                               for c in cases]
                 floors.append(parse_floor(data, n))
             rows.append({"floor": statistics.mean(floors), **loads})
