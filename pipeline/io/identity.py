@@ -14,6 +14,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+
+def known_fields(cls, d: Mapping) -> dict:
+    """The entries of `d` that are fields of the dataclass `cls`: what a record's
+    from_json reads (a key written by another version is ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in d.items() if k in names}
+
+
 # The keys a stat gives, in the order `same_file` compares them.
 _STAT_FIELDS = ("path", "bytes", "mtime", "etag", "last_modified")
 
@@ -61,10 +69,7 @@ class FileIdentity:
     @staticmethod
     def from_json(d: Optional[Mapping]) -> Optional["FileIdentity"]:
         """None for a marker without one; keys it does not know are ignored."""
-        if not d:
-            return None
-        names = {f.name for f in dataclasses.fields(FileIdentity)}
-        return FileIdentity(**{k: v for k, v in d.items() if k in names})
+        return FileIdentity(**known_fields(FileIdentity, d)) if d else None
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,4 @@ class TableIdentity:
     @staticmethod
     def from_json(d: Optional[Mapping]) -> Optional["TableIdentity"]:
         """None for a marker or metadata without one."""
-        if not d:
-            return None
-        names = {f.name for f in dataclasses.fields(TableIdentity)}
-        return TableIdentity(**{k: v for k, v in d.items() if k in names})
+        return TableIdentity(**known_fields(TableIdentity, d)) if d else None

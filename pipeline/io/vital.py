@@ -21,7 +21,7 @@ import numpy as np
 import vitaldb
 
 from pipeline.io import remote
-from pipeline.io.identity import FileIdentity, TableIdentity
+from pipeline.io.identity import FileIdentity, TableIdentity, known_fields
 from pipeline.io.sources import Source
 from transforms import spec
 
@@ -73,8 +73,7 @@ class StepSeconds:
 
     @staticmethod
     def from_json(d) -> "StepSeconds":
-        names = {f.name for f in dataclasses.fields(StepSeconds)}
-        return StepSeconds(**{k: v for k, v in (d or {}).items() if k in names})
+        return StepSeconds(**known_fields(StepSeconds, d or {}))
 
 
 @dataclass

@@ -20,7 +20,7 @@ from enum import Enum
 from typing import ClassVar, Optional
 
 from pipeline.io.clinical import ClinicalTable
-from pipeline.io.identity import FileIdentity, TableIdentity
+from pipeline.io.identity import FileIdentity, TableIdentity, known_fields
 from pipeline.io.sources import Source
 from pipeline.io.vital import StepSeconds
 from transforms.per_case import CaseFacts, CaseFailure, CaseStats
@@ -42,11 +42,6 @@ class Status(str, Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-def _known(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in d.items() if k in names}
 
 
 @dataclass(frozen=True)
@@ -99,7 +94,7 @@ class DoneMarker(CaseFacts):
 
     @staticmethod
     def from_json(d: dict) -> "DoneMarker":
-        d = _known(DoneMarker, d)
+        d = known_fields(DoneMarker, d)
         d["stats"] = CaseStats.from_json(d["stats"]) if d.get("stats") else None
         members = d.get("members") or ([[d["object_bytes"], d["windows"]]] if d.get("object_bytes") else [])
         d["members"] = tuple(Member(int(b), int(r)) for b, r in members)
@@ -108,7 +103,6 @@ class DoneMarker(CaseFacts):
         d["clinical"] = TableIdentity.from_json(d.get("clinical"))
         d["timings"] = StepSeconds.from_json(d.get("timings"))
         return DoneMarker(**d)
-
 
 
 def units_in_two_splits(placed) -> dict[str, list[tuple[str, int]]]:
